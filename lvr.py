@@ -31,6 +31,8 @@ Deviations and choices (default first; the alternative is one flag away):
   from the `<|image_pad|>` positions to the `<|lvr|>` positions), so the frozen tower runs once per micro-batch and
   everything stays inside the FSDP2 root forward. `--max-roi-tokens K` (default 0 = all, released) keeps K evenly
   spaced ROI tokens (answer to the train/inference length mismatch of repo issue #7).
+- Stage-1 micro-batches are packed padding-free (ROI positions are (row, col) pairs in the packed row); `--no-pack`
+  is the right-padded baseline, with the same loss and gradients (tested).
 - Decoding: fixed N latent steps after the model emits `<|lvr_start|>` (default N=8), or token-driven until it emits
   `<|lvr_latent_end|>`/`<|lvr_end|>` (cap 16 per span); `force_end` forces the end tokens. Greedy by default.
 - GRPO_latent stores the latent vectors used during the rollout and writes them back in one teacher-forced pass
@@ -91,6 +93,8 @@ class Args:
     min_pixels: int = field(default=16 * 28 * 28, metadata={"help": "image pixel budget, min (paper 128·28²)"})
     max_pixels: int = field(default=64 * 28 * 28, metadata={"help": "image pixel budget, max (paper 5120·28²)"})
     max_tokens: int = field(default=4096, metadata={"help": "drop (count) samples longer than this"})
+    pack: bool = field(default=True, metadata={"help": "padding-free packing of stage-1 micro-batches (--no-pack or "
+                                                      "--pack false: the padded baseline; same loss)"})
     lvr_lambda: float = field(default=0.1, metadata={"help": "λ in L = L_CE + λ·L_lvr (0 = vanilla SFT baseline)"})
     lvr_loss: str = field(default="mse", metadata={"help": "mse (all elements) | mse_token | mae | cosine"})
     lvr_head: str = field(default="none", metadata={"help": "none | simple | glu head on H[p-1]"})
@@ -267,15 +271,20 @@ def latent_inputs(model, dst: torch.Tensor, src: torch.Tensor | None = None, val
             h.remove()
 
 
-def roi_positions(bb: C.Backbone, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(src, dst) in one packed row: the i-th `<|lvr|>` of a sample (dst) takes the image feature of its i-th ROI
-    token (src = that sample's roi-th `<|image_pad|>`)."""
-    pad_id, ids = bb.token_id("<|image_pad|>"), torch.cat([s["input_ids"] for s in samples])
-    pads_before = torch.tensor([0] + [int((s["input_ids"] == pad_id).sum()) for s in samples]).cumsum(0)
-    src = (ids == pad_id).nonzero()[:, 0][torch.cat([s["roi"] + n for s, n in zip(samples, pads_before)])]
-    dst = (ids == bb.token_id(LVR)).nonzero()[:, 0]
-    assert len(src) == len(dst), "number of <|lvr|> tokens != number of ROI targets"
-    return torch.stack([torch.zeros_like(src), src], 1), torch.stack([torch.zeros_like(dst), dst], 1)
+def roi_positions(bb: C.Backbone, samples: list[dict], packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) as [n, 2] = (row, col): the i-th `<|lvr|>` of a sample (dst) takes the image feature of its i-th
+    ROI token (src = that sample's roi-th `<|image_pad|>`). packed: one row, columns offset by the samples before;
+    padded (right-padded C.pad_batch): row b holds sample b from column 0."""
+    pad_id, lvr_id = bb.token_id("<|image_pad|>"), bb.token_id(LVR)
+    src, dst, offset = [], [], 0
+    for b, s in enumerate(samples):
+        row = 0 if packed else b
+        pads, lvrs = ((s["input_ids"] == t).nonzero()[:, 0] + offset for t in (pad_id, lvr_id))
+        assert len(lvrs) == len(s["roi"]), "number of <|lvr|> tokens != number of ROI targets"
+        src.append(torch.stack([torch.full_like(lvrs, row), pads[s["roi"]]], 1))
+        dst.append(torch.stack([torch.full_like(lvrs, row), lvrs], 1))
+        offset += len(s["input_ids"]) if packed else 0
+    return torch.cat(src), torch.cat(dst)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,10 +305,10 @@ def lvr_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> tor
 
 
 def sft_loss(bb: C.Backbone, model, samples: list[dict], a: Args, device) -> tuple[torch.Tensor, dict]:
-    """One packed micro-batch: ROI features teacher-forced at the `<|lvr|>` positions; CE on text (not `<|lvr|>`);
-    L_lvr between head(H[p_i − 1]) and v_i."""
-    batch = C.pack(bb, samples)
-    src, dst = (x.to(device) for x in roi_positions(bb, samples))
+    """One micro-batch (packed, or padded with --no-pack): ROI features teacher-forced at the `<|lvr|>` positions;
+    CE on text (not `<|lvr|>`); L_lvr between head(H[p_i − 1]) and v_i."""
+    batch = C.pack(bb, samples) if a.pack else C.pad_batch(bb, samples)
+    src, dst = (x.to(device) for x in roi_positions(bb, samples, packed=a.pack))
     with latent_inputs(model, dst, src=src) as box:
         logits = model(**C.model_inputs(batch, device)).logits
     ce = C.next_token_loss(logits, batch["labels"].to(device))                       # L_CE

@@ -147,6 +147,26 @@ def test_teacher_forcing_alignment_and_loss(bb):
     assert loss.item() == pytest.approx(ce_num / ce_den + sq / n, rel=1e-4)
 
 
+def test_padded_baseline_equals_packed(bb):
+    """--no-pack (right-padded rows, ROI (row, col) per sample) gives the packed loss terms and gradients."""
+    boxes = [[0.1, 0.2, 0.6, 0.9], [0.3, 0.0, 1.0, 0.4], [0.0, 0.5, 0.3, 1.0]]
+    samples = [lvr.convert_sft(record(k, box), bb, sft_args()) for k, box in enumerate(boxes)]
+    assert len({len(s["input_ids"]) for s in samples}) > 1          # unequal lengths: padding is exercised
+    runs = []
+    for pack in (True, False):
+        bb.model.zero_grad(set_to_none=True)
+        loss, terms = lvr.sft_loss(bb, bb.model, samples, sft_args(pack=pack, lvr_lambda=1.0), "cpu")
+        loss.backward()
+        runs.append((loss.item(), terms, {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}))
+    bb.model.zero_grad(set_to_none=True)
+    (l1, t1, g1), (l2, t2, g2) = runs
+    assert l1 == pytest.approx(l2, rel=1e-5) and t1["loss_lvr"] == pytest.approx(t2["loss_lvr"], rel=1e-5)
+    assert t1["loss_ce"] == pytest.approx(t2["loss_ce"], rel=1e-5)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_lvr_gradient_only_at_positions_before_latents(bb):
     a = sft_args(lvr_lambda=1.0)
     s = lvr.convert_sft(record(5, [0.0, 0.0, 0.7, 0.7]), bb, a)
