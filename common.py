@@ -329,9 +329,11 @@ def pack(bb: Backbone, samples: list[dict], extra_keys: tuple[str, ...] = ()) ->
     return batch
 
 
-def pad_batch(bb: Backbone, samples: list[dict], side: str = "right", with_positions: bool = True) -> dict:
+def pad_batch(bb: Backbone, samples: list[dict], side: str = "right", with_positions: bool = True,
+              extra_keys: tuple[str, ...] = ()) -> dict:
     """The padded baseline (`--no-pack`) and the generation batch (side="left"). With with_positions=False the
-    model computes M-RoPE itself (what `generate` wants, from mm_token_type_ids)."""
+    model computes M-RoPE itself (what `generate` wants, from mm_token_type_ids). `extra_keys` are per-token
+    tensors padded with zeros alongside."""
     L = max(len(s["input_ids"]) for s in samples)
     pad_id = bb.tokenizer.pad_token_id
     B = len(samples)
@@ -340,15 +342,19 @@ def pad_batch(bb: Backbone, samples: list[dict], side: str = "right", with_posit
     mask = torch.zeros(B, L, dtype=torch.long)
     types = torch.zeros(B, L, dtype=torch.int32)
     pos = torch.ones(3, B, L, dtype=torch.long)
+    extra = {k: torch.zeros((B, L), dtype=samples[0][k].dtype) for k in extra_keys}
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         sl = slice(L - n, L) if side == "left" else slice(0, n)
         input_ids[i, sl], labels[i, sl], mask[i, sl], types[i, sl] = s["input_ids"], s["labels"], 1, s["mm_token_type_ids"]
+        for k in extra_keys:
+            extra[k][i, sl] = s[k]
         if with_positions:
             pos[:, i, sl] = mrope_position_ids(bb, s)
     pixel_values, grid = _cat_images(samples)
     batch = dict(input_ids=input_ids, labels=labels, attention_mask=mask, mm_token_type_ids=types,
-                 pixel_values=pixel_values, image_grid_thw=grid)
+                 pixel_values=pixel_values, image_grid_thw=grid,
+                 seq_lens=torch.tensor([len(s["input_ids"]) for s in samples]), **extra)
     if with_positions:
         batch["position_ids"] = pos
     return batch

@@ -55,6 +55,7 @@ Deviations and choices (no released code exists; defaults and their precedent):
 - "Global batch" for L_batch = one micro-step across all ranks (W × per-micro captions, gathered with the
   gradient-preserving all_gather, GatherGlobal); gradient accumulation does not enlarge it. One process
   reproduces a W-rank run exactly with --per-micro W·B (MicroBatches cuts the same permutation).
+- Micro-batches are packed padding-free; `--no-pack` is the right-padded baseline (same loss and gradients, tested).
 - Default hyper-parameters are the toy run's (lr 1e-3, 60 steps, 448 px); the real commands above pass the spec's
   (LLM 1e-5, head and new rows 1e-4, wd 0.01, warmup, bf16 on GPU via FSDP2 mixed precision).
 - Fine-tuning prompts follow eval.py's lmms presets (GQA: "Answer the question using a single word or phrase.";
@@ -136,6 +137,7 @@ class Args:
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     seed: int = field(default=0, metadata={"help": "seed of data order and init"})
     max_tokens: int = field(default=512, metadata={"help": "drop longer samples (counted)"})
+    pack: bool = field(default=True, metadata={"help": "padding-free packing (--no-pack: the padded baseline)"})
     # finetune / eval
     gqa_dir: str = field(default="", metadata={"help": "GQA folder (lmms-lab layout); toy default data/toy/gqa"})
     scienceqa_dir: str = field(default="", metadata={"help": "ScienceQA folder; toy default data/toy/scienceqa"})
@@ -411,31 +413,36 @@ class LatentPretrainer(nn.Module):
         self.latent_rows = nn.Parameter(emb[latent_ids].detach().clone())
         self._no_split_modules = getattr(vlm, "_no_split_modules", None)
 
-    def forward(self, input_ids, position_ids, caption_mask, seq_lens):
-        """→ (logits [1, T, V], ẑ [B, K, D_z], logit scale, logit bias) for a packed row of B caption samples.
-        The temperature parameters are returned from forward so FSDP2 sees every parameter used inside it."""
+    def forward(self, input_ids, position_ids, caption_mask, seq_lens, attention_mask=None):
+        """→ (logits [R, T, V], ẑ [B, K, D_z], logit scale, logit bias) for B caption samples: one packed row (R = 1,
+        attention_mask None) or B right-padded rows (--no-pack). The temperature parameters are returned from
+        forward so FSDP2 sees every parameter used inside it."""
         ids = torch.tensor(self.latent_ids, device=input_ids.device)
-        is_new = input_ids[..., None] == ids                                            # [1, T, 3]
+        is_new = input_ids[..., None] == ids                                            # [R, T, 3]
         emb = self.vlm.get_input_embeddings()(input_ids)
         rows = self.latent_rows.to(emb.dtype)
         emb = torch.where(is_new.any(-1, keepdim=True), rows[is_new.int().argmax(-1)], emb)
-        out = self.vlm.model(inputs_embeds=emb, position_ids=position_ids, use_cache=False,
-                             output_hidden_states=self.latent_layer != -1)
+        out = self.vlm.model(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
+                             use_cache=False, output_hidden_states=self.latent_layer != -1)
         h = out.last_hidden_state
         logits = self.vlm.lm_head(h)
         if self.tied:
             logits = logits.index_copy(-1, ids, h @ rows.T)
         states = h if self.latent_layer == -1 else out.hidden_states[self.latent_layer]
-        pads = states[0, input_ids[0] == self.pad_id].view(len(seq_lens), self.k, -1)  # h_k at <|latent_pad|> k
+        B = len(seq_lens)
+        pads = states[input_ids == self.pad_id].view(B, self.k, -1)  # h_k at <|latent_pad|> k (row-major = sample order)
         scale, bias = self.head.logit_scale, self.head.logit_bias
         if self.head.kind != "attnpool":
             return logits, self.head(pads), scale, bias
-        segs = torch.split(torch.arange(input_ids.shape[1], device=input_ids.device), seq_lens.tolist())
-        idx = [s[caption_mask[0, s]] for s in segs]
-        cap = states.new_zeros(len(idx), max(len(i) for i in idx), states.shape[-1])
+        sample = torch.arange(B, device=input_ids.device)                              # which sample owns each token
+        owner = (sample.repeat_interleave(seq_lens.to(input_ids.device))[None] if attention_mask is None
+                 else sample[:, None].expand_as(input_ids))
+        idx = [caption_mask & (owner == b) for b in range(B)]
+        cap = states.new_zeros(B, max(int(i.sum()) for i in idx), states.shape[-1])
         key_pad = torch.ones(cap.shape[:2], dtype=torch.bool, device=states.device)
         for b, i in enumerate(idx):
-            cap[b, :len(i)], key_pad[b, :len(i)] = states[0, i], False
+            n = int(i.sum())
+            cap[b, :n], key_pad[b, :n] = states[i], False
         return logits, self.head(pads, cap, key_pad), scale, bias
 
     def export_state_dict(self, sd: dict) -> dict:
@@ -525,9 +532,10 @@ def batch_contrastive_loss(pred: torch.Tensor, target: torch.Tensor, image_ids: 
 
 
 def pretrain_loss(module: LatentPretrainer, batch: dict, z_tok, z_glob, image_ids, args: Args, cache, device):
-    """L = w_ntp·L_NTP + w_inst·L_inst + w_batch·L_batch on one packed micro-batch."""
+    """L = w_ntp·L_NTP + w_inst·L_inst + w_batch·L_batch on one micro-batch (packed, or padded with --no-pack)."""
+    mask = batch.get("attention_mask")                                  # None: packed row; else --no-pack rows
     logits, z_hat, scale, bias = module(*(batch[k].to(device) for k in ("input_ids", "position_ids", "caption_mask")),
-                                        batch["seq_lens"])
+                                        batch["seq_lens"], None if mask is None else mask.to(device))
     terms = {"loss_ntp": C.next_token_loss(logits, batch["labels"].to(device)),
              "loss_inst": instance_loss(z_hat, z_tok, args.inst_loss, cache, scale)}
     total = args.w_ntp * terms["loss_ntp"] + args.w_inst * terms["loss_inst"]
@@ -655,8 +663,8 @@ def run_pretrain(args: Args, d: C.Dist, skips: C.Skips):
         samples = [data[j] for j in idx]
         z_tok, z_glob = (t.to(d.device) for t in cache.get([s["image_key"] for s in samples]))
         ids = torch.tensor([s["image_id"] for s in samples], device=d.device)
-        return pretrain_loss(module, C.pack(bb, samples, extra_keys=("caption_mask",)), z_tok, z_glob, ids, args,
-                             cache, d.device)
+        batch = (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",))
+        return pretrain_loss(module, batch, z_tok, z_glob, ids, args, cache, d.device)
 
     train(args, d, bb, module, data, step_loss, groups, "pretrain")
     sd = C.full_state_dict(module)
@@ -685,7 +693,7 @@ def run_finetune(args: Args, d: C.Dist, skips: C.Skips):
     C.print0(f"finetune from {args.init or args.model}: {len(data)} samples; {skips.summary()}")
 
     def step_loss(idx):
-        batch = C.pack(bb, [data[j] for j in idx])
+        batch = (C.pack if args.pack else C.pad_batch)(bb, [data[j] for j in idx])
         return C.next_token_loss(model(**C.model_inputs(batch, d.device)).logits, batch["labels"].to(d.device)), {}
 
     train(args, d, bb, model, data, step_loss, groups, "finetune")

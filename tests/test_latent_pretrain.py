@@ -220,6 +220,34 @@ def test_head_reads_pad_states_of_each_packed_sample(bb, kind):
             torch.testing.assert_close(z_hat[b], ref[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,kind", [("toy", "mlp"), ("toy", "attnpool"), ("toy-qwen3vl", "mlp")])
+def test_padded_baseline_equals_packed(name, kind):
+    """--no-pack (right-padded rows + attention mask) gives the packed loss terms and gradients."""
+    b = C.load_backbone(name)
+    D = b.model.config.text_config.hidden_size
+    args = L.Args(head=kind)
+    module = L.build_module(b, args, D)
+    samples = [L.encode_caption(b, c, 4) for c in ("a red square", "two blue circles and a big green triangle",
+                                                    "a tiny yellow circle")]
+    torch.manual_seed(0)
+    z_tok, z_glob = torch.randn(3, 4, D), torch.randn(3, D)
+    runs = []
+    for make in (C.pack, C.pad_batch):
+        module.zero_grad(set_to_none=True)
+        batch = make(b, samples, extra_keys=("caption_mask",))
+        loss, terms = L.pretrain_loss(module, batch, z_tok, z_glob, torch.tensor([0, 1, 2]), args, None, "cpu")
+        loss.backward()
+        runs.append(({k: v.item() for k, v in {"loss": loss, **terms}.items()},
+                     {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    (t1, g1), (t2, g2) = runs
+    assert set(t1) >= {"loss", "loss_ntp", "loss_inst", "loss_batch"}
+    for k in t1:
+        assert t1[k] == pytest.approx(t2[k], rel=1e-5), k
+    assert g1.keys() == g2.keys() and any("head" in n for n in g1) and "latent_rows" in g1
+    for n in g1:                                                  # float32 rounding, relative to each tensor's scale
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5 * float(g1[n].abs().max()), msg=n)
+
+
 @pytest.mark.parametrize("name", ["toy", "toy-qwen3vl"])   # untied / tied input and output embeddings
 def test_latent_rows_train_at_head_lr_and_export_is_plain(name, tmp_path):
     b = C.load_backbone(name)
