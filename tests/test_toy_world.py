@@ -104,12 +104,13 @@ def test_scenes_have_one_small_target_of_a_unique_shape_drawn_in_its_colour():
         image, objects = toy_world.make_scene(rng)
         sizes.add(image.size)
         W, H = image.size
-        assert 224 <= W <= 448 and 224 <= H <= 448
+        assert 112 <= W <= 196 and 112 <= H <= 196      # within the toy budget of 64 merged tokens: native resolution
         target = objects[0]
         assert target["size"] == "small" and target["target"] and len(objects) >= 2
         assert [o["shape"] for o in objects].count(target["shape"]) == 1
-        assert all(o["size"] == "large" and o["bbox"][2] - o["bbox"][0] >= 2.5 * (target["bbox"][2] - target["bbox"][0])
-                   for o in objects[1:])
+        side = target["bbox"][2] - target["bbox"][0]
+        assert 24 <= side <= 40 and side * side <= 0.13 * W * H
+        assert all(o["size"] == "large" and o["bbox"][2] - o["bbox"][0] > side for o in objects[1:])
         for obj in objects:
             x0, y0, x1, y1 = obj["bbox"]
             assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
@@ -154,7 +155,8 @@ def test_lvr_records_bboxes_and_answers_agree_with_the_pixels_and_the_scene(worl
             # the answered colour is what the pixels inside the bbox show, and the bbox is tight (a crop helps)
             counts = palette_counts(image, box)
             assert options[letter] == max(counts, key=counts.get) == target["colour"]
-            assert (box[2] - box[0]) * (box[3] - box[1]) < 0.05 * image.width * image.height
+            side = target["bbox"][2] - target["bbox"][0]          # margin: 4 px + 15 % a side (+ rounding)
+            assert max(box[2] - box[0], box[3] - box[1]) <= 1.3 * side + 8 + 2
         else:
             partner = next(o for o in objects[1:] if f"the {o['colour']} {o['shape']}?" in human["value"])
             side = "left" if (target["bbox"][0] + target["bbox"][2]) < (partner["bbox"][0] + partner["bbox"][2]) \
