@@ -371,7 +371,7 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
     def forward(inputs, dst, values):
         with latent_inputs(model, torch.tensor(dst, dtype=torch.long, device=dev).view(-1, 2), values=values) as box:
             out = model(**{**inputs, "use_cache": use_cache})
-        return out.past_key_values if use_cache else None, out.logits[:, -1], box["hidden"][:, -1]
+        return out.cache if use_cache else None, out.logits[:, -1], box["hidden"][:, -1]
 
     cache, logits, hidden = forward(C.model_inputs(prompt, dev), [], None)
     while True:
@@ -407,7 +407,7 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
         if use_cache:                                               # one new position per row
             dst = [[b, 0] for b in range(B) if fed[b] and len(fed[b]) - 1 in lat[b]]
-            inputs = dict(input_ids=step_ids[:, None], attention_mask=attn, past_key_values=cache,
+            inputs = dict(input_ids=step_ids[:, None], attention_mask=attn, cache=cache,
                           position_ids=next_pos.view(1, B, 1).expand(3, B, 1))
             vals = [lat[b][len(fed[b]) - 1] for b, _ in dst]
         else:  # recompute the whole sequence: positions come from get_rope_index of the full sequence

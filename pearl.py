@@ -62,7 +62,6 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -343,7 +342,7 @@ def encode_images_once(model, order: list[int], encoded: dict):
 
     def shared(pixel_values, image_grid_thw=None, **kw):
         out = original(pixel_values, image_grid_thw, **kw)
-        encoded.update(pooled=out.pooler_output, deep=getattr(out, "deepstack_features", None))
+        encoded.update(pooled=out.pooler_output, deep=getattr(out, "deepstack_features", None), cls=type(out))
         out.pooler_output = tuple(out.pooler_output[j] for j in order)
         if encoded["deep"] is not None:  # Qwen3-VL: per-layer features, same order
             out.deepstack_features = [tuple(f[j] for j in order) for f in out.deepstack_features]
@@ -358,10 +357,16 @@ def encode_images_once(model, order: list[int], encoded: dict):
 
 def reuse_images(encoded: dict, order: list[int]) -> dict:
     """`mm_encoder_outputs` for a later forward: the embeddings `encode_images_once` computed, detached, in this
-    forward's placeholder order (no parameters run, so nothing for FSDP2 to unshard)."""
+    forward's placeholder order (no parameters run, so nothing for FSDP2 to unshard).
+
+    The one seam into transformers' internals: `mm_encoder_outputs` is a public forward keyword, but the object it
+    holds must be the class `get_image_features` returns (transformers 5.24 calls its `to_tuple`). It is rebuilt from
+    that same class, so an upgrade that changes the contract fails in tests/test_pearl.py::test_reuse_images_seam."""
     pick = lambda feats: tuple(feats[j].detach() for j in order)  # noqa: E731
-    deep = None if encoded["deep"] is None else [pick(f) for f in encoded["deep"]]
-    return {"image": SimpleNamespace(pooler_output=pick(encoded["pooled"]), deepstack_features=deep)}
+    fields = {"pooler_output": pick(encoded["pooled"])}
+    if encoded["deep"] is not None:  # Qwen3-VL: deepstack features, one tuple per injected layer
+        fields["deepstack_features"] = [pick(f) for f in encoded["deep"]]
+    return {"image": encoded["cls"](**fields)}
 
 
 def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive: bool = False):

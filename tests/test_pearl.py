@@ -261,6 +261,31 @@ def test_lambda_zero_is_sft(tmp_path):
     assert loss.item() == pytest.approx(expect.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("model_name", ["toy", "toy-qwen3vl"])
+def test_reuse_images_seam(tmp_path, model_name):
+    """The one place Pearl reaches into transformers: image embeddings computed once (`encode_images_once`) and fed
+    back through the public `mm_encoder_outputs` keyword (`reuse_images`) must give the same hidden states as
+    re-encoding the pixels. A transformers upgrade that changes this contract fails here, by name."""
+    bb = C.load_backbone(model_name)
+    model = bb.model.eval()
+    msgs = [{"role": "user", "content": [{"type": "image", "image": scene(seed=1)},
+                                         {"type": "image", "image": scene(seed=2)}, {"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": "a"}]
+    s = C.encode_chat(bb, msgs, min_pixels=16 * bb.patch_factor ** 2, max_pixels=64 * bb.patch_factor ** 2)
+    inputs = C.model_inputs(C.pack(bb, [s]), "cpu")
+    encoded = {}
+    with torch.no_grad(), P.capture(model) as cap:
+        with P.encode_images_once(model, [0, 1], encoded):
+            model(**inputs)
+        ref = cap["hidden"].clone()
+        assert encoded["pooled"] is not None and len(encoded["pooled"]) == 2
+        inputs.pop("pixel_values"), inputs.pop("image_grid_thw")
+        model(**inputs, image_grid_thw=s["image_grid_thw"], mm_encoder_outputs=P.reuse_images(encoded, [0, 1]))
+        torch.testing.assert_close(cap["hidden"], ref, atol=1e-5, rtol=1e-5)
+        model(**inputs, image_grid_thw=s["image_grid_thw"], mm_encoder_outputs=P.reuse_images(encoded, [1, 0]))
+        assert not torch.allclose(cap["hidden"], ref, atol=1e-3)  # negative control: swapped images differ
+
+
 @pytest.mark.parametrize("model_name,lora", [("toy", 0), ("toy-qwen3vl", -1)])
 def test_shared_encoding_equals_naive_stacked(tmp_path, model_name, lora):
     bb, args, frozen = make(model_name, lora_r=lora)
