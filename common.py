@@ -48,6 +48,29 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The range the test suite was run with (constraints.txt pins the exact versions). Outside it the scripts still run,
+# but say so once: transformers changes its multimodal internals between minor releases (5.23 -> 5.24 broke Pearl).
+TESTED_VERSIONS = {"torch": ("2.13", "2.14"), "transformers": ("5.24", "5.25")}   # [min, max) by release prefix
+_versions_checked = False
+
+
+def untested_versions() -> list[str]:
+    """The installed packages whose versions fall outside TESTED_VERSIONS, as "name X (tested >=a,<b)" strings."""
+    from importlib.metadata import version
+    from packaging.version import Version
+    out = []
+    for name, (lo, hi) in TESTED_VERSIONS.items():
+        if not Version(lo) <= Version(version(name)) < Version(hi):
+            out.append(f"{name} {version(name)} (tested >={lo},<{hi})")
+    return out
+
+
+def warn_untested_versions():
+    global _versions_checked
+    if not _versions_checked and (bad := untested_versions()):
+        print0(f"warning: untested package versions: {', '.join(bad)}; pip install -r requirements.txt -c constraints.txt")
+    _versions_checked = True
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backbone
@@ -148,6 +171,7 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    warn_untested_versions()
     device = torch.device(device)
     attn = attn_implementation or pick_attn_implementation(device)
     if name in ("toy", "toy-qwen3vl"):
