@@ -730,15 +730,28 @@ def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None,
 # ----------------------------------------------------------------------------------------------------------------
 # Logging
 # ----------------------------------------------------------------------------------------------------------------
-PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "4090": 165}
+PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "4090": 165}
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N (N = language-model parameters) + 12·layers·hidden·seq_len (attention scores
-    and values, forward + backward) — the PaLM / nanoGPT estimate; vision-tower FLOPs are not counted."""
+def matmul_params(model) -> int:
+    """N in the FLOPs count: weights of the language model's matrix multiplies (attention and MLP projections of
+    every decoder layer, and the LM head). Embedding lookups, norms and biases are not matmuls; the vision tower is
+    not counted (its cost depends on the image sizes; the LLM dominates at Qwen's budgets)."""
+    lm = model.model.language_model
+    n = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
+    return n + model.lm_head.weight.numel()
+
+
+def step_flops(model, seq_lens, backward: bool = True) -> float:
+    """Model FLOPs of one forward (+ backward) over samples of these real lengths (a packed row's samples attend only
+    to themselves, so attention costs Σ L², not (Σ L)²). Per sample of length L: 2·N·L forward matmuls + 4·layers·
+    d_attn·L² for QKᵀ and AV (non-causal convention, as PaLM and nanoGPT), where d_attn = heads·head_dim; backward
+    costs twice the forward, so the autograd path is 3× (6·N·L + 12·layers·d_attn·L²)."""
     cfg = model.config.text_config
-    n = sum(p.numel() for n_, p in model.named_parameters() if "visual" not in n_)
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    n, layers = matmul_params(model), cfg.num_hidden_layers
+    fwd = sum(2 * n * L + 4 * layers * d_attn * L * L for L in map(int, seq_lens))
+    return 3 * fwd if backward else fwd
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -760,14 +773,15 @@ class RunLogger:
         self.file = open(self.run_dir / "metrics.jsonl", "a") if d.main else None
         self.t0, self.rows = time.perf_counter(), []
 
-    def log(self, step: int, metrics: dict, tokens: int, flops_tok: float | None = None):
-        """`tokens`: tokens processed by this rank since the last call (for tokens/s per device and MFU)."""
+    def log(self, step: int, metrics: dict, tokens: int, flops: float | None = None):
+        """`tokens`: tokens this rank processed since the last call (tokens/s per device); `flops`: their model FLOPs
+        (`step_flops` on each step's real lengths), for MFU over the device's dense bf16 peak."""
         dt = time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
         m = {"step": step, **{k: float(v) for k, v in metrics.items()}, "tok_per_s": tokens / max(dt, 1e-9)}
         peak = peak_flops(self.d.device)
-        if peak and flops_tok:
-            m["mfu"] = m["tok_per_s"] * flops_tok / peak
+        if peak and flops:
+            m["mfu"] = flops / max(dt, 1e-9) / peak
         if self.d.device.type == "cuda":
             m["mem_gb"] = torch.cuda.max_memory_allocated(self.d.device) / 2 ** 30
         else:  # peak resident memory of this process (Linux reports KiB)

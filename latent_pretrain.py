@@ -608,7 +608,7 @@ def train(args: Args, d: C.Dist, bb: C.Backbone, module: nn.Module, data: list, 
         for g, lr in zip(opt.param_groups, peak):
             g["lr"] = C.cosine_lr(step, args.steps, lr, args.warmup)
         micro = sampler.next(d.rank, d.world, args.grad_accum)
-        sums, tokens = {}, 0
+        sums, tokens, flops = {}, 0, 0.0
         for i, idx in enumerate(micro):
             with C.grad_sync(module, i == len(micro) - 1):
                 loss, terms = step_loss(idx)
@@ -617,12 +617,12 @@ def train(args: Args, d: C.Dist, bb: C.Backbone, module: nn.Module, data: list, 
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
             tokens += sum(len(data[j]["input_ids"]) for j in idx)
+            flops += C.step_flops(bb.model, [len(data[j]["input_ids"]) for j in idx])
         gnorm = C.clip_grad_norm(module, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         metrics = {k: C.all_reduce_mean(v, d) for k, v in sums.items()}
-        log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens,
-                C.flops_per_token(bb.model, 256))
+        log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), module, opt, step + 1,
                               {"data": sampler.state()})

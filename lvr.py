@@ -585,7 +585,8 @@ def main(a: Args):
             metrics, tokens = sft_step(bb, model, opt, data, micro, a, d, step)
         else:
             metrics, tokens = grpo_step(bb, model, ref, opt, data, micro, a, d, step, total_updates)
-        log.log(step + 1, metrics, tokens, C.flops_per_token(bb.model, 1024))
+        lens = [len(data[j]["input_ids"]) for idx in micro for j in idx] if a.stage == "sft" else []  # GRPO: TODO
+        log.log(step + 1, metrics, tokens, C.step_flops(bb.model, lens) if lens else None)
         if a.save_every and (step + 1) % a.save_every == 0:
             C.save_checkpoint(os.path.join(a.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()})

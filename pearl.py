@@ -536,7 +536,7 @@ def train(args: Args):
         for g in opt.param_groups:
             g["lr"] = C.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
         micro = sampler.next(d.rank, d.world, args.grad_accum)
-        sums, tokens = {}, 0
+        sums, tokens, flops = {}, 0, 0.0
         for i, idx in enumerate(micro):
             examples = [data[j] for j in idx]
             torch.manual_seed((args.seed * 100_003 + step) * 1_009 + i * d.world + d.rank)  # dropout per global micro
@@ -547,12 +547,13 @@ def train(args: Args):
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / len(micro)
             tokens += sum(len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input", "traj"))
+            flops += C.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input")])
+            flops += C.step_flops(bb.model, [len(ex["traj"]["input_ids"]) for ex in examples], backward=False)
         gnorm = C.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         metrics = {k: C.all_reduce_mean(v, d) for k, v in sums.items()}
-        log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens,
-                C.flops_per_token(bb.model, 512))
+        log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()})

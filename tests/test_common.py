@@ -337,3 +337,19 @@ def test_read_records_parquet_streaming(tmp_path):
         assert [r["question"] for r in C.read_records(tmp_path / "x.parquet", streaming=streaming)] == ["a", "b", "c"]
     (tmp_path / "l.json").write_text(json.dumps([{"a": 1}, {"a": 2}]))
     assert [r["a"] for r in C.read_records(tmp_path / "l.json")] == [1, 2]
+
+
+def test_step_flops_hand_counted():
+    """The MFU numerator on the toy (hidden 64, 2 layers, 4 heads of 16, 2 KV heads, MLP 128): per layer q 64·64,
+    k 64·32, v 64·32, o 64·64, gate/up/down 3·64·128; plus the LM head V·64. Embeddings, norms, biases and the vision
+    tower are not matmul FLOPs of the LLM."""
+    bb = C.load_backbone("toy")
+    V = bb.model.config.text_config.vocab_size
+    per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128
+    n = 2 * per_layer + V * 64
+    assert C.matmul_params(bb.model) == n
+    lens = [7, 30]  # a packed row of two samples: attention is per sample (Σ L²), not over the row
+    fwd = sum(2 * n * L + 4 * 2 * 64 * L * L for L in lens)
+    assert C.step_flops(bb.model, lens, backward=False) == fwd
+    assert C.step_flops(bb.model, lens) == 3 * fwd
+    assert C.step_flops(bb.model, [37]) > C.step_flops(bb.model, lens)  # one 37-token sample attends over more pairs

@@ -67,7 +67,7 @@ def main(args: Args):
         for g in opt.param_groups:
             g["lr"] = C.cosine_lr(step, args.steps, args.lr, 0.1)
         micro = sampler.next(d.rank, d.world, args.grad_accum)
-        total, tokens = 0.0, 0
+        total, tokens, flops = 0.0, 0, 0.0
         for i, idx in enumerate(micro):
             samples = [data[j] for j in idx]
             batch = C.pack(bb, samples) if args.pack else C.pad_batch(bb, samples)
@@ -77,11 +77,12 @@ def main(args: Args):
                 (loss / len(micro)).backward()
             total += loss.item() / len(micro)
             tokens += int(batch["input_ids"].numel())
+            flops += C.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
         gnorm = C.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.log(step + 1, {"loss": C.all_reduce_mean(total, d), "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm},
-                tokens, C.flops_per_token(bb.model, 256))
+                tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()})
