@@ -670,31 +670,74 @@ def clip_grad_norm(model, max_norm: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, model, optimizer, step: int, extra: dict):
+def _write_atomic(path: Path, text: str):
+    """Write, flush to disk, then rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_id(run_dir: str | Path) -> str:
+    """This run directory's id (created on first use). Checkpoint sidecars carry it, so a resume can check that the
+    checkpoint was written into this directory by a run of this user (see `load_checkpoint`)."""
+    path = Path(run_dir) / "run_id"
+    if not path.exists() and (not dist.is_initialized() or dist.get_rank() == 0):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, os.urandom(8).hex())
+    if dist.is_initialized():
+        dist.barrier()
+    return path.read_text().strip()
+
+
+def save_checkpoint(path: str | Path, model, optimizer, step: int, extra: dict, keep: int = 0):
     """Resumable checkpoint with torch.distributed.checkpoint (sharded under FSDP2): model + optimizer state, and a
-    JSON sidecar with the step, data position and RNG states (no pickle anywhere)."""
+    JSON sidecar (step, data position, RNG states, run id) written atomically after the shards, so a checkpoint
+    without a complete sidecar is never resumed from. `keep` > 0 deletes all but the newest `keep` checkpoints.
+    Trust boundary: DCP's `.metadata` file is a pickle, so resume only from your own run directories (models from
+    others load as safetensors through `load_backbone`, which never unpickles)."""
+    import shutil
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     path = Path(path)
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    rid = run_id(path.parent)
     if not dist.is_initialized() or dist.get_rank() == 0:
         rng = {"python": repr(random.getstate()), "numpy": np.random.get_state()[1].tolist(),
                "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state().tolist()}
-        (path / "trainer_state.json").write_text(json.dumps({"step": step, "rng": rng, **extra}))
+        _write_atomic(path / "trainer_state.json", json.dumps({"step": step, "run_id": rid, "rng": rng, **extra}))
+        for old in _checkpoints(path.parent)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
 
 
+def _read_sidecar(ckpt: Path) -> dict | None:
+    try:
+        meta = json.loads((ckpt / "trainer_state.json").read_text())
+        return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG states. Refuses a checkpoint whose run id differs from its run directory's
+    or that another user owns: a resume checkpoint is trusted code (its `.metadata` is unpickled)."""
     import ast
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    path = Path(path)
+    meta = _read_sidecar(path)
+    if meta is None or meta.get("run_id") != run_id(path.parent) or path.stat().st_uid != os.getuid():
+        raise RuntimeError(f"{path}: not a checkpoint written by a run of yours in this run directory; refusing to "
+                           "resume from it (its .metadata would be unpickled)")
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = json.loads((Path(path) / "trainer_state.json").read_text())
     rng = meta.pop("rng")
     random.setstate(ast.literal_eval(rng["python"]))
     np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"], 0, 0.0))
@@ -702,10 +745,19 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     return meta
 
 
+def _checkpoints(run_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders, oldest first (N numeric; other names ignored)."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = sorted(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
-    return ckpts[-1] if ckpts else None
+    """The newest checkpoint with a complete sidecar and shard metadata; a torn newer one is passed over (said)."""
+    for ckpt in reversed(_checkpoints(run_dir)):
+        if _read_sidecar(ckpt) is not None and (ckpt / ".metadata").exists():
+            return ckpt
+        print0(f"skipping incomplete checkpoint {ckpt}")
+    return None
 
 
 def full_state_dict(model) -> dict:
@@ -770,8 +822,15 @@ class RunLogger:
         self.run_dir, self.d = Path(run_dir), d
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not d.main, dynamic_ncols=True)
-        self.file = open(self.run_dir / "metrics.jsonl", "a") if d.main else None
         self.t0, self.rows = time.perf_counter(), []
+        path = self.run_dir / "metrics.jsonl"
+        if d.main and path.exists():  # a resume keeps the rows up to its checkpoint and drops the ones it re-runs
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    if isinstance(row := json.loads(line), dict) and row.get("step", math.inf) <= start_step:
+                        self.rows.append(row)
+            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.file = open(path, "a") if d.main else None
 
     def log(self, step: int, metrics: dict, tokens: int, flops: float | None = None):
         """`tokens`: tokens this rank processed since the last call (tokens/s per device); `flops`: their model FLOPs
@@ -820,7 +879,8 @@ class RunLogger:
 
 
 def check_finite(loss: torch.Tensor, step: int, terms: dict | None = None):
-    """NaN/inf loss is reported with every term, not silently trained on."""
+    """NaN/inf loss is reported with every term, not silently trained on. `step` is the 0-based loop index; the
+    message names step + 1, the step number metrics.jsonl uses."""
     if not torch.isfinite(loss):
         detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (terms or {}).items())
-        raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)} ({detail})")
+        raise FloatingPointError(f"non-finite loss at step {step + 1}: {float(loss)} ({detail})")

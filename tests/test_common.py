@@ -280,10 +280,45 @@ def test_kill_and_resume_continues_the_same_curve(tmp_path):
     run(base + ["--run-dir", str(tmp_path / "cut"), "--resume", "true"])
     full = losses(tmp_path / "full")
     cut = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
-    resumed = {r["step"]: r["loss"] for r in cut[3:]}  # the second invocation's rows
-    assert sorted(resumed) == [3, 4, 5, 6]
-    for k, v in resumed.items():
-        assert v == pytest.approx(full[k], rel=1e-5), (k, v, full[k])
+    assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint (step 3) re-run, not duplicated
+    for r in cut:
+        assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-5), (r, full)
+
+
+def _fake_checkpoint(run_dir, step, sidecar):
+    ckpt = run_dir / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_bytes(b"")
+    if sidecar is not None:
+        (ckpt / "trainer_state.json").write_text(sidecar)
+    return ckpt
+
+
+def test_latest_checkpoint_falls_back_past_a_torn_sidecar(tmp_path):
+    good = _fake_checkpoint(tmp_path, 2, json.dumps({"step": 2}))
+    _fake_checkpoint(tmp_path, 4, '{"step": 4, "rng": {"pyth')  # torn: killed while writing
+    _fake_checkpoint(tmp_path, 6, None)                           # killed before the sidecar
+    (tmp_path / "checkpoint-x").mkdir()                           # not a checkpoint
+    assert C.latest_checkpoint(tmp_path) == good
+    assert C.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_checkpoint_retention_run_id_and_refusal(tmp_path):
+    bb = C.load_backbone("toy")
+    opt = torch.optim.AdamW(bb.model.parameters(), lr=1e-3)
+    for step in (1, 2, 3, 4):
+        C.save_checkpoint(tmp_path / f"checkpoint-{step}", bb.model, opt, step, {"data": {}}, keep=2)
+    assert [p.name for p in C._checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    meta = C.load_checkpoint(C.latest_checkpoint(tmp_path), bb.model, opt)
+    assert meta["step"] == 4 and meta["run_id"] == C.run_id(tmp_path)
+    (tmp_path / "run_id").write_text("someone-else")  # a checkpoint from another run directory
+    with pytest.raises(RuntimeError, match="refusing"):
+        C.load_checkpoint(tmp_path / "checkpoint-4", bb.model, opt)
+
+
+def test_non_finite_loss_names_the_one_based_step():
+    with pytest.raises(FloatingPointError, match="at step 8:"):
+        C.check_finite(torch.tensor(float("inf")), 7)
 
 
 def test_hf_export_round_trip(tmp_path):
