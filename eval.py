@@ -339,7 +339,9 @@ def extract_choice(text, options):
     VLMEvalKit `can_infer` behaviour: (1) the whole output is one letter, "(B)", "B.", "b)"; (2) "the answer is
     (X)" / "answer: X"; (3) after replacing punctuation by spaces, exactly one option letter stands alone as a
     token (an upper-case "A" followed by a lower-case word is the article, not an option: "A man is ..."; several
-    distinct letters -> None); (4) exactly one option's text appears (whole words) in a short output -> its letter.
+    distinct letters -> None); (4) exactly one option's text appears as a whole phrase anywhere in the output -> its
+    letter (VLMEvalKit `can_infer_text`, with phrase boundaries instead of substrings). A lower-case letter after
+    "answer is" counts when the sentence ends there ("the answer is c").
     """
     s = answer_span(text)
     valid = set(options)
@@ -348,7 +350,8 @@ def extract_choice(text, options):
         return m.group(1).upper() if m.group(1).upper() in valid else None
     m = re.search(r"answer\s*(?:is|:)?\s*:?\s*(?:option\s*)?(\(([A-Za-z])\)|\b([A-Z])\b)", s, flags=re.I)
     if m and (m.group(2) or m.group(3)) and (m.group(2) or m.group(3)).upper() in valid:
-        if m.group(2) or m.group(3).isupper():
+        # a lower-case letter counts only when the sentence ends there: "the answer is c", not "... is a blue one"
+        if m.group(2) or m.group(3).isupper() or re.match(r"\s*([.,;:!?)]|$)", s[m.end():]):
             return (m.group(2) or m.group(3)).upper()
     found = {x.upper() for x in re.findall(r"\(([a-z])\)", s) if x.upper() in valid}
     for m in re.finditer(r"(?<![\w-])([A-Z])(?![\w-])", s):  # standalone capital letters
@@ -363,10 +366,9 @@ def extract_choice(text, options):
         return found.pop()
     if found:
         return None
-    low = s.lower()
-    if len(low) > 2 * sum(len(v) for v in options.values()):
-        return None
-    hits = [k for k, v in options.items() if v.strip() and re.search(r"\b" + re.escape(v.lower().strip()) + r"\b", low)]
+    low = s.lower()  # option text as a whole phrase; lookarounds, since an option may end in "." (V*-style)
+    hits = [k for k, v in options.items()
+            if v.strip() and re.search(r"(?<!\w)" + re.escape(v.lower().strip()) + r"(?!\w)", low)]
     return hits[0] if len(hits) == 1 else None
 
 

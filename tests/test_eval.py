@@ -53,7 +53,21 @@ EXTRACT_CASES = [
     ("It is green.", "C"), ("A or B", None), ("Both B and C could be right.", None),
     ("I cannot tell from the image.", None), ("", None), ("E", None), ("The 3D view shows it", None),
     ("red and blue", None), ("The answer is a blue one", "B"),
+    ("the answer is c", "C"), ("The answer is a.", "A"), ("So the answer is d!", "D"),
 ]
+# option texts that end in "." (the toy V* writes such options) and a longer sentence naming one option
+SENTENCE_CASES = [
+    ("The dog is on the left side of the cat.", {"A": "The dog is on the right side of the cat.",
+                                                 "B": "The dog is on the left side of the cat."}, "B"),
+    ("Looking again, the lamp is clearly on.", {"A": "on", "B": "off"}, "A"),
+    ("Looking again, the lamp is clearly on, not off.", {"A": "on", "B": "off"}, None),
+    ("A long answer that mentions nothing relevant at all, really nothing.", {"A": "on", "B": "off"}, None),
+]
+
+
+@pytest.mark.parametrize("text,options,expected", SENTENCE_CASES)
+def test_extract_choice_option_sentences(text, options, expected):
+    assert ev.extract_choice(text, options) == expected
 
 
 @pytest.mark.parametrize("text,expected", EXTRACT_CASES)
