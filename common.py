@@ -233,8 +233,8 @@ def add_special_tokens(bb: Backbone, tokens: list[str], init: str = "mean") -> l
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
     """Qwen's rule: both sides multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ~kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio of {height}x{width} exceeds 200")
+    if max(height, width) / min(height, width) > 200:  # Qwen's limit; in a data set this is a counted skip
+        raise SkipSample("aspect ratio over 200")
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
@@ -473,6 +473,13 @@ def read_records(path: str, skips: Skips | None = None, streaming: bool = False)
         raise ValueError(f"{path}: expected .json, .jsonl or .parquet")
 
 
+def text_field(value, what: str = "text") -> str:
+    """A record's text field, stripped; SkipSample if it is not a string or is empty (a number, a list, None)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SkipSample(f"{what} missing or not text")
+    return value.strip()
+
+
 def open_image(ref, root: str | Path = ".") -> Image.Image:
     """A path (relative to `root`), an HF Image struct {"bytes", "path"}, raw bytes or a PIL image → RGB PIL.
     Raises SkipSample for a missing or unreadable file."""
@@ -498,8 +505,9 @@ def open_image(ref, root: str | Path = ".") -> Image.Image:
 
 
 def check_bbox(b) -> list[float]:
-    """A normalised [x0, y0, x1, y1] inside [0, 1] with positive area, else SkipSample."""
-    if b is None or len(b) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b):
+    """A normalised [x0, y0, x1, y1] inside [0, 1] with positive area, else SkipSample. Booleans are not numbers."""
+    if not isinstance(b, (list, tuple)) or len(b) != 4 or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b):
         raise SkipSample("malformed bbox")
     x0, y0, x1, y1 = map(float, b)
     if min(x0, y0, x1, y1) < 0 or max(x0, y0, x1, y1) > 1:
@@ -515,6 +523,8 @@ def build_dataset(records, convert, skips: Skips, max_tokens: int | None = None,
     out = []
     for i, rec in enumerate(records):
         try:
+            if not isinstance(rec, dict):
+                raise SkipSample("record is not a JSON object")
             s = convert(rec)
         except SkipSample as e:
             skips.add(str(e), f"{desc}[{i}]")

@@ -211,6 +211,29 @@ def test_broken_records_are_counted_skips(tmp_path):
     assert "skipped 7 samples" in skips.summary()
 
 
+@pytest.mark.parametrize("bbox", [0.5, "0,0,1,1", [0, 0, 1], [True, False, True, True], [0, 0, float("nan"), 1],
+                                  None, {"x0": 0}])
+def test_check_bbox_rejects_malformed_shapes(bbox):
+    with pytest.raises(C.SkipSample, match="malformed bbox"):
+        C.check_bbox(bbox)
+
+
+def test_build_dataset_skips_non_objects_and_extreme_aspect(tmp_path):
+    bb = C.load_backbone("toy")
+
+    def convert(r):
+        im = Image.new("RGB", (r["w"], r["h"]))
+        return C.encode_chat(bb, [{"role": "user", "content": [{"type": "image", "image": im}]},
+                                  {"role": "assistant", "content": C.text_field(r["answer"], "answer")}], **SMALL)
+
+    records = [[1, 2, 3], "a string", {"w": 1000, "h": 1, "answer": "x"}, {"w": 56, "h": 56, "answer": 7},
+               {"w": 56, "h": 56, "answer": ["x"]}, {"w": 56, "h": 56, "answer": "ok"}]
+    skips = C.Skips()
+    assert len(C.build_dataset(records, convert, skips)) == 1
+    assert dict(skips.counts) == {"record is not a JSON object": 2, "aspect ratio over 200": 1,
+                                  "answer missing or not text": 2}
+
+
 def test_micro_batches_world_size_independent_and_resumable():
     lengths = list(range(10, 50))
     one = C.MicroBatches(lengths, per_micro=2, seed=3)
