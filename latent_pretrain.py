@@ -195,9 +195,17 @@ def read_pairs(path: str, image_root: str, skips: C.Skips):
     pairs, images = [], {}
     if path.endswith(".json"):
         data = json.load(open(path))
-        files = {im["id"]: im["file_name"] for im in data["images"]}
-        for a in data["annotations"]:
-            caption = str(a.get("caption") or "").strip()
+        files = {}
+        for im in data.get("images") or []:
+            if isinstance(im, dict) and isinstance(im.get("file_name"), str) and "id" in im:
+                files[im["id"]] = im["file_name"]
+            else:
+                skips.add("image entry without id or file_name")
+        for a in data.get("annotations") or []:
+            if not isinstance(a, dict):
+                skips.add("annotation is not an object")
+                continue
+            caption = a.get("caption").strip() if isinstance(a.get("caption"), str) else ""
             if a.get("image_id") not in files or not caption:
                 skips.add("caption without image or text", f"annotation {a.get('id')}")
                 continue
@@ -205,12 +213,18 @@ def read_pairs(path: str, image_root: str, skips: C.Skips):
             pairs.append((caption, str(a["image_id"])))
     elif path.endswith(".parquet"):
         for r in C.read_records(path):
+            if not isinstance(r.get("filename"), str) or not r["filename"]:
+                skips.add("row without filename")
+                continue
             rel = os.path.join(r.get("filepath") or "", r["filename"])
             for s in r.get("sentences") or []:
-                caption = (s.get("raw") if isinstance(s, dict) else str(s)).strip()
-                if caption:
-                    images[rel] = os.path.join(image_root, rel)
-                    pairs.append((caption, rel))
+                caption = s.get("raw") if isinstance(s, dict) else s
+                caption = caption.strip() if isinstance(caption, str) else ""  # a list or number is no caption
+                if not caption:
+                    skips.add("caption without image or text", rel)
+                    continue
+                images[rel] = os.path.join(image_root, rel)
+                pairs.append((caption, rel))
     else:
         return None, {"__wds__": expand_shards(path)}
     return pairs, images

@@ -151,16 +151,17 @@ def roi_token_indices(bbox, grid_thw, merge: int = 2) -> list[int]:
 
 def _read(rec, a: Args):
     """LLaVA-style record → (user message, answer text, its one image); malformed records are counted skips."""
-    conv, img = rec.get("conversations") or [], rec.get("image")
-    if len(conv) < 2 or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
+    conv, img = rec.get("conversations"), rec.get("image")
+    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv[:2]) \
+            or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
         raise C.SkipSample("malformed conversations")
     img = img if not isinstance(img, list) else img[0] if len(img) == 1 else None
-    if not img:
+    if img is None or isinstance(img, (bool, int, float, list, tuple)) or not img:  # a path, bytes or PIL image
         raise C.SkipSample("not exactly one image")
-    q = conv[0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
+    q = C.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "").strip()
     img = C.open_image(img, a.image_root)
     user = {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}
-    return user, conv[1]["value"], img
+    return user, C.text_field(conv[1].get("value"), "answer"), img
 
 
 def convert_sft(rec, bb: C.Backbone, a: Args, with_span: bool = True) -> dict:

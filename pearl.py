@@ -141,9 +141,9 @@ def from_lvr(rec, root):
     """LVR / Visual-CoT: one image, bbox(es) → crop trajectory; only the final answer is supervised."""
     image = C.open_image((rec["image"] if isinstance(rec["image"], str) else rec["image"][0]), root)
     conv = rec["conversations"]
-    question = conv[0]["value"].replace("<image>", "").strip()
-    answer = conv[-1]["value"].replace("<lvr>", "").strip()
-    if not question or not answer:
+    question = C.text_field(conv[0]["value"], "question").replace("<image>", "").strip()
+    answer = C.text_field(conv[-1]["value"], "answer").replace("<lvr>", "").strip()
+    if not question or not re.sub(r"</?answer>|\s", "", answer):  # "<answer>  </answer>" is empty too
         raise C.SkipSample("empty question or answer")
     if not rec.get("bboxes"):
         raise C.SkipSample("no bbox")
@@ -221,7 +221,7 @@ def convert_record(rec, root):
             return from_thinkmorph(rec, root)
         if "message_list" in rec or "messages" in rec:
             return from_messages(rec.get("message_list") or rec["messages"], root)
-    except (KeyError, IndexError, TypeError, ValueError) as e:  # malformed record, bad tool-call JSON, bad size
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # malformed shape, bad tool-call JSON
         raise C.SkipSample(f"malformed record ({type(e).__name__})") from e
     raise C.SkipSample("unknown record format")
 

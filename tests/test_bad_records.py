@@ -1,0 +1,77 @@
+"""A corpus of badly typed records, one per kind, through each method's loader: every one is a counted skip with a
+reason, and the good record still loads. (Before: tracebacks while loading, or a bbox of booleans accepted.)"""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import common as C
+import latent_pretrain as L
+import lvr
+import pearl as P
+
+
+def good_lvr(tmp_path, name="ok.png"):
+    Image.new("RGB", (84, 112), (90, 90, 90)).save(tmp_path / name)
+    return {"image": [name], "bboxes": [[0.1, 0.1, 0.6, 0.6]],
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?\n(A) red\n(B) blue"},
+                              {"from": "gpt", "value": "<lvr>\n<answer> B </answer>"}]}
+
+
+def bad_lvr_records(tmp_path):
+    ok = good_lvr(tmp_path)
+    conv = ok["conversations"]
+    return {
+        "bbox a bare number": {**ok, "bboxes": [0.5]},
+        "bbox of booleans": {**ok, "bboxes": [[True, False, True, True]]},
+        "question a number": {**ok, "conversations": [{"from": "human", "value": 7}, conv[1]]},
+        "answer a number": {**ok, "conversations": [conv[0], {"from": "gpt", "value": 3.5}]},
+        "record a string": "just a string",
+        "record a list": [1, 2, 3],
+        "conversations of strings": {**ok, "conversations": ["hi", "there"]},
+        "image a number": {**ok, "image": 5},
+    }
+
+
+@pytest.fixture(scope="module")
+def lvr_bb():
+    bb = C.load_backbone("toy")
+    lvr.prepare_model(bb)
+    return bb
+
+
+def test_lvr_loader_counts_every_bad_record(tmp_path, lvr_bb):
+    a = lvr.Args(min_pixels=4 * 784, max_pixels=16 * 784, image_root=str(tmp_path))
+    bad = bad_lvr_records(tmp_path)
+    records = list(bad.values()) + [good_lvr(tmp_path)]
+    skips = C.Skips()
+    data = C.build_dataset(records, lambda r: lvr.convert_sft(r, lvr_bb, a), skips)
+    assert len(data) == 1 and sum(skips.counts.values()) == len(bad), dict(skips.counts)
+    skips = C.Skips()
+    assert len(C.build_dataset(records, lambda r: lvr.convert_grpo(r, lvr_bb, a), skips)) == 3
+    assert sum(skips.counts.values()) == len(bad) - 2  # GRPO reads no bbox
+
+
+def test_pearl_loader_counts_every_bad_record(tmp_path):
+    bad = bad_lvr_records(tmp_path)
+    bad["empty answer tag"] = {**good_lvr(tmp_path), "conversations": [
+        good_lvr(tmp_path)["conversations"][0], {"from": "gpt", "value": "<lvr>\n<answer>  </answer>"}]}
+    skips = C.Skips()
+    out = C.build_dataset(list(bad.values()) + [good_lvr(tmp_path)], lambda r: P.convert_record(r, str(tmp_path)),
+                          skips)
+    assert len(out) == 1 and sum(skips.counts.values()) == len(bad), dict(skips.counts)
+    assert skips.counts["empty question or answer"] == 1
+
+
+def test_coco_reader_counts_every_bad_annotation(tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2}, "not an image entry"],
+            "annotations": [{"image_id": 1, "caption": "a red circle"}, "a string annotation",
+                            {"image_id": 1, "caption": ["a", "list"]}, {"image_id": 2, "caption": "no file name"},
+                            {"image_id": 1, "caption": 42}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    skips = C.Skips()
+    pairs, images = L.read_pairs(str(tmp_path / "captions.json"), str(tmp_path), skips)
+    assert pairs == [("a red circle", "1")]
+    assert dict(skips.counts) == {"image entry without id or file_name": 2, "annotation is not an object": 1,
+                                  "caption without image or text": 3}
