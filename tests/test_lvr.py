@@ -455,6 +455,71 @@ def test_positions_not_ids_decide_negative_control(bb):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Test-time latent ablations: only the latent inputs change
+# ---------------------------------------------------------------------------------------------------------------
+def _forced_run(bb, ablate, N=3, seed=0):
+    """3 items whose prompts end in `<|lvr_start|>`, then N latent steps, then the same forced text: the token
+    sequence is fixed (teacher forcing), so only what is fed in the latent slots may differ between ablations."""
+    samples = [prompt(bb, k, prefix=lvr.LVR_START) for k in range(3)]
+    text = [bb.tokenizer.encode(x, add_special_tokens=False)[:3] for x in (" the red one", " it is blue", " no no no")]
+    with fed_embeddings(bb) as rec:
+        outs = lvr.latent_generate(bb, samples, num_latent_steps=N, max_new_tokens=3, prefix_tokens=text,
+                                   ablate=ablate, ablate_seed=seed)
+    return outs, rec.calls
+
+
+@pytest.mark.parametrize("ablate", ["zeros", "noise", "shuffle"])
+def test_latent_ablations_change_only_the_latent_inputs(bb, ablate):
+    N = 3
+    intact, calls0 = _forced_run(bb, "none", N)
+    abl, calls = _forced_run(bb, ablate, N)
+    calls = calls[-len(calls0):]                   # shuffle runs an intact first pass (recorded first): skip it
+    E0, E = torch.cat(calls0, 1), torch.cat(calls, 1)
+    Lp = calls0[0].shape[1]
+    for o0, o in zip(intact, abl):
+        assert o["token_ids"] == o0["token_ids"] and o["latent_positions"].tolist() == list(range(N))
+    slots = torch.zeros(E.shape[1], dtype=torch.bool)
+    slots[Lp + torch.arange(N)] = True
+    assert torch.equal(E[:, ~slots], E0[:, ~slots])                       # everything else bit-identical
+    assert not torch.allclose(E[:, slots], E0[:, slots])
+    perm = lvr.derangement(3, 0)
+    assert sorted(perm) == [0, 1, 2] and all(perm[b] != b for b in range(3))
+    for b, o in enumerate(abl):
+        fed = E[b, Lp:Lp + N]
+        torch.testing.assert_close(fed, o["latents"])                      # "latents" = what was fed
+        if ablate == "zeros":
+            assert (fed == 0).all()
+        elif ablate == "noise":                                            # norm of the latent it replaces
+            torch.testing.assert_close(fed.norm(dim=-1), o["states"].norm(dim=-1), rtol=1e-5, atol=1e-5)
+            assert (F.cosine_similarity(fed, o["states"], dim=-1).abs() < 0.5).all()
+        else:                                                              # another item's intact latents
+            torch.testing.assert_close(fed, intact[perm[b]]["latents"])
+    # the intact run's first latent equals the ablated run's own first state (same context before the slots)
+    torch.testing.assert_close(abl[0]["states"][0], intact[0]["latents"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_latent_ablation_remove_and_fallbacks(bb):
+    t = {k: bb.token_id(k) for k in lvr.LVR_TOKENS}
+    out = lvr.latent_generate(bb, [prompt(bb, 0, prefix=lvr.LVR_START)], num_latent_steps=4, max_new_tokens=4,
+                              ablate="remove")[0]
+    assert out["token_ids"][:2] == [t[lvr.LVR_LATENT_END], t[lvr.LVR_END]] and len(out["latents"]) == 0
+    assert t[lvr.LVR] not in out["token_ids"]
+    sampled = lvr.latent_generate(bb, [prompt(bb, 1)], num_latent_steps=4, max_new_tokens=5, ablate="remove",
+                                  prefix_tokens=[[t[lvr.LVR_START]]])[0]             # a span opened mid-completion
+    assert sampled["token_ids"][:3] == [t[lvr.LVR_START], t[lvr.LVR_LATENT_END], t[lvr.LVR_END]]
+    with pytest.warns(UserWarning, match="falls? back|falling back"):
+        one = lvr.latent_generate(bb, [prompt(bb, 0, prefix=lvr.LVR_START)], num_latent_steps=2, max_new_tokens=2,
+                                  ablate="shuffle")[0]
+    torch.testing.assert_close(one["latents"].norm(dim=-1), one["states"].norm(dim=-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        lvr.latent_generate(bb, [prompt(bb, 0)], ablate="mean")
+    # eval.py's entry (left-padded batch → texts) accepts it too
+    batch = C.pad_batch(bb, [prompt(bb, 0, prefix=lvr.LVR_START), prompt(bb, 1, prefix=lvr.LVR_START)], side="left")
+    texts = lvr.latent_generate(bb, batch, num_latent_steps=2, max_new_tokens=3, ablate="shuffle")
+    assert len(texts) == 2 and all(isinstance(x, str) for x in texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Stage 2: rewards, advantages, GRPO loss
 # ---------------------------------------------------------------------------------------------------------------
 SPAN = "<|lvr_start|><|lvr|><|lvr|><|lvr_latent_end|><|lvr_end|>"
