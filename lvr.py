@@ -129,6 +129,8 @@ class Args:
     eval_steps: str = field(default="4,8", metadata={"help": "latent steps N to evaluate"})
     eval_benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "toy eval sets under data/toy/eval"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
+    eval_ablations: str = field(default="none", metadata={"help": "latent ablations to evaluate, comma-separated: "
+                                                                  "none | zeros | noise | shuffle | remove"})
 
 
 def resolve(a: Args) -> Args:
@@ -667,23 +669,29 @@ def export(bb: C.Backbone, model, out_dir: str, a: Args):
 
 
 def evaluate_export(a: Args, export_dir: str, device) -> dict:
-    """Latent decoding (N in --eval-steps) on the toy eval sets through eval.py (answer-tag protocol)."""
+    """Latent decoding (N in --eval-steps, each latent ablation in --eval-ablations) on the toy eval sets through
+    eval.py (answer-tag protocol). Files: eval/<bench>_N<n>.json (intact), eval/<bench>_N<n>_<ablation>.json."""
     import eval as E
     bb = C.load_backbone(export_dir, device)
     attach_saved_head(bb)
     root = Path(a.data).parent / "eval"
     scores = {}
-    for n in [int(x) for x in a.eval_steps.split(",") if x]:
-        for bench in [b for b in a.eval_benchmarks.split(",") if b]:
-            out = Path(a.run_dir, "eval", f"{bench}_N{n}.json")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            preds = out.with_suffix(".predictions.jsonl")
-            preds.unlink(missing_ok=True)                           # a new model: never resume old predictions
-            ea = E.Args(benchmark=bench, data_dir=str(root / bench), model=export_dir, mode="latent",
-                        prompt="answer-tag", latent_steps=n, output=str(out), predictions=str(preds),
-                        max_new_tokens=32, min_pixels=a.min_pixels, max_pixels=a.max_pixels, limit=a.eval_limit)
-            s = E.evaluate(ea, predict_fn=lambda items, _b, args: E.predict(items, bb, args))
-            scores[f"{bench}/N{n}"] = s["overall"]
+    ablations = [x for x in a.eval_ablations.split(",") if x] or ["none"]
+    for bad in set(ablations) - set(ABLATIONS):
+        raise ValueError(f"--eval-ablations: unknown {bad!r}, choose from {ABLATIONS}")
+    grid = [(n, abl, bench) for n in [int(x) for x in a.eval_steps.split(",") if x] for abl in ablations
+            for bench in [b for b in a.eval_benchmarks.split(",") if b]]
+    for n, abl, bench in grid:
+        out = Path(a.run_dir, "eval", f"{bench}_N{n}" + (f"_{abl}" if abl != "none" else "") + ".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        preds = out.with_suffix(".predictions.jsonl")
+        preds.unlink(missing_ok=True)                               # a new model: never resume old predictions
+        ea = E.Args(benchmark=bench, data_dir=str(root / bench), model=export_dir, mode="latent",
+                    prompt="answer-tag", latent_steps=n, latent_ablation=abl, output=str(out),
+                    predictions=str(preds), max_new_tokens=32, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
+                    limit=a.eval_limit)
+        s = E.evaluate(ea, predict_fn=lambda items, _b, args: E.predict(items, bb, args))
+        scores[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s["overall"]
     for k, v in scores.items():
         print(f"eval {k}: {v:.1f}")
     return scores
