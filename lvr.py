@@ -452,7 +452,8 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
         donors = [intact[j]["latents"] for j in derangement(B, ablate_seed)]
     noise_gen = torch.Generator(dev).manual_seed(ablate_seed)
 
-    def ablated(b: int, i: int, v: torch.Tensor) -> torch.Tensor:  # the vector fed in row b's i-th latent slot
+    def ablated(b: int, i: int, v: torch.Tensor) -> torch.Tensor:  # what row b's i-th latent slot is fed instead of
+        """v = head(H_prev), the paper's latent fed back as the next input embedding."""
         if ablate == "zeros":
             return torch.zeros_like(v)
         if ablate == "noise":
