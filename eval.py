@@ -43,7 +43,9 @@ Deviations and choices:
 - `answer-tag` in plain mode appends `<answer>` after the generation prompt and generates 4 tokens (Pearl); in
   latent mode the LVR model writes its latent span first, so no prefix is forced and 512 tokens are allowed (LVR).
 - HallusionBench is scored by a yes/no rule, not the GPT-4 judge of its repo (no network at evaluation time).
-- Method hooks: `--mode latent` calls `lvr.latent_generate(backbone, batch, num_latent_steps=, max_new_tokens=)`,
+- Method hooks: `--mode latent` calls `lvr.latent_generate(backbone, batch, num_latent_steps=, max_new_tokens=,
+  ablate=)` (`--latent-ablation none|zeros|noise|shuffle|remove`: test-time ablation of the latents, recorded in the
+  settings, in the default output name and on every predictions line; a file of another ablation is refused),
   `--mode unsilence` calls `unsilence.unsilence_generate(backbone, batch, max_new_tokens=)`, with the left-padded
   batch `predict` builds; each returns token ids [B, prompt + new] (as `generate` does) or a list of strings.
 - Layouts checked against public sources (code search): MMVP, V* (correct option listed first), BLINK columns and
@@ -86,6 +88,8 @@ class Args:
     min_pixels: int = field(default=256 * 28 * 28, metadata={"help": "smallest image size in pixels (lmms-eval default)"})
     max_pixels: int = field(default=2048 * 28 * 28, metadata={"help": "largest image size in pixels (lmms-eval default)"})
     latent_steps: int = field(default=8, metadata={"help": "LVR fixed latent steps in --mode latent (4, 8 or 16)"})
+    latent_ablation: str = field(default="none", metadata={"help": "--mode latent test-time ablation of the latents: "
+                                                                   "none | zeros | noise | shuffle | remove"})
     extractor: str = field(default="robust", metadata={"help": "robust | official (lmms-eval regex for mmerw_lite)"})
     mmvp_corrected: bool = field(default=False, metadata={"help": "apply lmms-eval's MMVP answer corrections"})
     label: str = field(default="", metadata={"help": "row name in --table (default: model + mode)"})
@@ -480,6 +484,9 @@ def settings(args, benchmark):
            "label": args.label or f"{args.model} ({args.mode}, {args.prompt})"}
     if args.mode == "latent":
         out["latent_steps"] = args.latent_steps
+        out["latent_ablation"] = args.latent_ablation
+        if not args.label and args.latent_ablation != "none":
+            out["label"] = f"{args.model} ({args.mode}, {args.prompt}, latents {args.latent_ablation})"
     if benchmark == "mmvp":
         out["mmvp_answers"] = ("lmms-eval corrected (Index 100, 280 -> A)" if args.mmvp_corrected
                                else "published Questions.csv as-is")
@@ -563,7 +570,7 @@ def predict(items, model_bundle, args):
                 out = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
             elif args.mode == "latent":
                 out = lvr.latent_generate(model_bundle, batch, num_latent_steps=args.latent_steps,
-                                          max_new_tokens=max_new)
+                                          max_new_tokens=max_new, ablate=args.latent_ablation)
             else:
                 out = unsilence.unsilence_generate(model_bundle, batch, max_new_tokens=max_new)
         yield from zip([it["id"] for it in chunk], decode_new(model_bundle, out, input_len))
@@ -572,8 +579,18 @@ def predict(items, model_bundle, args):
 # ---------------------------------------------------------------------------------------------------------------
 # Predictions file (resumable) and the run
 # ---------------------------------------------------------------------------------------------------------------
-def read_predictions(path):
-    """str(id) -> prediction text; a torn last line (killed mid-write) is ignored."""
+LATENT_ABLATIONS = ("none", "zeros", "noise", "shuffle", "remove")
+
+
+def prediction_tag(args):
+    """Settings written on every predictions line and checked when a file is resumed or re-scored, so predictions
+    of different latent ablations never mix in one file (lines without the key count as "none")."""
+    return {"latent_ablation": args.latent_ablation} if args.mode == "latent" else {}
+
+
+def read_predictions(path, tag=None):
+    """str(id) -> prediction text; a torn last line (killed mid-write) is ignored. `tag`: settings every line must
+    carry (ValueError otherwise)."""
     preds = {}
     if path and os.path.exists(path):
         with open(path) as f:
@@ -582,6 +599,10 @@ def read_predictions(path):
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                for k, v in (tag or {}).items():
+                    if row.get(k, "none") != v:
+                        raise ValueError(f"{path} holds predictions made with {k}={row.get(k, 'none')!r}, this run "
+                                         f"has {v!r}: choose another --predictions/--output")
                 preds[str(row["id"])] = row["prediction"]
     return preds
 
@@ -589,7 +610,7 @@ def read_predictions(path):
 def run_predictions(items, predict_fn, load_bundle, args, path):
     """Predict the items not yet in `path`, appending one flushed JSONL line per item."""
     from tqdm import tqdm
-    done = read_predictions(path)
+    done = read_predictions(path, prediction_tag(args))
     todo = [it for it in items if str(it["id"]) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} already predicted in {path}")
@@ -604,14 +625,15 @@ def run_predictions(items, predict_fn, load_bundle, args, path):
             if f.read(1) != "\n":
                 f.write("\n")
         for id, text in tqdm(predict_fn(todo, model_bundle, args), total=len(todo), desc=args.benchmark):
-            f.write(json.dumps({"id": id, "prediction": text}) + "\n")
+            f.write(json.dumps({"id": id, "prediction": text, **prediction_tag(args)}) + "\n")
             f.flush()
             done[str(id)] = text
     return done
 
 
 def default_paths(args):
-    output = args.output or os.path.join("runs", "eval", f"{args.benchmark}_summary.json")
+    ablated = f"_latents-{args.latent_ablation}" if args.mode == "latent" and args.latent_ablation != "none" else ""
+    output = args.output or os.path.join("runs", "eval", f"{args.benchmark}{ablated}_summary.json")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     predictions = args.predictions or os.path.splitext(output)[0] + ".predictions.jsonl"
     return output, predictions
@@ -620,13 +642,16 @@ def default_paths(args):
 def evaluate(args, predict_fn=predict):
     """Load, predict (resuming) or read predictions (--score-only), score, write the summary; return it."""
     for value, allowed in ((args.benchmark, BENCHMARKS), (args.mode, ("plain", "latent", "unsilence")),
-                           (args.prompt, ("lmms", "answer-tag", "vlmeval")), (args.extractor, ("robust", "official"))):
+                           (args.prompt, ("lmms", "answer-tag", "vlmeval")), (args.extractor, ("robust", "official")),
+                           (args.latent_ablation, LATENT_ABLATIONS)):
         if value not in allowed:
             raise ValueError(f"{value!r}: choose from {sorted(allowed)}")
+    if args.latent_ablation != "none" and args.mode != "latent":
+        raise ValueError("--latent-ablation needs --mode latent")
     output, pred_path = default_paths(args)
     items, warnings = load_benchmark(args.benchmark, args.data_dir, args)
     if args.score_only:
-        predictions = read_predictions(pred_path)
+        predictions = read_predictions(pred_path, prediction_tag(args))
         if not predictions:
             raise FileNotFoundError(f"--score-only: no predictions in {pred_path}")
     else:

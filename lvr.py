@@ -37,6 +37,16 @@ Deviations and choices (default first; the alternative is one flag away):
   `<|lvr_latent_end|>`/`<|lvr_end|>` (cap 16 per span); `force_end` forces the end tokens. Greedy by default.
 - GRPO_latent stores the latent vectors used during the rollout and writes them back in one teacher-forced pass
   (exact, tested against a replay); the released code replays the latent chain token by token.
+- Latent slots are tracked by position: a rollout returns the completion indices where latents were fed
+  (`latent_positions`) and the GRPO forward writes the latents there, never where a `<|lvr|>` id happens to be.
+- Invalid tokens are never sampled: the vision tokens always, `<|lvr|>` always (the decoder writes latent slots),
+  `<|lvr_latent_end|>`/`<|lvr_end|>` outside a span (or a second `<|lvr_latent_end|>`), `<|lvr_start|>` inside
+  one get logit −inf (rollouts, greedy eval). The GRPO log-probs (policy, old, reference) use the same masked
+  softmax, so ρ and the KL compare the distribution the rollout actually drew from; an unmasked π in the loss
+  would put mass on tokens the sampler can never emit and bias ρ. The released code masks nothing (a sampled
+  `<|image_pad|>` crashes the image-feature count).
+- Test-time latent ablations (`latent_generate(ablate=…)`, `--eval-ablations`, eval.py `--latent-ablation`):
+  zeros | noise (norm-matched) | shuffle (another item's intact latents) | remove (the span closes at once).
 - Reference model fixes: the frozen reference sees the same images, the same stored latents, the same packed
   attention layout and the same temperature as the policy (the released code drops the images for the reference
   pass and mixes temperatures).
@@ -119,6 +129,8 @@ class Args:
     eval_steps: str = field(default="4,8", metadata={"help": "latent steps N to evaluate"})
     eval_benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "toy eval sets under data/toy/eval"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
+    eval_ablations: str = field(default="none", metadata={"help": "latent ablations to evaluate, comma-separated: "
+                                                                  "none | zeros | noise | shuffle | remove"})
 
 
 def resolve(a: Args) -> Args:
@@ -336,11 +348,64 @@ def _unpad(bb: C.Backbone, batch: dict) -> list[dict]:
     return out
 
 
+# Valid tokens in a completion: ONE rule, used by the sampler (latent_generate) and by the GRPO log-probs
+# (completion_logprobs), so the policy π in the loss is exactly the masked distribution the rollout drew from.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+ABLATIONS = ("none", "zeros", "noise", "shuffle", "remove")
+
+
+def control_ids(bb: C.Backbone) -> torch.Tensor:
+    """The K ids whose validity depends on the place in a completion, in the order of SpanState.blocked():
+    the five vision tokens, then `<|lvr|>`, `<|lvr_latent_end|>`, `<|lvr_end|>`, `<|lvr_start|>`."""
+    return torch.tensor([bb.token_id(k) for k in VISION_TOKENS + [LVR, LVR_LATENT_END, LVR_END, LVR_START]])
+
+
+@dataclass
+class SpanState:
+    """Where a completion stands w.r.t. a latent span. open: after `<|lvr_start|>`, before `<|lvr_end|>`;
+    latent_end: `<|lvr_latent_end|>` already emitted in this span. Latent slots do not change the state."""
+    open: bool = False
+    latent_end: bool = False
+
+    def blocked(self) -> list[bool]:
+        """Which control_ids may not be sampled next: vision tokens never (a completion carries no image: a sampled
+        `<|image_pad|>` breaks the image-feature count); `<|lvr|>` never (latent slots are written by the decoder,
+        not sampled); `<|lvr_latent_end|>` only inside a span, once; `<|lvr_end|>` only to close a span;
+        `<|lvr_start|>` only outside a span (the model opens spans itself)."""
+        return [True] * 5 + [True, not self.open or self.latent_end, not self.open, self.open]
+
+    def step(self, k: int, t: dict) -> None:
+        """Advance over one fed (sampled or forced) token id k; t = LVR token → id."""
+        if k == t[LVR_START]:
+            self.open, self.latent_end = True, False
+        elif k == t[LVR_LATENT_END]:
+            self.latent_end = True
+        elif k == t[LVR_END]:
+            self.open = False
+
+
+def mask_invalid(logits: torch.Tensor, blocked: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] with −inf added at the control `ids` [K] where `blocked` [..., K] (differentiable)."""
+    pen = torch.zeros(blocked.shape, dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids.to(logits.device), pen.masked_fill(blocked.to(logits.device), float("-inf")))
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A fixed permutation p of range(n) without fixed points (n ≥ 2), drawn from `seed`; in the shuffle ablation
+    item b is fed the latents of item p[b]."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        p = torch.randperm(n, generator=g).tolist()
+        if n < 2 or all(p[i] != i for i in range(n)):
+            return p
+
+
 @torch.no_grad()
 def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_tokens: int = 16,
                     mode: str = "fixed", temperature: float = 0.0, max_latent_steps: int = 16,
                     force_end: bool = False, use_cache: bool = True, generator: torch.Generator | None = None,
-                    model=None, sync: bool = False, prefix_tokens: list[list[int]] | None = None):
+                    model=None, sync: bool = False, prefix_tokens: list[list[int]] | None = None,
+                    ablate: str = "none", ablate_seed: int = 0):
     """Decode a batch with latent reasoning. `samples`: encode_chat(..., add_generation_prompt=True) dicts (or
     eval.py's left-padded batch, for which the decoded texts without special tokens are returned).
 
@@ -350,23 +415,68 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
     `use_cache=False` recomputes the full sequence every step (reference/benchmark). `sync`: all-reduce "all rows
     done" so every FSDP rank makes the same number of forward calls. `prefix_tokens[b]`: tokens forced before free
     decoding (log-prob 0); a prompt or prefix ending in `<|lvr_start|>` starts latent mode.
+    Sampling and argmax never pick a token that is invalid at its place (SpanState: vision tokens, `<|lvr|>`, and
+    the span tokens outside their place get logit −inf); the log-probs are those of this masked distribution.
+
+    `ablate` (test-time ablations for "do the latents matter?"; the token sequence is unchanged except for remove):
+    none; zeros = zero vectors in the latent slots; noise = Gaussian noise rescaled to the L2 norm of the latent it
+    replaces (seeded by `ablate_seed`); shuffle = item b is fed the i-th latent of item derangement(B, seed)[b]
+    from an intact first pass with the same sampling state (cyclically when that item has fewer; zeros when it has
+    none; a batch of 1 has no other item and falls back to noise, with a warning); remove = no latent slot at all:
+    `<|lvr_start|>` is followed directly by forced `<|lvr_latent_end|><|lvr_end|>` (the span layout is kept so
+    the answer's position in the format stays the same).
     Returns per row {"token_ids" (latent inputs appear as `<|lvr|>`, EOS kept), "latents" [n, D] (the vectors fed),
-    "logprobs" [len(token_ids)] (0 at latent inputs), "text" (special tokens kept, EOS dropped)}."""
+    "latent_positions" [n] (completion indices of the latent slots: where "latents" go, never inferred from ids),
+    "states" [n, D] (head(H) at those steps, = latents unless ablated), "logprobs" [len(token_ids)] (0 at latent
+    inputs and forced tokens), "text" (special tokens kept, EOS dropped)}."""
+    if ablate not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablate!r}: choose from {ABLATIONS}")
     as_text = isinstance(samples, dict)
     samples = _unpad(bb, samples) if as_text else samples
     model = model or bb.model
     attach_saved_head(bb)
     dev = next(model.parameters()).device
     t = {k: bb.token_id(k) for k in LVR_TOKENS}
+    ctrl = control_ids(bb).to(dev)
     eos, pad, B = bb.tokenizer.eos_token_id, bb.tokenizer.pad_token_id, len(samples)
+    donors = None
+    if ablate == "shuffle" and B < 2:
+        import warnings
+        warnings.warn("latent ablation 'shuffle' with a batch of 1 has no other item: falling back to 'noise'")
+        ablate = "noise"
+    if ablate == "shuffle":                                         # pass 1: the intact latents of every item
+        g_state = generator.get_state() if generator is not None else None
+        intact = latent_generate(bb, samples, num_latent_steps, max_new_tokens, mode, temperature, max_latent_steps,
+                                 force_end, use_cache, generator, model, sync, prefix_tokens)
+        if generator is not None:
+            generator.set_state(g_state)                           # pass 2 draws what pass 1 drew
+        donors = [intact[j]["latents"] for j in derangement(B, ablate_seed)]
+    noise_gen = torch.Generator(dev).manual_seed(ablate_seed)
+
+    def ablated(b: int, i: int, v: torch.Tensor) -> torch.Tensor:  # what row b's i-th latent slot is fed instead of
+        """v = head(H_prev), the paper's latent fed back as the next input embedding."""
+        if ablate == "zeros":
+            return torch.zeros_like(v)
+        if ablate == "noise":
+            z = torch.randn(v.shape, generator=noise_gen, device=dev, dtype=torch.float32)
+            return (z * (v.float().norm() / z.norm())).to(v.dtype)
+        if ablate == "shuffle":
+            return donors[b][i % len(donors[b])].clone() if len(donors[b]) else torch.zeros_like(v)
+        return v.clone()
+
     prompt = C.pad_batch(bb, samples, side="left")
     attn = prompt["attention_mask"].to(dev)
     next_pos = prompt["position_ids"][:, :, -1].amax(0).to(dev) + 1                 # [B] text position of step 0
     span = num_latent_steps if mode == "fixed" else max_latent_steps
-    latent_left = [span if int(s["input_ids"][-1]) == t[LVR_START] else 0 for s in samples]
     queue = [list(p) for p in prefix_tokens] if prefix_tokens else [[] for _ in range(B)]
+    state = [SpanState(open=int(s["input_ids"][-1]) == t[LVR_START]) for s in samples]
+    latent_left = [span if st.open and ablate != "remove" else 0 for st in state]
+    for b, st in enumerate(state):
+        if st.open and ablate == "remove":
+            queue[b][:0] = [t[LVR_LATENT_END], t[LVR_END]]
     fed = [[] for _ in range(B)]                                   # ids fed after the prompt (latents as <|lvr|>)
     lat = [dict() for _ in range(B)]                               # position in fed → latent vector fed there
+    own = [[] for _ in range(B)]                                   # head(H) at each latent step (before ablation)
     toks, lps, n_tok, done = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B, [False] * B
 
     def forward(inputs, dst, values):
@@ -377,7 +487,8 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
     cache, logits, hidden = forward(C.model_inputs(prompt, dev), [], None)
     while True:
         latent_vec = apply_head(model, hidden)                      # one head call per step on every row (FSDP-safe)
-        logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
+        blocked = torch.tensor([st.blocked() for st in state], device=dev)
+        logp = torch.log_softmax(mask_invalid(logits.float() / (temperature or 1.0), blocked, ctrl), -1)
         tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0] if temperature > 0 else logp.argmax(-1)
         lp = logp.gather(-1, tok[:, None])[:, 0]
         step_ids = torch.full((B,), pad, dtype=torch.long, device=dev)
@@ -387,13 +498,17 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
             k = int(tok[b])
             if latent_left[b] > 0 and (mode == "fixed" or k not in (t[LVR_LATENT_END], t[LVR_END])):
                 latent_left[b] -= 1                                 # a latent step: feed the previous state back
-                lat[b][len(fed[b])] = latent_vec[b].clone()
+                own[b].append(latent_vec[b].clone())
+                lat[b][len(fed[b])] = ablated(b, len(own[b]) - 1, latent_vec[b])
                 k, lpk = t[LVR], 0.0
                 if force_end and latent_left[b] == 0:
                     queue[b] = [t[LVR_LATENT_END], t[LVR_END]]
             else:
                 k, lpk = (queue[b].pop(0), 0.0) if queue[b] else (k, float(lp[b]))
-                latent_left[b] = span if k == t[LVR_START] else 0
+                state[b].step(k, t)
+                latent_left[b] = span if k == t[LVR_START] and ablate != "remove" else 0
+                if k == t[LVR_START] and ablate == "remove":        # the span closes at once: no latent slot
+                    queue[b][:0] = [t[LVR_LATENT_END], t[LVR_END]]
                 n_tok[b] += 1
                 done[b] = k == eos or n_tok[b] >= max_new_tokens
             toks[b].append(k), lps[b].append(lpk), fed[b].append(k)
@@ -422,10 +537,13 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
             vals = [lat[b][j] for b in range(B) for j in sorted(lat[b])]
         cache, logits, hidden = forward(inputs, dst, torch.stack(vals) if vals else None)
         next_pos = next_pos + 1
+    D = model.config.text_config.hidden_size
+    stack = lambda vs: torch.stack(vs) if vs else torch.zeros(0, D, device=dev)   # noqa: E731
     res = [{"token_ids": toks[b], "logprobs": torch.tensor(lps[b]), "text": bb.tokenizer.decode(
                 [k for k in toks[b] if k != eos], skip_special_tokens=False),
-            "latents": torch.stack([lat[b][j] for j in sorted(lat[b])]) if lat[b] else
-            torch.zeros(0, model.config.text_config.hidden_size, device=dev)} for b in range(B)]
+            "latents": stack([lat[b][j] for j in sorted(lat[b])]),
+            "latent_positions": torch.tensor(sorted(lat[b]), dtype=torch.long), "states": stack(own[b])}
+           for b in range(B)]
     return [bb.tokenizer.decode(o["token_ids"], skip_special_tokens=True) for o in res] if as_text else res
 
 
@@ -456,31 +574,54 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
 
 def completion_logprobs(bb: C.Backbone, model, prompts: list[dict], outs: list[dict], temperature: float,
                         device) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(o_t | q, o_<t) / temperature for every completion token, from ONE packed teacher-forced forward in
-    which the stored latent vectors are written back at the `<|lvr|>` positions (constants). Returns
-    (logp [B, T], loss mask [B, T]): completion tokens up to EOS, excluding `<|lvr_start|>` and the latent span."""
-    lvr_id, start_id = bb.token_id(LVR), bb.token_id(LVR_START)
-    samples, dst, vals, rows, off = [], [], [], [], 0
-    for p, o in zip(prompts, outs):
+    """log π(o_t | q, o_<t) for every completion token, π = softmax(logits / temperature) over the tokens valid at
+    that place (SpanState — the masked distribution latent_generate sampled from, so the importance ratio ρ and the
+    k3 KL compare the same distributions), from ONE packed teacher-forced forward in which the stored latents are
+    written back at the recorded `latent_positions` (constants). Positions, never token ids, decide where latents
+    go: the input id at a latent slot is set to `<|lvr|>` (its embedding is overwritten), and a completion token
+    that the sampler could not have produced at its place (a stray `<|lvr|>` or `<|image_pad|>`, …) is a
+    ValueError, not a shape error or a silently misplaced latent. Returns (logp [B, T], loss mask [B, T]):
+    completion tokens up to EOS, excluding `<|lvr_start|>` and the latent slots."""
+    t = {k: bb.token_id(k) for k in LVR_TOKENS}
+    ctrl = control_ids(bb)
+    where = {k: i for i, k in enumerate(ctrl.tolist())}
+    samples, dst, vals, rows, blocked, slots, off = [], [], [], [], [], [], 0
+    for i, (p, o) in enumerate(zip(prompts, outs)):
         comp = torch.tensor(o["token_ids"], dtype=torch.long)
+        pos = torch.as_tensor(o["latent_positions"], dtype=torch.long).cpu()
+        if len(pos) != len(o["latents"]):
+            raise ValueError(f"completion {i}: {len(pos)} latent positions but {len(o['latents'])} latents")
+        slot = torch.zeros(len(comp), dtype=torch.bool)
+        slot[pos] = True
+        st, blk = SpanState(open=int(p["input_ids"][-1]) == t[LVR_START]), []
+        for j, k in enumerate(comp.tolist()):                      # replay the sampler's mask, position by position
+            blk.append(st.blocked())
+            if slot[j]:
+                continue
+            if k in where and blk[-1][where[k]]:
+                raise ValueError(f"completion {i}: token {bb.tokenizer.convert_ids_to_tokens(k)!r} at index {j} "
+                                 f"is invalid there (latent_generate never samples it)")
+            st.step(k, t)
         n_p = len(p["input_ids"])
-        ids = torch.cat([p["input_ids"], comp])
+        ids = torch.cat([p["input_ids"], comp.masked_fill(slot, t[LVR])])
         samples.append(dict(p, input_ids=ids, labels=torch.full_like(ids, C.IGNORE),
                             mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros_like(comp, dtype=torch.int32)])))
-        dst.append((comp == lvr_id).nonzero()[:, 0] + off + n_p)
+        dst.append(pos + off + n_p)
         vals.append(o["latents"].to(device))
         rows.append(torch.arange(len(comp)) + off + n_p - 1)          # logits at t−1 predict token t
+        blocked.append(torch.tensor(blk, dtype=torch.bool).view(-1, len(ctrl)))
+        slots.append(slot)
         off += len(ids)
     dst = torch.cat(dst)
     dst = torch.stack([torch.zeros_like(dst), dst], 1).to(device)
     with latent_inputs(model, dst, values=torch.cat(vals)):
         logits = model(**C.model_inputs(C.pack(bb, samples), device)).logits[0]
     logp, mask = [], []
-    for o, r in zip(outs, rows):
+    for o, r, blk, slot in zip(outs, rows, blocked, slots):
         comp = torch.tensor(o["token_ids"], device=device)
-        lp = torch.log_softmax(logits[r.to(device)].float() / (temperature or 1.0), -1)
-        logp.append(lp.gather(-1, comp[:, None])[:, 0])
-        mask.append((comp != lvr_id) & (comp != start_id))
+        z = mask_invalid(logits[r.to(device)].float() / (temperature or 1.0), blk, ctrl)
+        logp.append(torch.log_softmax(z, -1).gather(-1, comp[:, None])[:, 0].masked_fill(slot.to(device), 0.0))
+        mask.append(~slot.to(device) & (comp != t[LVR_START]))
     return nn.utils.rnn.pad_sequence(logp, batch_first=True), nn.utils.rnn.pad_sequence(mask, batch_first=True)
 
 
@@ -530,23 +671,29 @@ def export(bb: C.Backbone, model, out_dir: str, a: Args):
 
 
 def evaluate_export(a: Args, export_dir: str, device) -> dict:
-    """Latent decoding (N in --eval-steps) on the toy eval sets through eval.py (answer-tag protocol)."""
+    """Latent decoding (N in --eval-steps, each latent ablation in --eval-ablations) on the toy eval sets through
+    eval.py (answer-tag protocol). Files: eval/<bench>_N<n>.json (intact), eval/<bench>_N<n>_<ablation>.json."""
     import eval as E
     bb = C.load_backbone(export_dir, device)
     attach_saved_head(bb)
     root = Path(a.data).parent / "eval"
     scores = {}
-    for n in [int(x) for x in a.eval_steps.split(",") if x]:
-        for bench in [b for b in a.eval_benchmarks.split(",") if b]:
-            out = Path(a.run_dir, "eval", f"{bench}_N{n}.json")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            preds = out.with_suffix(".predictions.jsonl")
-            preds.unlink(missing_ok=True)                           # a new model: never resume old predictions
-            ea = E.Args(benchmark=bench, data_dir=str(root / bench), model=export_dir, mode="latent",
-                        prompt="answer-tag", latent_steps=n, output=str(out), predictions=str(preds),
-                        max_new_tokens=32, min_pixels=a.min_pixels, max_pixels=a.max_pixels, limit=a.eval_limit)
-            s = E.evaluate(ea, predict_fn=lambda items, _b, args: E.predict(items, bb, args))
-            scores[f"{bench}/N{n}"] = s["overall"]
+    ablations = [x for x in a.eval_ablations.split(",") if x] or ["none"]
+    for bad in set(ablations) - set(ABLATIONS):
+        raise ValueError(f"--eval-ablations: unknown {bad!r}, choose from {ABLATIONS}")
+    grid = [(n, abl, bench) for n in [int(x) for x in a.eval_steps.split(",") if x] for abl in ablations
+            for bench in [b for b in a.eval_benchmarks.split(",") if b]]
+    for n, abl, bench in grid:
+        out = Path(a.run_dir, "eval", f"{bench}_N{n}" + (f"_{abl}" if abl != "none" else "") + ".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        preds = out.with_suffix(".predictions.jsonl")
+        preds.unlink(missing_ok=True)                               # a new model: never resume old predictions
+        ea = E.Args(benchmark=bench, data_dir=str(root / bench), model=export_dir, mode="latent",
+                    prompt="answer-tag", latent_steps=n, latent_ablation=abl, output=str(out),
+                    predictions=str(preds), max_new_tokens=32, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
+                    limit=a.eval_limit)
+        s = E.evaluate(ea, predict_fn=lambda items, _b, args: E.predict(items, bb, args))
+        scores[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s["overall"]
     for k, v in scores.items():
         print(f"eval {k}: {v:.1f}")
     return scores

@@ -376,3 +376,46 @@ def test_toy_generation_batched_equals_one_by_one(tmp_path):
     tag = ev.encode_item(bundle, items[0], ev.Args(prompt="answer-tag"))["input_ids"].tolist()
     suffix = bundle.tokenizer.encode("<answer>", add_special_tokens=False)
     assert tag[-len(suffix):] == suffix
+
+
+def test_latent_ablation_is_recorded_passed_and_never_mixed(tmp_path, monkeypatch):
+    """--latent-ablation reaches lvr.latent_generate(ablate=), is in the settings and the default file name, and a
+    predictions file of one ablation is refused by a run (or --score-only) of another."""
+    import types
+
+    import torch
+    write_vstar(tmp_path / "vstar", n=4)
+    answers = {str(i): "A" for i in range(4)}
+    zeros = ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), mode="latent", prompt="answer-tag",
+                    latent_ablation="zeros", output=str(tmp_path / "run.json"))
+    s = ev.evaluate(zeros, predict_fn=fake_predictor(answers))
+    assert s["settings"]["latent_ablation"] == "zeros" and "zeros" in s["settings"]["label"]
+    lines = [json.loads(x) for x in open(tmp_path / "run.predictions.jsonl")]
+    assert len(lines) == 4 and {x["latent_ablation"] for x in lines} == {"zeros"}
+    intact = ev.Args(**{**zeros.__dict__, "latent_ablation": "none"})
+    assert ev.settings(intact, "vstar")["latent_ablation"] == "none"
+    with pytest.raises(ValueError, match="latent_ablation='zeros'"):
+        ev.evaluate(intact, predict_fn=fake_predictor(answers))              # resume would mix: refused
+    with pytest.raises(ValueError, match="latent_ablation='zeros'"):
+        ev.evaluate(ev.Args(**{**intact.__dict__, "score_only": True}))
+    assert ev.evaluate(ev.Args(**{**zeros.__dict__, "score_only": True}))["overall"] == s["overall"]
+    assert ev.default_paths(ev.Args(**{**zeros.__dict__, "output": ""}))[0] != \
+        ev.default_paths(ev.Args(**{**intact.__dict__, "output": ""}))[0]
+    with pytest.raises(ValueError, match="choose from"):
+        ev.evaluate(ev.Args(**{**zeros.__dict__, "latent_ablation": "mean"}))
+    with pytest.raises(ValueError, match="needs --mode latent"):
+        ev.evaluate(ev.Args(**{**zeros.__dict__, "mode": "plain"}))
+    # predict hands the ablation to lvr.latent_generate
+    seen = {}
+
+    def fake_latent_generate(bundle, batch, **kw):
+        seen.update(kw)
+        return ["<answer> A </answer>"] * len(batch["input_ids"])
+    monkeypatch.setitem(sys.modules, "lvr", types.SimpleNamespace(latent_generate=fake_latent_generate))
+    monkeypatch.setattr(ev, "encode_item", lambda bundle, it, args: {"id": it["id"]})
+    monkeypatch.setattr("common.pad_batch", lambda bundle, samples, **kw: {
+        "input_ids": torch.zeros(len(samples), 3, dtype=torch.long)})
+    bundle = types.SimpleNamespace(model=types.SimpleNamespace(device="cpu"))
+    items, _ = ev.load_benchmark("vstar", str(tmp_path / "vstar"), ev.Args(benchmark="vstar"))
+    out = dict(ev.predict(items[:2], bundle, ev.Args(**{**zeros.__dict__, "latent_ablation": "shuffle"})))
+    assert seen["ablate"] == "shuffle" and seen["num_latent_steps"] == 8 and len(out) == 2

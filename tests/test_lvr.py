@@ -275,6 +275,251 @@ def test_stored_latents_equal_replay_and_logprobs_match(bb):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Invalid tokens and latent positions (issue 10): forced by a logit bias on the toy backbone
+# ---------------------------------------------------------------------------------------------------------------
+class logit_bias:
+    """Add `bias` {token: value} to the LM-head outputs (rollout and teacher-forced pass alike)."""
+
+    def __init__(self, bb, bias):
+        self.bb, self.bias = bb, bias
+
+    def __enter__(self):
+        v = torch.zeros(self.bb.model.lm_head.out_features)
+        for k, x in self.bias.items():
+            v[self.bb.token_id(k)] = x
+        self.h = self.bb.model.lm_head.register_forward_hook(lambda _m, _i, out: out + v.to(out.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        self.h.remove()
+
+
+class fed_embeddings:
+    """Record the input embeddings of the first decoder layer (after latent_inputs wrote the latents), one tensor
+    per forward call; .cat() joins the calls of a KV-cached decode along the sequence."""
+
+    def __init__(self, bb):
+        self.layer, self.calls = bb.model.model.language_model.layers[0], []
+
+    def __enter__(self):
+        def pre(_m, args, kwargs):
+            self.calls.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        self.h = self.layer.register_forward_pre_hook(pre, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.h.remove()
+
+    def cat(self):
+        return torch.cat(self.calls, 1)
+
+
+BIAS = {lvr.LVR: 40.0, "<|image_pad|>": 40.0, "<|vision_end|>": 20.0, lvr.LVR_END: 6.0, lvr.LVR_LATENT_END: 6.0}
+
+
+def slow_check_valid(bb, prompt_ids, out):
+    """Independent scan: no vision token; `<|lvr|>` exactly at the recorded latent positions, each run of them
+    right after `<|lvr_start|>`; `<|lvr_latent_end|>` / `<|lvr_end|>` only inside an open span."""
+    ids, pos = out["token_ids"], set(out["latent_positions"].tolist())
+    vision = {bb.token_id(k) for k in lvr.VISION_TOKENS}
+    t = {k: bb.token_id(k) for k in lvr.LVR_TOKENS}
+    assert {j for j, k in enumerate(ids) if k == t[lvr.LVR]} == pos
+    is_open, seen_end = int(prompt_ids[-1]) == t[lvr.LVR_START], False
+    for j, k in enumerate(ids):
+        assert k not in vision, (j, k)
+        if j in pos:
+            assert is_open and not seen_end
+        elif k == t[lvr.LVR_START]:
+            assert not is_open
+            is_open, seen_end = True, False
+        elif k == t[lvr.LVR_LATENT_END]:
+            assert is_open and not seen_end
+            seen_end = True
+        elif k == t[lvr.LVR_END]:
+            assert is_open
+            is_open = False
+
+
+def test_rollout_never_samples_invalid_tokens_and_grpo_places_latents_by_position(bb):
+    samples, prefixes = _mixed_batch(bb)
+    samples, prefixes = samples * 2, prefixes * 2
+    with logit_bias(bb, BIAS):
+        # the bias would make every free token <|lvr|> or <|image_pad|> without the mask
+        with torch.no_grad():
+            raw = bb.model(**C.model_inputs(C.pad_batch(bb, samples[:1]), "cpu")).logits[0, -1]
+        assert int(raw.argmax()) in (bb.token_id(lvr.LVR), bb.token_id("<|image_pad|>"))
+        gen = torch.Generator().manual_seed(0)
+        with fed_embeddings(bb) as rec:
+            outs = lvr.latent_generate(bb, samples, num_latent_steps=3, max_new_tokens=10, temperature=1.0,
+                                       generator=gen, prefix_tokens=prefixes)
+        E, Lp = rec.cat(), rec.calls[0].shape[1]
+        end_ids = {bb.token_id(lvr.LVR_END), bb.token_id(lvr.LVR_LATENT_END)}
+        assert any(k in end_ids for o in outs for k in o["token_ids"])       # the span tokens do get sampled
+        for b, (s, o) in enumerate(zip(samples, outs)):
+            slow_check_valid(bb, s["input_ids"], o)
+            assert len(o["latent_positions"]) == len(o["latents"]) == (3 if b % 3 != 2 else 0)
+            for v, j in zip(o["latents"], o["latent_positions"].tolist()):        # rollout fed them there
+                torch.testing.assert_close(E[b, Lp + j], v)
+        # a GRPO step: latents written back at the recorded positions of the packed row, tokens elsewhere
+        with fed_embeddings(bb) as rec:
+            logp, mask = lvr.completion_logprobs(bb, bb.model, samples, outs, 1.0, "cpu")
+        row, off = rec.calls[0][0], 0
+        emb = bb.model.get_input_embeddings().weight
+        for s, o in zip(samples, outs):
+            n_p, comp = len(s["input_ids"]), torch.tensor(o["token_ids"])
+            slot = torch.zeros(len(comp), dtype=torch.bool)
+            slot[o["latent_positions"]] = True
+            torch.testing.assert_close(row[off + n_p + o["latent_positions"]], o["latents"])
+            torch.testing.assert_close(row[off + n_p + torch.arange(len(comp))[~slot]], emb[comp[~slot]].detach())
+            off += n_p + len(comp)
+        adv = torch.linspace(-1, 1, len(outs))
+        loss, _ = lvr.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in bb.model.parameters()
+                                            if p.grad is not None)
+        bb.model.zero_grad(set_to_none=True)
+        for b, o in enumerate(outs):                                            # same masked π as the sampler
+            n = len(o["token_ids"])
+            free = mask[b, :n] & (torch.arange(n) >= len(prefixes[b]))
+            torch.testing.assert_close(logp[b, :n][free].detach(), o["logprobs"][free].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_masked_logprobs_equal_softmax_over_allowed_tokens(bb):
+    """completion_logprobs against a slow loop: per position, log-softmax over the tokens valid there only."""
+    samples, prefixes = _mixed_batch(bb)
+    with logit_bias(bb, {lvr.LVR_END: 3.0, lvr.LVR_LATENT_END: 3.0, lvr.LVR_START: 2.0}):
+        gen = torch.Generator().manual_seed(3)
+        outs = lvr.latent_generate(bb, samples, num_latent_steps=2, max_new_tokens=8, temperature=0.7, generator=gen,
+                                   prefix_tokens=prefixes)
+        with torch.no_grad():
+            logp, mask = lvr.completion_logprobs(bb, bb.model, samples, outs, 0.7, "cpu")
+        t = {k: bb.token_id(k) for k in lvr.LVR_TOKENS}
+        vision = [bb.token_id(k) for k in lvr.VISION_TOKENS]
+        for b, (s, o) in enumerate(zip(samples, outs)):
+            comp, pos = o["token_ids"], set(o["latent_positions"].tolist())
+            ids = torch.cat([s["input_ids"], torch.tensor(comp)])
+            ids[len(s["input_ids"]) + torch.tensor(sorted(pos), dtype=torch.long)] = t[lvr.LVR]
+            full = dict(s, input_ids=ids, labels=torch.full_like(ids, C.IGNORE),
+                        mm_token_type_ids=torch.cat([s["mm_token_type_ids"], torch.zeros(len(comp), dtype=torch.int32)]))
+            dst = torch.tensor([[0, len(s["input_ids"]) + j] for j in sorted(pos)], dtype=torch.long).view(-1, 2)
+            with torch.no_grad(), lvr.latent_inputs(bb.model, dst, values=o["latents"]):
+                lg = bb.model(**C.model_inputs(C.pad_batch(bb, [full]), "cpu")).logits[0].double()
+            is_open, seen = int(s["input_ids"][-1]) == t[lvr.LVR_START], False
+            for j, k in enumerate(comp):
+                banned = set(vision) | {t[lvr.LVR]}
+                banned |= {t[lvr.LVR_START]} if is_open else {t[lvr.LVR_END], t[lvr.LVR_LATENT_END]}
+                banned |= {t[lvr.LVR_LATENT_END]} if seen else set()
+                if j not in pos:
+                    allowed = [v for v in range(lg.shape[-1]) if v not in banned]
+                    z = lg[len(s["input_ids"]) + j - 1, allowed] / 0.7
+                    want = z[allowed.index(k)] - torch.logsumexp(z, 0)
+                    assert mask[b, j]  == (k != t[lvr.LVR_START])
+                    assert logp[b, j].item() == pytest.approx(want.item(), abs=1e-4)
+                    is_open, seen = ((True, False) if k == t[lvr.LVR_START] else (is_open, True)
+                                     if k == t[lvr.LVR_LATENT_END] else (False, seen) if k == t[lvr.LVR_END]
+                                     else (is_open, seen))
+                else:
+                    assert not mask[b, j]
+        assert any(t[lvr.LVR_END] in o["token_ids"] for o in outs)
+
+
+def test_positions_not_ids_decide_negative_control(bb):
+    """The pre-fix rule (latents at the `<|lvr|>` ids) crashes on a stray id and silently drops/misplaces latents
+    when the ids and the slots disagree; completion_logprobs follows the recorded positions or refuses loudly."""
+    samples, prefixes = _mixed_batch(bb)
+    outs = lvr.latent_generate(bb, samples, num_latent_steps=3, max_new_tokens=6, prefix_tokens=prefixes)
+    o, s, lvr_id = outs[0], samples[0], bb.token_id(lvr.LVR)
+    with torch.no_grad():
+        base = lvr.completion_logprobs(bb, bb.model, [s], [o], 1.0, "cpu")[0][0]
+    old_rule = lambda ids: (torch.tensor(ids) == lvr_id).nonzero()[:, 0]       # noqa: E731
+    # (1) a stray <|lvr|> id after the span: the old rule finds 4 slots for 3 latents → shape crash
+    j = max(o["latent_positions"].tolist()) + 1
+    stray = dict(o, token_ids=o["token_ids"][:j] + [lvr_id] + o["token_ids"][j + 1:])
+    e = torch.zeros(1, len(s["input_ids"]) + len(stray["token_ids"]), o["latents"].shape[1])
+    with pytest.raises(RuntimeError):
+        e.index_put((torch.zeros_like(old_rule(stray["token_ids"])), old_rule(stray["token_ids"])), o["latents"])
+    with pytest.raises(ValueError, match=rf"index {j} is invalid"):
+        lvr.completion_logprobs(bb, bb.model, [s], [stray], 1.0, "cpu")
+    stray_pad = dict(o, token_ids=o["token_ids"][:j] + [bb.token_id("<|image_pad|>")] + o["token_ids"][j + 1:])
+    with pytest.raises(ValueError, match="image_pad"):                      # not "tokens: 579, features: 576"
+        lvr.completion_logprobs(bb, bb.model, [s], [stray_pad], 1.0, "cpu")
+    # (2) the slots carry other ids: the old rule finds no slot (latents dropped); positions give the same log-probs
+    other = bb.tokenizer.encode(" a", add_special_tokens=False)[0]
+    relabel = dict(o, token_ids=[other if q in set(o["latent_positions"].tolist()) else k
+                                 for q, k in enumerate(o["token_ids"])])
+    assert len(old_rule(relabel["token_ids"])) == 0 < len(o["latents"])
+    with torch.no_grad(), fed_embeddings(bb) as rec:
+        same = lvr.completion_logprobs(bb, bb.model, [s], [relabel], 1.0, "cpu")[0][0]
+    torch.testing.assert_close(rec.calls[0][0, len(s["input_ids"]) + o["latent_positions"]], o["latents"])
+    torch.testing.assert_close(same, base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test-time latent ablations: only the latent inputs change
+# ---------------------------------------------------------------------------------------------------------------
+def _forced_run(bb, ablate, N=3, seed=0):
+    """3 items whose prompts end in `<|lvr_start|>`, then N latent steps, then the same forced text: the token
+    sequence is fixed (teacher forcing), so only what is fed in the latent slots may differ between ablations."""
+    samples = [prompt(bb, k, prefix=lvr.LVR_START) for k in range(3)]
+    text = [bb.tokenizer.encode(x, add_special_tokens=False)[:3] for x in (" the red one", " it is blue", " no no no")]
+    with fed_embeddings(bb) as rec:
+        outs = lvr.latent_generate(bb, samples, num_latent_steps=N, max_new_tokens=3, prefix_tokens=text,
+                                   ablate=ablate, ablate_seed=seed)
+    return outs, rec.calls
+
+
+@pytest.mark.parametrize("ablate", ["zeros", "noise", "shuffle"])
+def test_latent_ablations_change_only_the_latent_inputs(bb, ablate):
+    N = 3
+    intact, calls0 = _forced_run(bb, "none", N)
+    abl, calls = _forced_run(bb, ablate, N)
+    calls = calls[-len(calls0):]                   # shuffle runs an intact first pass (recorded first): skip it
+    E0, E = torch.cat(calls0, 1), torch.cat(calls, 1)
+    Lp = calls0[0].shape[1]
+    for o0, o in zip(intact, abl):
+        assert o["token_ids"] == o0["token_ids"] and o["latent_positions"].tolist() == list(range(N))
+    slots = torch.zeros(E.shape[1], dtype=torch.bool)
+    slots[Lp + torch.arange(N)] = True
+    assert torch.equal(E[:, ~slots], E0[:, ~slots])                       # everything else bit-identical
+    assert not torch.allclose(E[:, slots], E0[:, slots])
+    perm = lvr.derangement(3, 0)
+    assert sorted(perm) == [0, 1, 2] and all(perm[b] != b for b in range(3))
+    for b, o in enumerate(abl):
+        fed = E[b, Lp:Lp + N]
+        torch.testing.assert_close(fed, o["latents"])                      # "latents" = what was fed
+        if ablate == "zeros":
+            assert (fed == 0).all()
+        elif ablate == "noise":                                            # norm of the latent it replaces
+            torch.testing.assert_close(fed.norm(dim=-1), o["states"].norm(dim=-1), rtol=1e-5, atol=1e-5)
+            assert (F.cosine_similarity(fed, o["states"], dim=-1).abs() < 0.5).all()
+        else:                                                              # another item's intact latents
+            torch.testing.assert_close(fed, intact[perm[b]]["latents"])
+    # the intact run's first latent equals the ablated run's own first state (same context before the slots)
+    torch.testing.assert_close(abl[0]["states"][0], intact[0]["latents"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_latent_ablation_remove_and_fallbacks(bb):
+    t = {k: bb.token_id(k) for k in lvr.LVR_TOKENS}
+    out = lvr.latent_generate(bb, [prompt(bb, 0, prefix=lvr.LVR_START)], num_latent_steps=4, max_new_tokens=4,
+                              ablate="remove")[0]
+    assert out["token_ids"][:2] == [t[lvr.LVR_LATENT_END], t[lvr.LVR_END]] and len(out["latents"]) == 0
+    assert t[lvr.LVR] not in out["token_ids"]
+    sampled = lvr.latent_generate(bb, [prompt(bb, 1)], num_latent_steps=4, max_new_tokens=5, ablate="remove",
+                                  prefix_tokens=[[t[lvr.LVR_START]]])[0]             # a span opened mid-completion
+    assert sampled["token_ids"][:3] == [t[lvr.LVR_START], t[lvr.LVR_LATENT_END], t[lvr.LVR_END]]
+    with pytest.warns(UserWarning, match="falls? back|falling back"):
+        one = lvr.latent_generate(bb, [prompt(bb, 0, prefix=lvr.LVR_START)], num_latent_steps=2, max_new_tokens=2,
+                                  ablate="shuffle")[0]
+    torch.testing.assert_close(one["latents"].norm(dim=-1), one["states"].norm(dim=-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        lvr.latent_generate(bb, [prompt(bb, 0)], ablate="mean")
+    # eval.py's entry (left-padded batch → texts) accepts it too
+    batch = C.pad_batch(bb, [prompt(bb, 0, prefix=lvr.LVR_START), prompt(bb, 1, prefix=lvr.LVR_START)], side="left")
+    texts = lvr.latent_generate(bb, batch, num_latent_steps=2, max_new_tokens=3, ablate="shuffle")
+    assert len(texts) == 2 and all(isinstance(x, str) for x in texts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Stage 2: rewards, advantages, GRPO loss
 # ---------------------------------------------------------------------------------------------------------------
 SPAN = "<|lvr_start|><|lvr|><|lvr|><|lvr_latent_end|><|lvr_end|>"
