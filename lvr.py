@@ -730,11 +730,10 @@ def main(a: Args):
     for step in range(start, a.steps):
         micro = sampler.next(d.rank, d.world, a.grad_accum)
         if a.stage == "sft":
-            metrics, tokens = sft_step(bb, model, opt, data, micro, a, d, step)
+            metrics, tokens, flops = sft_step(bb, model, opt, data, micro, a, d, step)
         else:
-            metrics, tokens = grpo_step(bb, model, ref, opt, data, micro, a, d, step, total_updates)
-        lens = [len(data[j]["input_ids"]) for idx in micro for j in idx] if a.stage == "sft" else []  # GRPO: TODO
-        log.log(step + 1, metrics, tokens, C.step_flops(bb.model, lens) if lens else None)
+            metrics, tokens, flops = grpo_step(bb, model, ref, opt, data, micro, a, d, step, total_updates)
+        log.log(step + 1, metrics, tokens, flops)
         if a.save_every and (step + 1) % a.save_every == 0:
             C.save_checkpoint(os.path.join(a.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()})
@@ -768,8 +767,9 @@ def sft_step(bb, model, opt, data, micro, a: Args, d: C.Dist, step: int):
     gnorm = C.clip_grad_norm(model, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    flops = C.step_flops(bb.model, [len(data[j]["input_ids"]) for idx in micro for j in idx])
     return {**{k: C.all_reduce_mean(v, d) for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
-            "grad_norm": gnorm}, tokens
+            "grad_norm": gnorm}, tokens, flops
 
 
 def grpo_step(bb, model, ref, opt, data, micro, a: Args, d: C.Dist, step: int, total_updates: int):
@@ -814,10 +814,15 @@ def grpo_step(bb, model, ref, opt, data, micro, a: Args, d: C.Dist, step: int, t
         gnorm = C.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    tokens = sum(len(p["input_ids"]) + len(o["token_ids"]) for r in rollouts for p, o in zip(r[0], r[1]))
+    lens = [len(p["input_ids"]) + len(o["token_ids"]) for r in rollouts for p, o in zip(r[0], r[1])]
+    # model FLOPs: the rollout (KV-cached decoding ≈ one forward over prompt + completion), the reference and old
+    # policy forwards, and μ forward + backward passes of the policy
+    forwards = 1 + (ref is not None) + (a.num_iterations > 1)
+    flops = (forwards * C.step_flops(bb.model, lens, backward=False) +
+             a.num_iterations * C.step_flops(bb.model, lens))
     metrics = {k: C.all_reduce_mean(v, d) for k, v in {**sums, **stats}.items()}
     return {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, "gen_s": gen_s,
-            "train_s": time.perf_counter() - t1}, tokens
+            "train_s": time.perf_counter() - t1}, sum(lens), flops
 
 
 if __name__ == "__main__":
