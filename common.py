@@ -1,12 +1,13 @@
 # Docs: README.md ("common.py") and ../shared/spec/engineering.md
 """What the four method files share, and nothing else.
 
-  backbone      load_backbone("toy" | "toy-qwen3vl" | hub id | local dir), add_special_tokens
+  backbone      load_backbone("toy" | "toy-qwen3vl" | hub id | local dir), is_toy, add_special_tokens
   preprocessing smart_resize, encode_chat (messages -> token ids, labels, pixels, grids)
   packing       mrope_position_ids, pack (padding-free, 4-row position ids), pad_batch, next_token_loss
   data          read_records (json / jsonl / parquet, streaming), open_image, Skips, MicroBatches
   distributed   init_distributed, print0, shard_model (FSDP2), cosine_lr
   checkpoints   save_checkpoint / load_checkpoint (torch.distributed.checkpoint), export_hf
+  run config    parse_args (+ the fields given on the command line), apply_preset, save_run_config
   logging       RunLogger (one dense line per step, tqdm, metrics.jsonl, loss-curve PNG), flops_per_token
 
 The canonical sample is a chat: ``[{"role": "system"|"user"|"assistant", "content": str | [parts]}]`` where a part
@@ -16,11 +17,15 @@ is ``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image}`
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
+import shlex
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -178,6 +183,7 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
         family = "qwen3_vl" if name == "toy-qwen3vl" else "qwen2_5_vl"
         tokenizer = build_toy_tokenizer()
         config = toy_config(tokenizer, family)
+        config.toy_backbone = True         # saved in config.json by save_pretrained: is_toy() recognises exports
         config._attn_implementation = attn
         torch.manual_seed(seed)
         model = _model_class(family)(config)
@@ -197,6 +203,15 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
     if dtype is not None:
         model = model.to(dtype)
     return Backbone(model.to(device), tokenizer, image_processor, family)
+
+
+def is_toy(model: str) -> bool:
+    """True for the offline toy backbones and for a local directory exported from one (config.json carries
+    `"toy_backbone": true`, written by export_hf). Used only to apply a method file's TOY_PRESET."""
+    if model in ("toy", "toy-qwen3vl"):
+        return True
+    config = Path(model) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("toy_backbone") is True
 
 
 def _model_class(family: str):
@@ -784,9 +799,60 @@ def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None,
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     out_dir = Path(out_dir)
+    if getattr(bb.model.config, "toy_backbone", False):
+        model.config.toy_backbone = True   # an export of the toy stays recognisable as one (is_toy)
     model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
     bb.tokenizer.save_pretrained(out_dir)
     bb.image_processor.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run configuration: Args defaults are the papers'; a preset (the toy's) fills only what the user did not set
+# ----------------------------------------------------------------------------------------------------------------
+def parse_args(cls, argv: list[str] | None = None):
+    """HfArgumentParser over the dataclass `cls` → (args, names of the fields given on the command line), the
+    latter in any spelling argparse accepts (`--min-pixels 1`, `--min_pixels=1`, `--no-pack`, `--pack false`)."""
+    from transformers import HfArgumentParser
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(cls)
+    args = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]
+    for action in parser._actions:                 # parse again without defaults: only given fields appear
+        action.default = argparse.SUPPRESS
+    return args, set(vars(parser.parse_args(argv)))
+
+
+def changed_fields(args) -> set[str]:
+    """For Args built in code (tests, benchmarks): the fields whose value differs from the dataclass default."""
+    return {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != (
+        f.default if f.default is not dataclasses.MISSING else f.default_factory())}
+
+
+def apply_preset(args, preset: dict, explicit: set[str], label: str, why: str) -> dict:
+    """Set the preset's fields that are not in `explicit`, print them on one line, return what was applied."""
+    applied = {k: v for k, v in preset.items() if k not in explicit}
+    for k, v in applied.items():
+        setattr(args, k, v)
+    if applied:
+        print0(f"{label}: " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in applied.items())
+               + f" ({why}; pass a flag to override)")
+    return applied
+
+
+def save_run_config(run_dir: str | Path, args, name: str = "run_config.json", **extra):
+    """The resolved arguments, the command line and the library versions as run_dir/run_config.json (rank 0,
+    written to a temporary file and renamed, so a reader never sees half a file)."""
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) != 0:
+        return
+    import transformers
+    record = {"args": dataclasses.asdict(args), "command": shlex.join([sys.executable, *sys.argv]),
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "python": sys.version.split()[0]}, **extra}
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,16 +17,15 @@ Launch:
     python latent_pretrain.py                                   # CPU toy: extract targets, pretrain, export, analyze
     python latent_pretrain.py --stage finetune --init runs/latent_pretrain/export --run-dir runs/ft_latent
     python latent_pretrain.py --stage finetune --init toy --run-dir runs/ft_base        # the baseline of the pair
-    # one GPU, real backbone, COCO (official JSON + image folder):
-    python latent_pretrain.py --model Qwen/Qwen2.5-VL-7B-Instruct --data coco/annotations/captions_train2017.json \
-        --image-root coco/train2017 --val-data coco/annotations/captions_val2017.json --val-image-root coco/val2017 \
-        --lr 1e-5 --head-lr 1e-4 --steps 2000 --per-micro 32 --grad-accum 1 --activation-checkpointing true
-    # 8 GPUs, CC3M WebDataset shards (global contrastive batch = 8 × per-micro = 256):
+    # 8 GPUs, real backbone, COCO (official JSON + image folder); global contrastive batch 8 × 32 = 256:
     torchrun --nproc_per_node 8 latent_pretrain.py --model Qwen/Qwen2.5-VL-7B-Instruct \
-        --data "cc3m/cc3m-train-{0000..0575}.tar" --lr 1e-5 --head-lr 1e-4 --steps 10000 --per-micro 32 \
-        --activation-checkpointing true
+        --data coco/annotations/captions_train2017.json --image-root coco/train2017 \
+        --val-data coco/annotations/captions_val2017.json --val-image-root coco/val2017
+    # CC3M WebDataset shards, a longer run:
+    torchrun --nproc_per_node 8 latent_pretrain.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+        --data "cc3m/cc3m-train-{0000..0575}.tar" --steps 10000
     torchrun --nproc_per_node 8 latent_pretrain.py --stage finetune --init runs/latent_pretrain/export \
-        --gqa-dir GQA --scienceqa-dir ScienceQA --lr 1e-5 --steps 3000
+        --gqa-dir GQA --scienceqa-dir ScienceQA --steps 3000
     # ablation sweep (the proposal's loss weights and similarity functions), toy scale:
     for inst in cosine l2 l1 infonce; do for wb in 0 0.5 1; do python latent_pretrain.py --inst-loss $inst \
         --w-batch $wb --run-dir runs/sweep_${inst}_$wb; done; done
@@ -56,8 +55,12 @@ Deviations and choices (no released code exists; defaults and their precedent):
   gradient-preserving all_gather, GatherGlobal); gradient accumulation does not enlarge it. One process
   reproduces a W-rank run exactly with --per-micro W·B (MicroBatches cuts the same permutation).
 - Micro-batches are packed padding-free; `--no-pack` is the right-padded baseline (same loss and gradients, tested).
-- Default hyper-parameters are the toy run's (lr 1e-3, 60 steps, 448 px); the real commands above pass the spec's
-  (LLM 1e-5, head and new rows 1e-4, wd 0.01, warmup, bf16 on GPU via FSDP2 mixed precision).
+- Defaults are the spec's (LLM lr 1e-5, head and new rows 1e-4, wd 0.01, per-micro 32 = batch 256 at 8 GPUs,
+  gradient checkpointing, bf16 on GPU via FSDP2 mixed precision); where the spec is silent they are choices: 2000
+  steps, warmup 0.05, finetune/eval images 256·28²–2048·28² (eval.py's lmms-eval budget, so both see the same sizes),
+  `--max-tokens` 4096. On the toy backbone (or an export of it) TOY_PRESET (lr 1e-3 both, 60 steps, images
+  16–64·28², eval limit 48) replaces the fields not given on the command line and is printed at start-up;
+  run_config.json (analyze / extract: run_config_<stage>.json) records what a run used.
 - Fine-tuning prompts follow eval.py's lmms presets (GQA: "Answer the question using a single word or phrase.";
   ScienceQA: "Context: hint", lettered options, "Answer with the option's letter ..."), so train and test match.
 - I/O: downstream parquet tables are read with pandas (same rows as `datasets`, faster); WebDataset shards are
@@ -84,7 +87,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import HfArgumentParser
 
 import common as C
 
@@ -125,27 +127,49 @@ class Args:
     w_batch: float = field(default=0.5, metadata={"help": "weight of L_batch"})
     temperature: float = field(default=0.07, metadata={"help": "initial InfoNCE temperature (learnable)"})
     mask_same_image: bool = field(default=True, metadata={"help": "captions of one image are not negatives"})
-    # optimisation
-    steps: int = field(default=60, metadata={"help": "optimizer steps"})
-    per_micro: int = field(default=32, metadata={"help": "captions (finetune: samples) per micro-batch per rank"})
+    # optimisation (latent_pretrain.md "Training"; steps and warmup are this file's choices)
+    steps: int = field(default=2000, metadata={"help": "optimizer steps (≈ 0.9 COCO epoch at batch 256)"})
+    per_micro: int = field(default=32, metadata={"help": "captions (finetune: samples) per micro-batch per rank "
+                                                         "(8 GPUs × 32 = the contrastive batch 256)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per rank per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak LLM learning rate (spec real scale: 1e-5)"})
-    head_lr: float = field(default=1e-3, metadata={"help": "head / temperature / new token rows lr (spec: 1e-4)"})
+    lr: float = field(default=1e-5, metadata={"help": "peak LLM learning rate"})
+    head_lr: float = field(default=1e-4, metadata={"help": "head / temperature / new token rows lr"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup: float = field(default=0.05, metadata={"help": "warmup fraction of the steps"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "gradient checkpointing per block"})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "gradient checkpointing per block"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     seed: int = field(default=0, metadata={"help": "seed of data order and init"})
-    max_tokens: int = field(default=512, metadata={"help": "drop longer samples (counted)"})
+    max_tokens: int = field(default=4096, metadata={"help": "drop longer samples (counted)"})
     pack: bool = field(default=True, metadata={"help": "padding-free packing (--no-pack: the padded baseline)"})
     # finetune / eval
     gqa_dir: str = field(default="", metadata={"help": "GQA folder (lmms-lab layout); toy default data/toy/gqa"})
     scienceqa_dir: str = field(default="", metadata={"help": "ScienceQA folder; toy default data/toy/scienceqa"})
-    min_pixels: int = field(default=16 * 28 * 28, metadata={"help": "finetune/eval image budget (min pixels)"})
-    max_pixels: int = field(default=64 * 28 * 28, metadata={"help": "finetune/eval image budget (max pixels)"})
-    eval_limit: int = field(default=48, metadata={"help": "eval.py --limit after finetuning (0 = skip eval)"})
+    min_pixels: int = field(default=256 * 28 * 28, metadata={"help": "finetune/eval image budget (eval.py's, min)"})
+    max_pixels: int = field(default=2048 * 28 * 28, metadata={"help": "finetune/eval image budget (eval.py's, max)"})
+    eval: bool = field(default=True, metadata={"help": "evaluate the finetuned export on --gqa-dir / --scienceqa-dir"})
+    eval_limit: int = field(default=0, metadata={"help": "eval.py --limit after finetuning (0 = all items)"})
     analyze: bool = field(default=True, metadata={"help": "run the analysis after pretraining"})
+
+
+# The toy backbone (random init, hidden 64) needs a large lr and small finetuning images to learn anything in a CPU
+# minute. Applied at start-up (and printed) only when the model is the toy or an export of it (--init for finetune /
+# analyze, else --model), and only to the fields not given on the command line.
+TOY_PRESET = dict(lr=1e-3, steps=60, head_lr=1e-3, activation_checkpointing=False, min_pixels=16 * 28 * 28,
+                  max_pixels=64 * 28 * 28, eval_limit=48)
+
+
+def resolve(args: Args, explicit: set[str] | None = None) -> Args:
+    """The toy preset (toy backbone only) on the fields not in `explicit` (default: those still at their dataclass
+    default); `--data toy` → the toy world's COCO-format captions, GQA and ScienceQA. No model is loaded."""
+    if C.is_toy(args.init if args.stage in ("finetune", "analyze") and args.init else args.model):
+        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+                       "toy preset", "model is the toy backbone")
+    if args.data == "toy":
+        for k, v in toy_paths().items():
+            if not getattr(args, k) or k == "data":
+                setattr(args, k, v)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -714,7 +738,7 @@ def run_finetune(args: Args, d: C.Dist, skips: C.Skips):
     train(args, d, bb, model, data, step_loss, groups, "finetune")
     export = Path(args.run_dir) / "export"
     C.export_hf(bb, export, model=model)
-    if d.main and args.eval_limit:
+    if d.main and args.eval:
         import eval as E
         for bench, folder in (("gqa", args.gqa_dir), ("scienceqa", args.scienceqa_dir)):
             if folder:
@@ -826,13 +850,12 @@ def run_analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def main(args: Args):
+def main(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
+    resolve(args, explicit)
+    C.save_run_config(args.run_dir, args, "run_config.json" if args.stage in ("pretrain", "finetune")
+                      else f"run_config_{args.stage}.json")       # analyze / extract: beside the pretraining run's
     C.seed_everything(args.seed)
-    if args.data == "toy":
-        for k, v in toy_paths().items():
-            if not getattr(args, k) or k == "data":
-                setattr(args, k, v)
     skips = C.Skips()
     if args.stage == "extract":
         load_targets(C.load_backbone(args.model, d.device, seed=args.seed), args, d, args.data, args.image_root,
@@ -853,4 +876,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(*C.parse_args(Args))              # (args, the fields given on the command line)

@@ -11,10 +11,12 @@ no tools, evaluated with `eval.py --mode plain`.
 Launch:
     python pearl.py                                               # CPU toy: toy world, train, export, eval (minutes)
     python pearl.py --lam 0 --run-dir runs/pearl_sft              # the SFT baseline (then `python pearl.py` compares)
-    python pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR --steps 2500   # one GPU
-    torchrun --nproc_per_node 8 pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR \\
-        --steps 2500 --per-micro 4 --grad-accum 2 --activation-checkpointing      # 8 GPUs, FSDP2, effective batch 64
+    python pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR --grad-accum 16  # one GPU
+    torchrun --nproc_per_node 8 pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR  # 8 GPUs
     python pearl.py --model toy-qwen3vl                           # model-agnostic: the Qwen3-VL classes
+Defaults are the released recipe (pearl.md): LoRA r 64 / α 128, lr 1e-5, 2500 steps, effective batch 64 at 8 GPUs,
+images 128·28²–5120·28², activation checkpointing. On the toy backbone (or an export of it) TOY_PRESET replaces the
+fields not given on the command line, and is printed at start-up; run_config.json records what a run used.
 Data: `--data` takes comma-separated files; the format of each (LVR / Visual-CoT JSON, PixelReasoner `message_list`,
 ThinkMorph parquet, canonical `{"messages": [...]}`) is detected from its first record.
 
@@ -40,9 +42,9 @@ Deviations and choices (default first):
   more FLOPs (tests/test_pearl.py checks equality of losses and gradients).
   Logits are computed only at full-view positions (input/trajectory views need hidden states, not logits).
 - LoRA r = 64, α = 128, dropout 0.1 on all linear layers but the LM head (peft "all-linear", which includes the
-  vision tower); the toy backbone (hidden 64) defaults to r = 8, α = 16. `--lora-r 0` = full fine-tuning.
+  vision tower); the toy preset uses r = 8, α = 16. `--lora-r 0` = full fine-tuning.
   Optimiser: AdamW, weight decay 0.1, cosine with warmup 0.05 (the released scripts; 0.3 for PixelReasoner data is
-  `--warmup-ratio 0.3`); lr 1e-5 for real models, 2e-3 for the toy (a random tiny model learns nothing at 1e-5).
+  `--warmup-ratio 0.3`); lr 1e-5 (toy preset: 2e-3, a random tiny model learns nothing at 1e-5).
   The RNG (LoRA dropout) is reseeded per global micro-batch from (seed, step, index), so 2 processes × k
   accumulation, 1 × 2k and a resumed run draw the same masks and log the same losses (tests/test_pearl.py).
 - Data conversion choices (*inferred*, the released converters are not public in detail): LVR trajectory text is
@@ -51,7 +53,9 @@ Deviations and choices (default first):
   image."; PixelReasoner's tool-description system prompt is replaced by the default one (no tools at inference),
   the shipped crop files are used and a missing one is re-executed from its `bbox_2d` on its `target_image`.
 - Preprocessing is eager (all examples encoded in memory at start, as in tests/train_sft.py); only the full view keeps
-  pixel values, the other views reference them. Toy image budget 16–64 merged tokens per image.
+  pixel values, the other views reference them. Image budget 128·28²–5120·28² pixels (pearl.md gives none: the LVR
+  data's recipe, lvr.md); toy preset 16·28²–64·28². `--max-tokens` 16384 (*choice*) keeps full views with large
+  images.
 """
 import json
 import math
@@ -66,7 +70,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
@@ -91,29 +94,48 @@ class Args:
     nextlat_horizon: int = field(default=1, metadata={"help": "d: roll the dynamics head forward d steps"})
     released_quirks: bool = field(default=False, metadata={"help": "untrained predictor rows, LoRA-only dynamics head"})
     naive_views: bool = field(default=False, metadata={"help": "released layout: stacked padded views, images re-encoded"})
-    # training
-    steps: int = field(default=40, metadata={"help": "optimizer steps"})
+    # training (defaults: the released scripts, pearl.md "Training defaults")
+    steps: int = field(default=2500, metadata={"help": "optimizer steps (LVR data: 2500)"})
     per_micro: int = field(default=4, metadata={"help": "examples per micro-batch (each becomes three views)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per rank per step"})
-    lr: float = field(default=0.0, metadata={"help": "peak lr (0 = 1e-5 real, 2e-3 toy; filled at runtime)"})
+    grad_accum: int = field(default=2, metadata={"help": "micro-batches per rank per step (8 GPUs × 4 × 2 = 64)"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "linear warmup fraction (0.3 for PixelReasoner data)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1 = 64 real / 8 toy; 0 = full fine-tuning)"})
-    lora_alpha: int = field(default=-1, metadata={"help": "LoRA α (-1 = 2·r)"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA α"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
-    min_pixels: int = field(default=0, metadata={"help": "image budget (0 = 16·f² toy, 128·28² real; f = 28 or 32)"})
-    max_pixels: int = field(default=0, metadata={"help": "image budget (0 = 64·f² toy, 5120·28² real)"})
-    max_tokens: int = field(default=4096, metadata={"help": "drop (count) examples whose full view is longer"})
+    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image budget, min pixels (LVR data: 128·28²)"})
+    max_pixels: int = field(default=5120 * 28 * 28, metadata={"help": "image budget, max pixels (LVR data: 5120·28²)"})
+    max_tokens: int = field(default=16384, metadata={"help": "drop (count) examples whose full view is longer"})
     max_examples: int = field(default=0, metadata={"help": "use only the first N records per file (0 = all)"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing per block"})
     seed: int = field(default=42, metadata={"help": "seed (released: 42)"})
     save_every: int = field(default=0, metadata={"help": "resume checkpoint every N steps (0 = never)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step, simulating a kill (0 = never)"})
     export: bool = field(default=True, metadata={"help": "merge LoRA, drop the dynamics head, save a plain HF model"})
-    eval: str = field(default="vstar,mmvp,blink", metadata={"help": "benchmarks for eval.py after export ('' = none)"})
+    eval: str = field(default="", metadata={"help": "toy benchmarks (data/toy) for eval.py after export ('' = none)"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
     sft_dir: str = field(default="runs/pearl_sft", metadata={"help": "an SFT baseline run whose scores are printed beside"})
+
+
+# The toy backbone (random init, hidden 64) learns nothing at the paper's lr in 2500 steps on 5120-token images: it
+# needs a large lr, small images and a short run. Applied at start-up (and printed) only when the model is the toy or
+# an export of it, and only to the fields not given on the command line.
+TOY_PRESET = dict(lr=2e-3, steps=40, grad_accum=1, lora_r=8, lora_alpha=16, min_pixels=16 * 28 * 28,
+                  max_pixels=64 * 28 * 28, activation_checkpointing=False, eval="vstar,mmvp,blink")
+
+
+def resolve(args: Args, explicit: set[str] | None = None) -> Args:
+    """The toy preset (toy backbone only) on the fields not in `explicit` (default: those still at their default);
+    `--data toy` → the toy world's LVR JSON. No model is loaded."""
+    if C.is_toy(args.model):
+        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+                       "toy preset", "model is the toy backbone")
+    if args.data == "toy":
+        from toy_world import ensure_toy_world
+        args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
+    return args
 
 
 def predictor_tokens(k: int) -> list[str]:
@@ -497,25 +519,12 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop (the shape of tests/train_sft.py)
 # ----------------------------------------------------------------------------------------------------------------
-def fill_defaults(args, bb):
-    toy = args.model.startswith("toy") or bb.model.config.text_config.hidden_size <= 256
-    f = bb.patch_factor
-    args.lr = args.lr or (2e-3 if toy else 1e-5)
-    args.lora_r = args.lora_r if args.lora_r >= 0 else (8 if toy else 64)
-    args.lora_alpha = args.lora_alpha if args.lora_alpha >= 0 else 2 * args.lora_r
-    args.min_pixels = args.min_pixels or (16 * f * f if toy else 128 * 28 * 28)
-    args.max_pixels = args.max_pixels or (64 * f * f if toy else 5120 * 28 * 28)
-    if args.data == "toy":
-        from toy_world import ensure_toy_world
-        args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
-    return args
-
-
-def train(args: Args):
+def train(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
+    resolve(args, explicit)
+    C.save_run_config(args.run_dir, args)
     C.seed_everything(args.seed)
     bb = C.load_backbone(args.model, d.device)
-    fill_defaults(args, bb)
     frozen_lm_head = setup_model(bb, args)
     skips = C.Skips()
     data = load_data(bb, args, skips)
@@ -633,8 +642,8 @@ def evaluate(args, model_dir: str, out_dir: str) -> dict:
     return scores
 
 
-def main(args: Args):
-    train(args)
+def main(args: Args, explicit: set[str] | None = None):
+    train(args, explicit)
     if not args.eval or not args.export or ("RANK" in os.environ and int(os.environ["RANK"]) != 0):
         return
     scores = evaluate(args, os.path.join(args.run_dir, "export"), os.path.join(args.run_dir, "eval"))
@@ -648,4 +657,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(*C.parse_args(Args))              # (args, the fields given on the command line)

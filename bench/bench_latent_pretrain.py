@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--n-images", type=int, default=32)
     cli = ap.parse_args()
     torch.manual_seed(0)
-    args = L.Args(per_micro=cli.per_micro, image_size=cli.image_size)
+    args = L.resolve(L.Args(per_micro=cli.per_micro, image_size=cli.image_size))   # the toy preset
     paths = L.toy_paths()
     skips = C.Skips()
     bb = C.load_backbone("toy")

@@ -31,8 +31,8 @@ def main():
     root = ensure_toy_world("data/toy", seed=0)
     data = str(root / ("lvr_train.json" if a.data == "lvr" else "pixelreasoner_train.json"))
     args = P.Args(model=a.model, data=data, max_examples=a.per_micro)
+    P.resolve(args)                                # the toy preset (toy backbone): lr, LoRA r 8, small images
     bb = C.load_backbone(a.model)
-    P.fill_defaults(args, bb)
     frozen = P.setup_model(bb, args)
     skips = C.Skips()
     examples = P.load_data(bb, args, skips)

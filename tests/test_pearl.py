@@ -72,9 +72,8 @@ def thinkmorph_record(i=0):
 
 
 def make(model="toy", **kw):
-    args = P.Args(model=model, data="none", **kw)
+    args = P.resolve(P.Args(model=model, data="none", **kw))   # the toy preset on the fields not in kw
     bb = C.load_backbone(model)
-    P.fill_defaults(args, bb)
     frozen = P.setup_model(bb, args)
     return bb, args, frozen
 
@@ -286,7 +285,7 @@ def test_reuse_images_seam(tmp_path, model_name):
         assert not torch.allclose(cap["hidden"], ref, atol=1e-3)  # negative control: swapped images differ
 
 
-@pytest.mark.parametrize("model_name,lora", [("toy", 0), ("toy-qwen3vl", -1)])
+@pytest.mark.parametrize("model_name,lora", [("toy", 0), ("toy-qwen3vl", 8)])
 def test_shared_encoding_equals_naive_stacked(tmp_path, model_name, lora):
     bb, args, frozen = make(model_name, lora_r=lora)
     exs = [encode(bb, args, pixelreasoner_record(tmp_path, 0), tmp_path),
