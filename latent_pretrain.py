@@ -138,6 +138,7 @@ class Args:
     warmup: float = field(default=0.05, metadata={"help": "warmup fraction of the steps"})
     activation_checkpointing: bool = field(default=True, metadata={"help": "gradient checkpointing per block"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     seed: int = field(default=0, metadata={"help": "seed of data order and init"})
     max_tokens: int = field(default=4096, metadata={"help": "drop longer samples (counted)"})
@@ -640,6 +641,8 @@ def train(args: Args, d: C.Dist, bb: C.Backbone, module: nn.Module, data: list, 
         meta = C.load_checkpoint(ckpt, module, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
+    elif args.resume:
+        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
     log = C.RunLogger(args.run_dir, args.steps, d, desc=desc, start_step=start)
     module.train()
     for step in range(start, args.steps):
@@ -663,7 +666,7 @@ def train(args: Args, d: C.Dist, bb: C.Backbone, module: nn.Module, data: list, 
         log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), module, opt, step + 1,
-                              {"data": sampler.state()})
+                              {"data": sampler.state()}, keep=args.keep_checkpoints)
     log.close()
 
 

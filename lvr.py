@@ -123,6 +123,7 @@ class Args:
     num_iterations: int = field(default=1, metadata={"help": "optimizer passes per rollout batch (μ)"})
     format_dotall: bool = field(default=True, metadata={"help": "format regex with DOTALL (released: false)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step, simulating a kill "
                                                          "(0 = never)"})
@@ -744,6 +745,8 @@ def main(a: Args, explicit: set[str] | None = None):
         meta = C.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
+    elif a.resume:
+        C.print0(f"--resume: no complete checkpoint in {a.run_dir}; training from step 0")
     total_updates = a.steps * (a.num_iterations if a.stage == "grpo" else 1)
     log = C.RunLogger(a.run_dir, a.steps, d, desc=f"lvr-{a.stage}", start_step=start)
     model.train()
@@ -756,7 +759,7 @@ def main(a: Args, explicit: set[str] | None = None):
         log.log(step + 1, metrics, tokens, flops)
         if a.save_every and (step + 1) % a.save_every == 0:
             C.save_checkpoint(os.path.join(a.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()})
+                              {"data": sampler.state()}, keep=a.keep_checkpoints)
         if step + 1 == a.stop_after:
             break
     log.close()

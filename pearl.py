@@ -111,6 +111,7 @@ class Args:
     activation_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing per block"})
     seed: int = field(default=42, metadata={"help": "seed (released: 42)"})
     save_every: int = field(default=0, metadata={"help": "resume checkpoint every N steps (0 = never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step, simulating a kill (0 = never)"})
     export: bool = field(default=True, metadata={"help": "merge LoRA, drop the dynamics head, save a plain HF model"})
@@ -539,6 +540,8 @@ def train(args: Args, explicit: set[str] | None = None):
         meta = C.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
+    elif args.resume:
+        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
     log = C.RunLogger(args.run_dir, args.steps, d, desc="pearl", start_step=start)
     model.train()
     for step in range(start, args.steps):
@@ -565,7 +568,7 @@ def train(args: Args, explicit: set[str] | None = None):
         log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()})
+                              {"data": sampler.state()}, keep=args.keep_checkpoints)
         if step + 1 == args.stop_after:
             break
     log.close()

@@ -61,6 +61,8 @@ def main(args: Args):
         meta = C.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
+    elif args.resume:
+        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
     log = C.RunLogger(args.run_dir, args.steps, d, start_step=start)
     model.train()
     for step in range(start, args.steps):
