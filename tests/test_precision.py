@@ -164,3 +164,25 @@ def test_dtype_flag(script):
     h = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120).stdout
     assert "bf16 on CUDA, fp32 on CPU" in " ".join(h.split())
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_latent_pretrain_bf16_compute_moves_fp32_masters(stage, steps, tmp_path):
+    """Both stages train fp32 masters under bf16 autocast (losses, the contrastive matmuls included, in fp32) and
+    export bf16."""
+    import latent_pretrain as LP
+    from test_latent_pretrain import _tiny_coco
+    from toy_world import ensure_toy_world
+    if stage == "pretrain":
+        captions, img = _tiny_coco(tmp_path)
+        a = LP.Args(data=str(captions), image_root=str(img), image_size=56, per_micro=4, analyze=False,
+                    cache_dir=str(tmp_path / "cache"))
+    else:
+        root = Path(ensure_toy_world(str(ROOT / "data/toy"), seed=0))
+        a = LP.Args(stage="finetune", init="toy", gqa_dir=str(root / "gqa"), per_micro=2, eval_limit=0)
+    a.steps, a.lr, a.head_lr, a.dtype, a.run_dir = 1, 1e-5, 1e-5, "bf16", str(tmp_path / "run")
+    LP.main(a)
+    (s,) = steps
+    print(f"latent_pretrain {stage} step, bf16 compute over fp32 masters: {100 * s['fraction']:.2f} % changed")
+    assert s["dtypes"] == {torch.float32} and s["fraction"] > 0.99
+    assert json.loads((tmp_path / "run" / "export" / "config.json").read_text())["dtype"] == "bfloat16"
