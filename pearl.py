@@ -48,7 +48,8 @@ Deviations and choices (default first):
 - Precision (`--dtype`, default bf16 on CUDA / fp32 on CPU): every trained weight (LoRA adapters, predictor rows,
   dynamics head; all weights with `--lora-r 0`) and the AdamW state are fp32 master weights, compute is bf16
   (autocast; FSDP2 MixedPrecisionPolicy under torchrun), losses in fp32. LoRA's frozen base weights (and the frozen
-  LM-head copy taken from them) stay in the compute dtype. The export is written in the compute dtype (bf16, as released).
+  LM-head copy taken from them) stay in the compute dtype. The export is written in the compute dtype (bf16, as
+  released).
 - Data conversion choices (*inferred*, the released converters are not public in detail): LVR trajectory text is
   "Focus on the region [x0, y0, x1, y1]." → user [crop, "Here is the relevant cropped part of the image."] → answer
   (the `<lvr>` marker removed); ThinkMorph reasoning images come back in a user turn with "Here is the reasoning
@@ -519,7 +520,7 @@ def fill_defaults(args, bb):
 def train(args: Args):
     d = C.init_distributed()
     C.seed_everything(args.seed)
-    # Trainable weights are fp32 masters. With LoRA the frozen base stays in the compute dtype (7B: 15 GB bf16 on
+    # Trainable weights are fp32 masters. With LoRA the frozen base stays in the compute dtype (7B: 14 GB bf16 on
     # one GPU). Full fine-tuning (--lora-r 0) holds fp32 everything: 7B = params 28 GB + AdamW states 56 GB + grads
     # 28 GB = 112 GB, which no single 80 GB GPU holds; FSDP2 over 8 ranks: 14 GB per GPU (plus activations).
     dtype = C.compute_dtype(args.dtype, d.device)

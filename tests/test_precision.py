@@ -52,7 +52,8 @@ def steps(monkeypatch):
                 changed[p.dtype][1] += p.numel()
             seen.append({"fraction": sum(c for c, _ in changed.values()) / sum(n for _, n in changed.values()),
                          "by_dtype": {k: c / n for k, (c, n) in changed.items()}, "dtypes": set(changed),
-                         "numel": {k: n for k, (_, n) in changed.items()}, "autocast": torch.is_autocast_enabled("cpu")})
+                         "numel": {k: n for k, (_, n) in changed.items()},
+                         "autocast": torch.is_autocast_enabled("cpu")})
             return out
 
     monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
