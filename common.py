@@ -171,7 +171,8 @@ def pick_attn_implementation(device: torch.device) -> str:
 def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   seed: int = 0, attn_implementation: str | None = None) -> Backbone:
     """`toy` / `toy-qwen3vl`: the real transformers classes with a tiny seeded random init and an in-memory tokenizer.
-    Anything else: a hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on GPU). Never trusts
+    Anything else: a hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on GPU by default, for
+    inference; training passes dtype=torch.float32: trainable weights are fp32 master weights). Never trusts
     remote code; offline users set HF_HUB_OFFLINE=1 and pass a local directory."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -212,6 +213,29 @@ def is_toy(model: str) -> bool:
         return True
     config = Path(model) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("toy_backbone") is True
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_HELP = {"help": "compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; trainable weights and the "
+                      "optimizer state stay fp32, losses are computed in fp32", "choices": ["auto", *DTYPES]}
+
+
+def compute_dtype(name: str, device) -> torch.dtype:
+    """--dtype → the compute dtype ("auto": bf16 on CUDA, fp32 elsewhere)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def compute_context(dtype: str | torch.dtype, device):
+    """Wrap forward + loss in this. Mixed precision = fp32 master weights (what AdamW steps: at lr 1e-5 most bf16
+    updates round away) with bf16 compute. One process: autocast. Under FSDP2 (world > 1) shard_model's
+    MixedPrecisionPolicy casts the fp32 shards to bf16 for compute, so nothing here (torchtitan's maybe_enable_amp).
+    Losses upcast their inputs with .float(); a loss with its own matmuls runs outside the context."""
+    dtype = compute_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    if dtype == torch.float32 or (dist.is_initialized() and dist.get_world_size() > 1):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def _model_class(family: str):
@@ -472,15 +496,24 @@ def read_records(path: str, skips: Skips | None = None, streaming: bool = False)
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
+                    rec = json.loads(line)
                 except json.JSONDecodeError:
                     if skips is None:
                         raise
                     skips.add("malformed JSON line", f"{path}:{i + 1}")
+                    continue
+                if isinstance(rec, dict):
+                    yield rec
+                elif skips is not None:
+                    skips.add("record is not a JSON object", f"{path}:{i + 1}")
     elif path.endswith(".json"):
         with open(path) as f:
             data = json.load(f)
-        yield from (data if isinstance(data, list) else data.get("data", data.get("annotations", [])))
+        for i, rec in enumerate(data if isinstance(data, list) else data.get("data", data.get("annotations", []))):
+            if isinstance(rec, dict):
+                yield rec
+            elif skips is not None:
+                skips.add("record is not a JSON object", f"{path}[{i}]")
     elif path.endswith(".parquet"):
         from datasets import load_dataset
         yield from load_dataset("parquet", data_files=path, split="train", streaming=streaming)
@@ -538,8 +571,6 @@ def build_dataset(records, convert, skips: Skips, max_tokens: int | None = None,
     out = []
     for i, rec in enumerate(records):
         try:
-            if not isinstance(rec, dict):
-                raise SkipSample("record is not a JSON object")
             s = convert(rec)
         except SkipSample as e:
             skips.add(str(e), f"{desc}[{i}]")
@@ -634,18 +665,23 @@ def seed_everything(seed: int):
 
 
 def shard_model(model: torch.nn.Module, d: Dist, activation_checkpointing: bool = False,
-                extra_units: tuple = ()) -> torch.nn.Module:
+                extra_units: tuple = (), dtype: str | torch.dtype = "auto") -> torch.nn.Module:
     """FSDP2 in torchtitan's order: activation checkpointing per block → fully_shard each block named in
     model._no_split_modules (decoder layers and vision blocks) → `extra_units` (modules that run outside the
-    model's forward, e.g. a method's head: each becomes its own root) → the model root. bf16 params / fp32
-    reductions on GPU. With one process the model is left unsharded (same numbers, no collectives)."""
+    model's forward, e.g. a method's head: each becomes its own root) → the model root. Mixed precision: fp32
+    shards (the master weights AdamW steps), gathered in the compute `dtype` (bf16 by default on GPU), gradients
+    reduced in fp32. With one process the model is left unsharded (same numbers, no collectives; compute_context
+    autocasts instead)."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if d.world == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" \
-        else MixedPrecisionPolicy()
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    assert not bad, f"trainable parameters must be fp32 master weights (load_backbone(dtype=torch.float32)): {bad[:3]}"
+    dtype = compute_dtype(dtype, d.device) if isinstance(dtype, str) else dtype
+    mp = MixedPrecisionPolicy() if dtype == torch.float32 else \
+        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in block_names:
@@ -791,9 +827,13 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None, model=None):
+def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None, model=None,
+              dtype: torch.dtype | None = None):
     """A standard Hugging Face directory (config.json, model.safetensors, tokenizer, image processor) that
-    `from_pretrained` loads with no project code. Call on every rank; rank 0 writes."""
+    `from_pretrained` loads with no project code. `dtype`: the floating weights are written in it (a bf16 run
+    exports bf16, as the released models are; fp32 runs fp32), and config.json names it. Call on every rank; rank 0
+    writes."""
+    import copy
     model = model or bb.model
     sd = state_dict if state_dict is not None else full_state_dict(model)
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -801,7 +841,13 @@ def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None,
     out_dir = Path(out_dir)
     if getattr(bb.model.config, "toy_backbone", False):
         model.config.toy_backbone = True   # an export of the toy stays recognisable as one (is_toy)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+    if dtype is not None:  # save_pretrained wrote the live (fp32) model's dtype into config.json
+        config = copy.deepcopy(model.config)
+        config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(out_dir)
     bb.tokenizer.save_pretrained(out_dir)
     bb.image_processor.save_pretrained(out_dir)
 

@@ -61,6 +61,9 @@ Deviations and choices (no released code exists; defaults and their precedent):
   `--max-tokens` 4096. On the toy backbone (or an export of it) TOY_PRESET (lr 1e-3 both, 60 steps, images
   16–64·28², eval limit 48) replaces the fields not given on the command line and is printed at start-up;
   run_config.json (analyze / extract: run_config_<stage>.json) records what a run used.
+- Precision (`--dtype`, default bf16 on CUDA / fp32 on CPU): trained weights (LLM, head, new rows) and the AdamW
+  state are fp32 master weights; the forward runs in bf16 (autocast; FSDP2 MixedPrecisionPolicy under torchrun)
+  and every loss in fp32 (outside autocast, so the contrastive matmuls too). Both stages export in the compute dtype.
 - Fine-tuning prompts follow eval.py's lmms presets (GQA: "Answer the question using a single word or phrase.";
   ScienceQA: "Context: hint", lettered options, "Answer with the option's letter ..."), so train and test match.
 - I/O: downstream parquet tables are read with pandas (same rows as `datasets`, faster); WebDataset shards are
@@ -151,6 +154,7 @@ class Args:
     eval: bool = field(default=True, metadata={"help": "evaluate the finetuned export on --gqa-dir / --scienceqa-dir"})
     eval_limit: int = field(default=0, metadata={"help": "eval.py --limit after finetuning (0 = all items)"})
     analyze: bool = field(default=True, metadata={"help": "run the analysis after pretraining"})
+    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
 
 
 # The toy backbone (random init, hidden 64) needs a large lr and small finetuning images to learn anything in a CPU
@@ -574,8 +578,10 @@ def batch_contrastive_loss(pred: torch.Tensor, target: torch.Tensor, image_ids: 
 def pretrain_loss(module: LatentPretrainer, batch: dict, z_tok, z_glob, image_ids, args: Args, cache, device):
     """L = w_ntp·L_NTP + w_inst·L_inst + w_batch·L_batch on one micro-batch (packed, or padded with --no-pack)."""
     mask = batch.get("attention_mask")                                  # None: packed row; else --no-pack rows
-    logits, z_hat, scale, bias = module(*(batch[k].to(device) for k in ("input_ids", "position_ids", "caption_mask")),
-                                        batch["seq_lens"], None if mask is None else mask.to(device))
+    with C.compute_context(args.dtype, device):                      # bf16 forward; the losses below in fp32
+        logits, z_hat, scale, bias = module(*(batch[k].to(device) for k in ("input_ids", "position_ids",
+                                                                            "caption_mask")),
+                                            batch["seq_lens"], None if mask is None else mask.to(device))
     terms = {"loss_ntp": C.next_token_loss(logits, batch["labels"].to(device)),
              "loss_inst": instance_loss(z_hat, z_tok, args.inst_loss, cache, scale)}
     total = args.w_ntp * terms["loss_ntp"] + args.w_inst * terms["loss_inst"]
@@ -683,7 +689,7 @@ def param_groups(module: LatentPretrainer, args: Args):
 
 
 def run_pretrain(args: Args, d: C.Dist, skips: C.Skips):
-    bb = C.load_backbone(args.model, d.device, seed=args.seed)
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed)   # fp32 master weights
     pairs, cache = load_targets(bb, args, d, args.data, args.image_root, skips,
                                 Path(args.cache_dir or Path(args.run_dir).parent / "latent_targets"))
     module = build_module(bb, args, cache.glob_mean.numel())
@@ -698,7 +704,7 @@ def run_pretrain(args: Args, d: C.Dist, skips: C.Skips):
     groups = param_groups(module, args)
     if args.activation_checkpointing:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = C.shard_model(module, d)
+    module = C.shard_model(module, d, dtype=args.dtype)
     C.print0(f"pretrain: {len(data)} captions of {len(image_number)} images; {skips.summary()}")
 
     def step_loss(idx):
@@ -711,7 +717,8 @@ def run_pretrain(args: Args, d: C.Dist, skips: C.Skips):
     train(args, d, bb, module, data, step_loss, groups, "pretrain")
     sd = C.full_state_dict(module)
     export = Path(args.run_dir) / "export"
-    C.export_hf(bb, export, state_dict=module.export_state_dict(sd), model=bb.model)
+    C.export_hf(bb, export, state_dict=module.export_state_dict(sd), model=bb.model,
+                dtype=C.compute_dtype(args.dtype, d.device))
     if d.main:
         from safetensors.torch import save_file
         keep = ("head", "head_hidden", "num_latents", "latent_layer", "image_size", "pool", "batch_loss", "temperature")
@@ -725,22 +732,24 @@ def run_pretrain(args: Args, d: C.Dist, skips: C.Skips):
 
 def run_finetune(args: Args, d: C.Dist, skips: C.Skips):
     """Ordinary VLM instruction fine-tuning (answer CE only) from --init (pretrained export or original backbone)."""
-    bb = C.load_backbone(args.init or args.model, d.device, seed=args.seed)
+    bb = C.load_backbone(args.init or args.model, d.device, dtype=torch.float32, seed=args.seed)  # fp32 masters
     data = C.build_dataset(finetune_chats(args, skips), lambda it: encode_finetune(bb, it, args), skips,
                            args.max_tokens, "finetune")
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(False)
     groups = [{"params": [p for p in bb.model.parameters() if p.requires_grad], "lr": args.lr}]
-    model = C.shard_model(bb.model, d, args.activation_checkpointing)
+    model = C.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
     C.print0(f"finetune from {args.init or args.model}: {len(data)} samples; {skips.summary()}")
 
     def step_loss(idx):
         batch = (C.pack if args.pack else C.pad_batch)(bb, [data[j] for j in idx])
-        return C.next_token_loss(model(**C.model_inputs(batch, d.device)).logits, batch["labels"].to(d.device)), {}
+        with C.compute_context(args.dtype, d.device):                   # bf16 forward, fp32 loss
+            logits = model(**C.model_inputs(batch, d.device)).logits
+        return C.next_token_loss(logits, batch["labels"].to(d.device)), {}
 
     train(args, d, bb, model, data, step_loss, groups, "finetune")
     export = Path(args.run_dir) / "export"
-    C.export_hf(bb, export, model=model)
+    C.export_hf(bb, export, model=model, dtype=C.compute_dtype(args.dtype, d.device))
     if d.main and args.eval:
         import eval as E
         for bench, folder in (("gqa", args.gqa_dir), ("scienceqa", args.scienceqa_dir)):

@@ -65,6 +65,9 @@ Deviations and choices (default first; the alternative is one flag away):
   5120-token image plus its ROI span is never dropped; `--eval` off (the eval sets are the toy world's; real
   benchmarks go through eval.py). The toy preset (pixels 16–64·28², 60/6 steps, 48 new tokens) keeps the
   no-argument runs in minutes. Qwen3-VL is not supported (deepstack features would need their own ROI taps).
+- Precision (`--dtype`, default bf16 on CUDA / fp32 on CPU): trainable weights and AdamW state are fp32 master
+  weights, compute is bf16 (autocast; FSDP2 MixedPrecisionPolicy under torchrun), losses in fp32; the frozen
+  reference model is held in the compute dtype; the export is written in the compute dtype (bf16, as released).
 """
 from __future__ import annotations
 
@@ -136,6 +139,7 @@ class Args:
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
     eval_ablations: str = field(default="none", metadata={"help": "latent ablations to evaluate, comma-separated: "
                                                                   "none | zeros | noise | shuffle | remove"})
+    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
 
 
 # Args defaults are stage 1's recipe (lvr.md "Defaults"); stage 2 (GRPO_latent) differs in these fields. lr: the
@@ -183,6 +187,8 @@ def roi_token_indices(bbox, grid_thw, merge: int = 2) -> list[int]:
 
 def _read(rec, a: Args):
     """LLaVA-style record → (user message, answer text, its one image); malformed records are counted skips."""
+    if not isinstance(rec, dict):
+        raise C.SkipSample("record is not a JSON object")
     conv, img = rec.get("conversations"), rec.get("image")
     if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv[:2]) \
             or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
@@ -671,15 +677,16 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon: float = 0.2, beta: f
 # ----------------------------------------------------------------------------------------------------------------
 # Training loops (the shape of tests/train_sft.py), save/export, evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def shard(model, d: C.Dist, ac: bool):        # a head is its own FSDP unit: it is called outside the root forward
-    return C.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else ())
+def shard(model, d: C.Dist, ac: bool, dtype: str = "auto"):   # a head is its own FSDP unit: called outside the root
+    return C.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else (), dtype=dtype)
 
 
 def export(bb: C.Backbone, model, out_dir: str, a: Args):
     """A standard HF directory (the head, if any, in lvr_head.safetensors beside it)."""
     sd = C.full_state_dict(model)
     head = {k: v for k, v in sd.items() if k.startswith("lvr_head.")}
-    C.export_hf(bb, out_dir, state_dict={k: v for k, v in sd.items() if not k.startswith("lvr_head.")}, model=model)
+    C.export_hf(bb, out_dir, state_dict={k: v for k, v in sd.items() if not k.startswith("lvr_head.")}, model=model,
+                dtype=C.compute_dtype(a.dtype, next(model.parameters()).device))
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(out_dir, "lvr_config.json").write_text(json.dumps(
             {"head": model.lvr_head.kind if head else "none", "latent_end_token": a.latent_end_token, "tokens": LVR_TOKENS}))
@@ -724,7 +731,7 @@ def main(a: Args, explicit: set[str] | None = None):
     a = resolve(a, explicit)
     C.save_run_config(a.run_dir, a)
     C.seed_everything(a.seed)
-    bb = C.load_backbone(a.model, d.device)
+    bb = C.load_backbone(a.model, d.device, dtype=torch.float32)   # fp32 master weights; compute: --dtype
     prepare_model(bb, a.lvr_head if a.stage == "sft" else "none")
     attach_saved_head(bb)
     for p in bb.model.model.visual.parameters():                    # vision tower + merger frozen
@@ -736,9 +743,10 @@ def main(a: Args, explicit: set[str] | None = None):
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=a.per_micro, seed=a.seed)
     ref = None
     if a.stage == "grpo" and a.beta:
-        ref = copy.deepcopy(bb.model).requires_grad_(False)        # frozen stage-1 model
-        ref = shard(ref, d, False)
-    model = shard(bb.model, d, a.activation_checkpointing)
+        # frozen stage-1 model, no optimizer: held in the compute dtype (7B: 14 GB in bf16 instead of 28 GB in fp32)
+        ref = copy.deepcopy(bb.model).requires_grad_(False).to(C.compute_dtype(a.dtype, d.device))
+        ref = shard(ref, d, False, a.dtype)
+    model = shard(bb.model, d, a.activation_checkpointing, a.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=a.weight_decay)
     start = 0
     if a.resume and (ckpt := C.latest_checkpoint(a.run_dir)):
@@ -781,7 +789,8 @@ def sft_step(bb, model, opt, data, micro, a: Args, d: C.Dist, step: int):
     for i, idx in enumerate(micro):
         samples = [data[j] for j in idx]
         with C.grad_sync(model, i == len(micro) - 1):
-            loss, terms = sft_loss(bb, model, samples, a, d.device)
+            with C.compute_context(a.dtype, d.device):                 # bf16 compute over fp32 weights
+                loss, terms = sft_loss(bb, model, samples, a, d.device)
             C.check_finite(loss, step, terms)
             (loss / len(micro)).backward()
         for k, v in {"loss": loss.item(), **terms}.items():
@@ -803,12 +812,13 @@ def grpo_step(bb, model, ref, opt, data, micro, a: Args, d: C.Dist, step: int, t
     for i, idx in enumerate(micro):                                   # rollouts: G per prompt, latents recorded
         prompts = [data[j] for j in idx for _ in range(G)]
         gen = torch.Generator(d.device).manual_seed(a.seed * 1_000_003 + step * 1009 + i * d.world + d.rank)
-        outs = latent_generate(bb, prompts, a.num_latent_steps, a.max_new_tokens, "fixed", a.temperature,
-                               generator=gen, model=model, sync=True)
+        with C.compute_context(a.dtype, d.device):
+            outs = latent_generate(bb, prompts, a.num_latent_steps, a.max_new_tokens, "fixed", a.temperature,
+                                   generator=gen, model=model, sync=True)
         acc = torch.tensor([accuracy_reward(o["text"], p["answer"]) for o, p in zip(outs, prompts)])
         fmt = torch.tensor([format_reward(o["text"], a.format_dotall) for o in outs])
         adv = group_advantages(acc + fmt, G).to(d.device)
-        with torch.no_grad():
+        with torch.no_grad(), C.compute_context(a.dtype, d.device):
             ref_lp = completion_logprobs(bb, ref, prompts, outs, a.temperature, d.device)[0] if ref else None
             old_lp = (completion_logprobs(bb, model, prompts, outs, a.temperature, d.device)[0]
                       if a.num_iterations > 1 else None)
@@ -826,7 +836,8 @@ def grpo_step(bb, model, ref, opt, data, micro, a: Args, d: C.Dist, step: int, t
             g["lr"] = C.cosine_lr(step * a.num_iterations + it, total_updates, a.lr, a.warmup_ratio)
         for i, (prompts, outs, adv, ref_lp, old_lp) in enumerate(rollouts):
             with C.grad_sync(model, i == len(rollouts) - 1):
-                logp, mask = completion_logprobs(bb, model, prompts, outs, a.temperature, d.device)
+                with C.compute_context(a.dtype, d.device):
+                    logp, mask = completion_logprobs(bb, model, prompts, outs, a.temperature, d.device)
                 old = old_lp if old_lp is not None else logp.detach()           # μ = 1 ⇒ ρ ≡ 1
                 loss, s = grpo_loss(logp, old, ref_lp if ref_lp is not None else logp.detach(), adv, mask,
                                     a.epsilon, a.beta if ref is not None else 0.0, a.loss_type, a.max_new_tokens)

@@ -47,6 +47,11 @@ Deviations and choices (default first):
   `--warmup-ratio 0.3`); lr 1e-5 (toy preset: 2e-3, a random tiny model learns nothing at 1e-5).
   The RNG (LoRA dropout) is reseeded per global micro-batch from (seed, step, index), so 2 processes × k
   accumulation, 1 × 2k and a resumed run draw the same masks and log the same losses (tests/test_pearl.py).
+- Precision (`--dtype`, default bf16 on CUDA / fp32 on CPU): every trained weight (LoRA adapters, predictor rows,
+  dynamics head; all weights with `--lora-r 0`) and the AdamW state are fp32 master weights, compute is bf16
+  (autocast; FSDP2 MixedPrecisionPolicy under torchrun), losses in fp32. LoRA's frozen base weights (and the frozen
+  LM-head copy taken from them) stay in the compute dtype. The export is written in the compute dtype (bf16, as
+  released).
 - Data conversion choices (*inferred*, the released converters are not public in detail): LVR trajectory text is
   "Focus on the region [x0, y0, x1, y1]." → user [crop, "Here is the relevant cropped part of the image."] → answer
   (the `<lvr>` marker removed); ThinkMorph reasoning images come back in a user turn with "Here is the reasoning
@@ -118,6 +123,7 @@ class Args:
     eval: str = field(default="", metadata={"help": "toy benchmarks (data/toy) for eval.py after export ('' = none)"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
     sft_dir: str = field(default="runs/pearl_sft", metadata={"help": "an SFT baseline run whose scores are printed beside"})
+    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
 
 
 # The toy backbone (random init, hidden 64) learns nothing at the paper's lr in 2500 steps on 5120-token images: it
@@ -322,7 +328,7 @@ def setup_model(bb, args):
     ids = C.add_special_tokens(bb, predictor_tokens(args.num_predictors), init="mean")
     model = bb.model
     frozen_lm_head = model.get_output_embeddings().weight.detach().clone()
-    head = DynamicsHead(model.config.text_config.hidden_size).to(frozen_lm_head.device, frozen_lm_head.dtype)
+    head = DynamicsHead(model.config.text_config.hidden_size).to(frozen_lm_head.device, torch.float32)  # trained: fp32
     if args.lora_r == 0:
         model.pearl_dynamics = head
         return frozen_lm_head
@@ -525,14 +531,19 @@ def train(args: Args, explicit: set[str] | None = None):
     resolve(args, explicit)
     C.save_run_config(args.run_dir, args)
     C.seed_everything(args.seed)
-    bb = C.load_backbone(args.model, d.device)
+    # Trainable weights are fp32 masters. With LoRA the frozen base stays in the compute dtype (7B: 14 GB bf16 on
+    # one GPU). Full fine-tuning (--lora-r 0) holds fp32 everything: 7B = params 28 GB + AdamW states 56 GB + grads
+    # 28 GB = 112 GB, which no single 80 GB GPU holds; FSDP2 over 8 ranks: 14 GB per GPU (plus activations).
+    dtype = C.compute_dtype(args.dtype, d.device)
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32 if args.lora_r == 0 else dtype)
     frozen_lm_head = setup_model(bb, args)
     skips = C.Skips()
     data = load_data(bb, args, skips)
     C.print0(f"{len(data)} examples; {skips.summary()}")
     assert data, "no usable training examples"
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
-    model = C.shard_model(bb.model, d, args.activation_checkpointing, extra_units=(bb.model.pearl_dynamics,))
+    model = C.shard_model(bb.model, d, args.activation_checkpointing, extra_units=(bb.model.pearl_dynamics,),
+                          dtype=dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     start = 0
@@ -553,7 +564,8 @@ def train(args: Args, explicit: set[str] | None = None):
             examples = [data[j] for j in idx]
             torch.manual_seed((args.seed * 100_003 + step) * 1_009 + i * d.world + d.rank)  # dropout per global micro
             with C.grad_sync(model, i == len(micro) - 1):
-                loss, terms = pearl_loss(bb, model, frozen_lm_head, examples, args, naive=args.naive_views)
+                with C.compute_context(dtype, d.device):                      # bf16 compute over fp32 weights
+                    loss, terms = pearl_loss(bb, model, frozen_lm_head, examples, args, naive=args.naive_views)
                 C.check_finite(loss, step, terms)
                 (loss / len(micro)).backward()
             for k, v in terms.items():
@@ -574,7 +586,7 @@ def train(args: Args, explicit: set[str] | None = None):
     log.close()
     C.print0(skips.summary())
     if args.export:
-        export(bb, model, args, d)
+        export(bb, model, args, d, dtype)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return bb
@@ -604,7 +616,7 @@ def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
     return out
 
 
-def export(bb, model, args, d):
+def export(bb, model, args, d, dtype: torch.dtype | None = None):
     """Call on every rank (gathering the state dict is collective); rank 0 writes runs/.../export."""
     sd = C.full_state_dict(model)
     out_dir = os.path.join(args.run_dir, "export")
@@ -616,7 +628,7 @@ def export(bb, model, args, d):
         plain.load_state_dict(merged, strict=False, assign=True)
         missing = [n for n, p in plain.named_parameters() if p.is_meta]
         assert not missing, f"export: parameters missing from the merged state dict: {missing[:5]}"
-        C.export_hf(bb, out_dir, state_dict=merged, model=plain)
+        C.export_hf(bb, out_dir, state_dict=merged, model=plain, dtype=dtype)
         C.print0(f"exported a plain {type(plain).__name__} to {out_dir}")
     return out_dir
 

@@ -228,8 +228,9 @@ def test_build_dataset_skips_non_objects_and_extreme_aspect(tmp_path):
 
     records = [[1, 2, 3], "a string", {"w": 1000, "h": 1, "answer": "x"}, {"w": 56, "h": 56, "answer": 7},
                {"w": 56, "h": 56, "answer": ["x"]}, {"w": 56, "h": 56, "answer": "ok"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     skips = C.Skips()
-    assert len(C.build_dataset(records, convert, skips)) == 1
+    assert len(C.build_dataset(C.read_records(tmp_path / "d.jsonl", skips), convert, skips)) == 1
     assert dict(skips.counts) == {"record is not a JSON object": 2, "aspect ratio over 200": 1,
                                   "answer missing or not text": 2}
 

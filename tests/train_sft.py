@@ -51,7 +51,7 @@ def synthetic_chats(n: int, seed: int = 0):
 def main(args: Args):
     d = C.init_distributed()
     C.seed_everything(0)
-    bb = C.load_backbone(args.model, d.device)
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32)  # fp32 weights (shard_model checks)
     data = [C.encode_chat(bb, m, min_pixels=4 * 784, max_pixels=64 * 784) for m in synthetic_chats(args.n_samples)]
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=0)
     model = C.shard_model(bb.model, d)
