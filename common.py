@@ -168,6 +168,19 @@ def pick_attn_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
+def check_model_name(name: str) -> str:
+    """A toy name, an existing local directory with a config.json, or something shaped like a hub id (owner/name);
+    anything else is one clear SystemExit line (not a hub error eleven frames deep)."""
+    import re
+    if name in ("toy", "toy-qwen3vl") or (Path(name) / "config.json").is_file():
+        return name
+    if Path(name).is_dir():
+        raise SystemExit(f"--model {name}: the directory has no config.json (not a Hugging Face checkpoint)")
+    if Path(name).is_absolute() or name.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise SystemExit(f"--model {name}: no such directory, and not a hub id (owner/name) or toy | toy-qwen3vl")
+    return name
+
+
 def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   seed: int = 0, attn_implementation: str | None = None) -> Backbone:
     """`toy` / `toy-qwen3vl`: the real transformers classes with a tiny seeded random init and an in-memory tokenizer.
@@ -178,6 +191,7 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     warn_untested_versions()
+    check_model_name(name)
     device = torch.device(device)
     attn = attn_implementation or pick_attn_implementation(device)
     if name in ("toy", "toy-qwen3vl"):

@@ -10,7 +10,10 @@ Runs:
     python eval.py --benchmark mmvp --data-dir data/MMVP --predictions mmvp.jsonl --score-only    # re-score only
     python eval.py --table runs/*.json                                                         # markdown table
 An interrupted run resumes: predictions are appended to the JSONL file (default `<output stem>.predictions.jsonl`)
-as they are produced, and a restart skips ids already there.
+as they are produced, and a restart skips ids already there. The file's first line is its provenance (model path
+and content fingerprint, benchmark, mode, prompt, pixels, generation settings): a run with another model or setting
+refuses the file in one line (`--overwrite` re-predicts), so one model's predictions are never scored as another's.
+`--score-only` reports the file's provenance, warns about items without a prediction (`--strict`: exit 1).
 
 Scoring rules (the headline `overall`, in percent):
     mmvp            pair accuracy: a pair (Index 1-2, 3-4, ...) counts only if both questions are right
@@ -82,6 +85,9 @@ class Args:
     predictions: str = field(default="", metadata={"help": "predictions JSONL (default: <output stem>.predictions.jsonl)"})
     output: str = field(default="", metadata={"help": "summary JSON (default: runs/eval/<benchmark>_summary.json)"})
     score_only: bool = field(default=False, metadata={"help": "re-score an existing predictions file, no model"})
+    overwrite: bool = field(default=False, metadata={"help": "re-predict from scratch when the predictions file was "
+                                                             "made by another model or setting (default: refuse)"})
+    strict: bool = field(default=False, metadata={"help": "--score-only: exit 1 when items have no prediction"})
     batch_size: int = field(default=8, metadata={"help": "generation batch size (left padding)"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N items (0 = all)"})
     max_new_tokens: int = field(default=0, metadata={"help": "0 = the preset's default (16 lmms/vlmeval, 4 answer-tag)"})
@@ -582,16 +588,54 @@ def predict(items, model_bundle, args):
 LATENT_ABLATIONS = ("none", "zeros", "noise", "shuffle", "remove")
 
 
-def prediction_tag(args):
-    """Settings written on every predictions line and checked when a file is resumed or re-scored, so predictions
-    of different latent ablations never mix in one file (lines without the key count as "none")."""
-    return {"latent_ablation": args.latent_ablation} if args.mode == "latent" else {}
+PREDICTION_KEYS = ("mode", "prompt", "system", "decoding", "max_new_tokens", "min_pixels", "max_pixels",
+                   "latent_steps", "latent_ablation")
 
 
-def read_predictions(path, tag=None):
-    """str(id) -> prediction text; a torn last line (killed mid-write) is ignored. `tag`: settings every line must
-    carry (ValueError otherwise)."""
-    preds = {}
+def model_fingerprint(model: str) -> str:
+    """A content fingerprint of a checkpoint: sha256 over its config.json, its weights index and, per safetensors
+    file, the header (names, shapes, dtypes) plus 16 blocks of 64 KiB sampled across the file (a retrained model
+    at the same path differs; reading 1 MiB per file, not 15 GB). A hub id is fingerprinted from the local cache;
+    one not cached is named only."""
+    import hashlib
+    from pathlib import Path
+    from common import check_model_name
+    if check_model_name(model) in ("toy", "toy-qwen3vl"):
+        return f"{model} (random init, seed 0)"
+    path = Path(model)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+            path = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 — not cached locally: nothing to read
+            return f"hub:{model} (not cached: name only)"
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (path / name).is_file():
+            h.update((path / name).read_bytes())
+    for w in sorted(path.glob("*.safetensors")):
+        size = w.stat().st_size
+        with open(w, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header, 1 << 24)) + str(size).encode())
+            for k in range(16):
+                f.seek(8 + header + (size - 8 - header) * k // 16)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+def provenance(args, benchmark):
+    """What made a predictions file: the model (path and content fingerprint), the benchmark and every setting
+    that changes a prediction. Scoring-only settings (extractor, MMVP answers, limit, label) are not part of it."""
+    s = settings(args, benchmark)
+    return {"benchmark": benchmark, "model": args.model, "model_fingerprint": model_fingerprint(args.model),
+            **{k: s[k] for k in PREDICTION_KEYS if k in s}}
+
+
+def read_predictions(path):
+    """(provenance header or None, {str(id): prediction text}). A torn last line (killed mid-write), a line that is
+    not an object, or one without id and prediction is ignored."""
+    preds, header = {}, None
     if path and os.path.exists(path):
         with open(path) as f:
             for line in f:
@@ -599,18 +643,34 @@ def read_predictions(path, tag=None):
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                for k, v in (tag or {}).items():
-                    if row.get(k, "none") != v:
-                        raise ValueError(f"{path} holds predictions made with {k}={row.get(k, 'none')!r}, this run "
-                                         f"has {v!r}: choose another --predictions/--output")
+                if isinstance(row, dict) and isinstance(row.get("provenance"), dict) and header is None:
+                    header = row["provenance"]
+                    continue
+                if not isinstance(row, dict) or "id" not in row or "prediction" not in row:
+                    continue
                 preds[str(row["id"])] = row["prediction"]
-    return preds
+    return header, preds
 
 
-def run_predictions(items, predict_fn, load_bundle, args, path):
-    """Predict the items not yet in `path`, appending one flushed JSONL line per item."""
+def describe(p):
+    return (f"model {p.get('model')} (fingerprint {p.get('model_fingerprint')}), "
+            + ", ".join(f"{k} {p[k]}" for k in PREDICTION_KEYS if k in p and k != "system"))
+
+
+def run_predictions(items, predict_fn, load_bundle, args, path, benchmark=None):
+    """Predict the items not yet in `path`, appending one flushed JSONL line per item. The file's first line is its
+    provenance; a file made by another model or setting is refused (one line, exit 2) or, with --overwrite,
+    re-predicted from scratch. Predictions of two models never mix in one file."""
     from tqdm import tqdm
-    done = read_predictions(path, prediction_tag(args))
+    mine = provenance(args, benchmark or args.benchmark)
+    header, done = read_predictions(path)
+    if (header or done) and header != mine:
+        if not args.overwrite:
+            raise SystemExit(f"{path}: predictions made by {describe(header) if header else 'an unknown model'}; "
+                             f"this run is {describe(mine)}. Pass --overwrite to re-predict, or another --output")
+        print(f"--overwrite: {path} was made by another model or setting; predicting from scratch")
+        os.remove(path)
+        header, done = None, {}
     todo = [it for it in items if str(it["id"]) not in done]
     if done:
         print(f"resuming: {len(items) - len(todo)} of {len(items)} already predicted in {path}")
@@ -620,12 +680,14 @@ def run_predictions(items, predict_fn, load_bundle, args, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+") as f:
         f.seek(0, os.SEEK_END)
+        if not f.tell():
+            f.write(json.dumps({"provenance": mine}) + "\n")
         if f.tell():  # finish a line torn by a kill, so the next record starts on its own line
             f.seek(f.tell() - 1)
             if f.read(1) != "\n":
                 f.write("\n")
         for id, text in tqdm(predict_fn(todo, model_bundle, args), total=len(todo), desc=args.benchmark):
-            f.write(json.dumps({"id": id, "prediction": text, **prediction_tag(args)}) + "\n")
+            f.write(json.dumps({"id": id, "prediction": text}) + "\n")
             f.flush()
             done[str(id)] = text
     return done
@@ -651,20 +713,32 @@ def evaluate(args, predict_fn=predict):
     output, pred_path = default_paths(args)
     items, warnings = load_benchmark(args.benchmark, args.data_dir, args)
     if args.score_only:
-        predictions = read_predictions(pred_path, prediction_tag(args))
+        made_by, predictions = read_predictions(pred_path)
         if not predictions:
-            raise FileNotFoundError(f"--score-only: no predictions in {pred_path}")
+            raise SystemExit(f"--score-only: no predictions in {pred_path}")
+        missing = sum(str(it["id"]) not in predictions for it in items)
+        if missing:
+            warnings = list(warnings) + [f"{missing} of {len(items)} items have no prediction in {pred_path}: "
+                                         "scored as wrong"]
+        if made_by is None:
+            warnings = list(warnings) + [f"{pred_path} has no provenance line: the model that made it is unknown"]
     else:
         load_bundle = (lambda: load_model(args)) if predict_fn is predict else (lambda: None)
         predictions = run_predictions(items, predict_fn, load_bundle, args, pred_path)
+        made_by = read_predictions(pred_path)[0]
     summary = score(args.benchmark, items, predictions, args, warnings)
-    summary["predictions"] = pred_path
+    summary["predictions"], summary["provenance"] = pred_path, made_by
+    if args.score_only and made_by:  # the summary names the model that made the predictions, not --model
+        summary["settings"].update({k: made_by[k] for k in ("model", *PREDICTION_KEYS) if k in made_by})
+        summary["settings"]["label"] = args.label or f"{made_by['model']} ({made_by['mode']}, {made_by['prompt']})"
     with open(output, "w") as f:
         json.dump(summary, f, indent=2)
     print(f"{args.benchmark}: overall {summary['overall']:.2f} (n={summary['n']}, "
           f"unanswerable {summary['unanswerable']}) -> {output}")
     for w in summary["warnings"]:
         print("warning:", w)
+    if args.score_only and args.strict and summary["missing_predictions"]:
+        raise SystemExit(f"--strict: {summary['missing_predictions']} items have no prediction")
     return summary
 
 

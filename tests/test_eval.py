@@ -304,7 +304,8 @@ def test_resume_after_interruption_and_score_only(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(args, predict_fn=dies_after_three)
     pred_path = tmp_path / "run.predictions.jsonl"
-    assert len(pred_path.read_text().splitlines()) == 3
+    lines = pred_path.read_text().splitlines()
+    assert len(lines) == 1 + 3 and json.loads(lines[0])["provenance"]["model"] == "toy"  # provenance, 3 predictions
     with open(pred_path, "a") as f:
         f.write('{"id": 3, "predic')  # a torn line from the kill is ignored and re-predicted
     seen = []
@@ -320,6 +321,59 @@ def test_resume_after_interruption_and_score_only(tmp_path):
                         "--predictions", str(pred_path), "--output", str(tmp_path / "rescored.json")])
     assert {k: v for k, v in rescored.items() if k != "predictions"} == \
            {k: v for k, v in resumed.items() if k != "predictions"}
+
+
+def test_predictions_carry_provenance_and_never_mix(tmp_path):
+    """The repro of the bug: a second run with the same --output and another model used to score the first model's
+    predictions under the new model's name. Now it is refused in one line, or re-predicted with --overwrite."""
+    write_vstar(tmp_path / "vstar", n=4)
+    answers = {str(i): "A" for i in range(4)}
+    common = ["--benchmark", "vstar", "--data-dir", str(tmp_path / "vstar"), "--output", str(tmp_path / "s.json")]
+    ev.evaluate(ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "s.json")),
+                predict_fn=fake_predictor(answers))
+    with pytest.raises(SystemExit, match="no such directory"):                      # a path that does not exist
+        ev.main(common + ["--model", "/definitely/not/a/model"])
+    other = ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "s.json"),
+                    model="toy-qwen3vl")
+    with pytest.raises(SystemExit, match="predictions made by model toy .*this run is model toy-qwen3vl"):
+        ev.evaluate(other, predict_fn=fake_predictor(answers))
+    with pytest.raises(SystemExit, match="max_pixels"):                               # a setting differs too
+        ev.evaluate(ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "s.json"),
+                            max_pixels=64 * 784), predict_fn=fake_predictor(answers))
+    seen = []
+    other.overwrite = True
+    s = ev.evaluate(other, predict_fn=fake_predictor({k: "B" for k in answers}, seen))
+    assert len(seen) == 4 and s["provenance"]["model"] == "toy-qwen3vl" and s["settings"]["model"] == "toy-qwen3vl"
+    # a file with no provenance line (written before this check) is not trusted either
+    (tmp_path / "old.predictions.jsonl").write_text('{"id": 0, "prediction": "A"}\n')
+    with pytest.raises(SystemExit, match="an unknown model"):
+        ev.evaluate(ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "old.json")),
+                    predict_fn=fake_predictor(answers))
+
+
+def test_model_fingerprint_sees_retrained_weights(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    save_file({"w": torch.zeros(100_000)}, str(tmp_path / "model.safetensors"))
+    a = ev.model_fingerprint(str(tmp_path))
+    save_file({"w": torch.ones(100_000)}, str(tmp_path / "model.safetensors"))       # same header, new weights
+    assert ev.model_fingerprint(str(tmp_path)) != a
+    assert ev.model_fingerprint(str(tmp_path)) == ev.model_fingerprint(str(tmp_path))
+
+
+def test_score_only_reports_missing_and_bad_lines(tmp_path, capsys):
+    write_vstar(tmp_path / "vstar", n=5)
+    pred = tmp_path / "p.jsonl"
+    pred.write_text('{"id": 0, "prediction": "A"}\n[1, 2]\n"text"\n{"id": 1}\n{"id": 1, "prediction": "A"}\n')
+    argv = ["--benchmark", "vstar", "--data-dir", str(tmp_path / "vstar"), "--score-only", "--predictions",
+            str(pred), "--output", str(tmp_path / "s.json")]
+    s = ev.main(argv)
+    out = capsys.readouterr().out
+    assert s["missing_predictions"] == 3 and "3 of 5 items have no prediction" in out
+    assert "no provenance line" in out and s["provenance"] is None
+    with pytest.raises(SystemExit, match="--strict: 3 items"):
+        ev.main(argv + ["--strict"])
 
 
 def test_markdown_table(tmp_path, capsys):
@@ -391,13 +445,13 @@ def test_latent_ablation_is_recorded_passed_and_never_mixed(tmp_path, monkeypatc
     s = ev.evaluate(zeros, predict_fn=fake_predictor(answers))
     assert s["settings"]["latent_ablation"] == "zeros" and "zeros" in s["settings"]["label"]
     lines = [json.loads(x) for x in open(tmp_path / "run.predictions.jsonl")]
-    assert len(lines) == 4 and {x["latent_ablation"] for x in lines} == {"zeros"}
+    assert len(lines) == 1 + 4 and lines[0]["provenance"]["latent_ablation"] == "zeros"   # provenance line first
     intact = ev.Args(**{**zeros.__dict__, "latent_ablation": "none"})
     assert ev.settings(intact, "vstar")["latent_ablation"] == "none"
-    with pytest.raises(ValueError, match="latent_ablation='zeros'"):
+    with pytest.raises(SystemExit, match="latent_ablation zeros"):
         ev.evaluate(intact, predict_fn=fake_predictor(answers))              # resume would mix: refused
-    with pytest.raises(ValueError, match="latent_ablation='zeros'"):
-        ev.evaluate(ev.Args(**{**intact.__dict__, "score_only": True}))
+    rescored = ev.evaluate(ev.Args(**{**intact.__dict__, "score_only": True}))  # scored as what the file holds
+    assert rescored["settings"]["latent_ablation"] == "zeros" and rescored["overall"] == s["overall"]
     assert ev.evaluate(ev.Args(**{**zeros.__dict__, "score_only": True}))["overall"] == s["overall"]
     assert ev.default_paths(ev.Args(**{**zeros.__dict__, "output": ""}))[0] != \
         ev.default_paths(ev.Args(**{**intact.__dict__, "output": ""}))[0]

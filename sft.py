@@ -1,0 +1,226 @@
+# Docs: docs/sft.md
+"""Plain SFT: the "vanilla SFT" row of every table in these papers, and the loop every method file follows.
+
+An image and a question in, the answer out; next-token cross-entropy on the answer tokens only. No latents, no
+extra views, no auxiliary loss. Each method file (pearl.py, lvr.py, latent_pretrain.py) is this loop plus its
+method: `diff sft.py lvr.py` shows the method.
+
+Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
+    python sft.py                                                  # CPU toy: toy world, train, export, eval
+    torchrun --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --data VisualCoT/lvr_train.json \\
+        --image-root VisualCoT --run-dir runs/sft7b                # the LVR paper's SFT baseline (same data, budget)
+    python eval.py --benchmark vstar --data-dir data/vstar_bench --model runs/sft7b/export --prompt answer-tag
+
+Data: LVR / Visual-CoT JSON (the `<lvr>` marker and the bbox are dropped: the answer is learned from the whole
+image) or canonical `{"messages": [...]}` chats with image paths.
+
+Defaults are LVR stage 1's recipe (docs/lvr.md), so that this is the comparison the LVR paper draws: lr 1e-5, 2500
+steps, 8 GPUs × 8 accumulation × 3 samples, images 128·28²–5120·28², activation checkpointing, AdamW wd 0.1, cosine
+with 3 % warmup. On the toy backbone (or an export of it) TOY_PRESET replaces the fields not given on the command
+line and is printed; run_config.json records what the run used.
+
+| choice | default | flag | source |
+|---|---|---|---|
+| loss | mean CE over supervised tokens of the micro-batch | — | LVR's L_CE |
+| batches | padding-free packing | `--no-pack` | engineering.md |
+| precision | fp32 master weights, bf16 compute on CUDA | `--dtype` | this repo |
+| vision tower | frozen (as LVR stage 1) | `--train-vision` | LVR released scripts |
+"""
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import common as C
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    model: str = field(default="toy", metadata={"help": "toy | toy-base | hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
+    data: str = field(default="toy", metadata={"help": "LVR / Visual-CoT JSON or canonical messages (.json/.jsonl); "
+                                                       "'toy' = the toy world's LVR records"})
+    image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
+    run_dir: str = field(default="runs/sft", metadata={"help": "output directory"})
+    steps: int = field(default=2500, metadata={"help": "optimizer steps"})
+    grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step"})
+    per_micro: int = field(default=3, metadata={"help": "samples per micro-batch"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image pixel budget, min (128 tokens)"})
+    max_pixels: int = field(default=5120 * 28 * 28, metadata={"help": "image pixel budget, max (5120 tokens)"})
+    max_tokens: int = field(default=16384, metadata={"help": "drop (count) samples longer than this"})
+    pack: bool = field(default=True, metadata={"help": "padding-free packing (--no-pack: the padded baseline)"})
+    train_vision: bool = field(default=False, metadata={"help": "also train the vision tower and merger"})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations per block"})
+    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
+    seed: int = field(default=0, metadata={"help": "seed of data order and init"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
+    resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
+    stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step (0 = never)"})
+    eval: str = field(default="", metadata={"help": "benchmarks of the eval sets next to --data to evaluate the "
+                                                    "export on (toy: vstar,mmvp,blink; '' = none)"})
+    eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
+
+
+# A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
+# the model is the toy backbone or an export of it, and only to the fields not given on the command line.
+TOY_PRESET = dict(lr=3e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
+                  activation_checkpointing=False, eval="vstar,mmvp,blink")
+
+
+def resolve(args: Args, explicit: set[str] | None = None) -> Args:
+    if C.is_toy(args.model):
+        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+                       "toy preset", "model is the toy backbone")
+    if args.data == "toy":
+        from toy_world import ensure_toy_world
+        args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
+    args.image_root = args.image_root or os.path.dirname(args.data)
+    for name in ("steps", "per_micro", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: a published record → a chat (image + question → answer)
+# ----------------------------------------------------------------------------------------------------------------
+def to_chat(rec: dict, image_root: str) -> list[dict]:
+    """LVR / Visual-CoT (`conversations`, one image; the `<lvr>` marker removed) or canonical `messages`."""
+    if "messages" in rec:
+        if not isinstance(rec["messages"], list):
+            raise C.SkipSample("messages is not a list")
+        out = []
+        for m in rec["messages"]:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise C.SkipSample("malformed message")
+            parts = m.get("content")
+            if isinstance(parts, list):
+                parts = [{**p, "image": C.open_image(p["image"], image_root)} if p.get("type") == "image" else p
+                         for p in parts if isinstance(p, dict)]
+            out.append({**m, "content": parts})
+        return out
+    conv, image = rec.get("conversations"), rec.get("image")
+    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv[:2]):
+        raise C.SkipSample("malformed conversations")
+    image = image[0] if isinstance(image, list) and len(image) == 1 else image
+    if image is None or isinstance(image, (bool, int, float, list, tuple)):
+        raise C.SkipSample("not exactly one image")
+    question = C.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "")
+    answer = C.text_field(conv[1].get("value"), "answer").replace("<lvr>\n", "").replace("<lvr>", "").strip()
+    if not answer.replace("<answer>", "").replace("</answer>", "").strip():
+        raise C.SkipSample("empty answer")
+    return [{"role": "user", "content": [{"type": "image", "image": C.open_image(image, image_root)},
+                                         {"type": "text", "text": question.strip()}]},
+            {"role": "assistant", "content": answer}]
+
+
+def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> list[dict]:
+    convert = lambda rec: C.encode_chat(bb, to_chat(rec, args.image_root),  # noqa: E731
+                                        min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    return C.build_dataset(C.read_records(args.data, skips), convert, skips, args.max_tokens, desc="sft")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------------
+def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> torch.Tensor:
+    """L_CE: next-token cross-entropy over the supervised (answer) tokens of the micro-batch."""
+    batch = C.pack(bb, samples) if args.pack else C.pad_batch(bb, samples)
+    logits = model(**C.model_inputs(batch, device)).logits
+    return C.next_token_loss(logits, batch["labels"].to(device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: Args, explicit: set[str] | None = None):
+    d = C.init_distributed()
+    resolve(args, explicit)
+    C.save_run_config(args.run_dir, args)
+    C.seed_everything(args.seed)
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
+    for p in bb.model.model.visual.parameters():
+        p.requires_grad_(args.train_vision)
+    skips = C.Skips()
+    data = load_data(bb, args, skips)
+    C.print0(f"{len(data)} samples from {args.data}; {skips.summary()}")
+    if not data:
+        raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
+    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
+    model = C.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    start = 0
+    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
+        meta = C.load_checkpoint(ckpt, model, opt)
+        start = meta["step"]
+        sampler.load_state(meta["data"])
+    elif args.resume:
+        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    log = C.RunLogger(args.run_dir, args.steps, d, desc="sft", start_step=start)
+    model.train()
+    for step in range(start, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = C.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
+        micro = sampler.next(d.rank, d.world, args.grad_accum)
+        loss_sum, tokens, flops = torch.zeros((), device=d.device), 0, 0.0
+        for i, idx in enumerate(micro):
+            samples = [data[j] for j in idx]
+            with C.grad_sync(model, i == len(micro) - 1):
+                with C.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
+                    loss = sft_loss(model, samples, bb, args, d.device)
+                (loss / len(micro)).backward()
+            loss_sum += loss.detach() / len(micro)                         # no host sync before backward
+            tokens += sum(len(s["input_ids"]) for s in samples)
+            flops += C.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
+        C.check_finite(loss_sum, step)
+        gnorm = C.clip_grad_norm(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.log(step + 1, {"loss": C.all_reduce_mean(loss_sum.item(), d), "lr": opt.param_groups[0]["lr"],
+                           "grad_norm": gnorm}, tokens, flops)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
+                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+        if step + 1 == args.stop_after:
+            break
+    log.close()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Save and evaluate
+    # ------------------------------------------------------------------------------------------------------------
+    export_dir = os.path.join(args.run_dir, "export")
+    C.export_hf(bb, export_dir, state_dict=C.full_state_dict(model), model=model,
+                dtype=C.compute_dtype(args.dtype, d.device))
+    C.print0(f"exported {export_dir}")
+    if args.eval and d.main:
+        evaluate_export(args, export_dir)
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return bb
+
+
+def evaluate_export(args: Args, export_dir: str) -> dict:
+    """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process)."""
+    import eval as E
+    scores = {}
+    for bench in [b for b in args.eval.split(",") if b]:
+        out = Path(args.run_dir, "eval", f"{bench}.json")
+        ea = E.Args(benchmark=bench, data_dir=str(Path(args.data).parent / "eval" / bench), model=export_dir,
+                    prompt="answer-tag", output=str(out), min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                    limit=args.eval_limit, overwrite=True)
+        scores[bench] = E.evaluate(ea)["overall"]
+    return scores
+
+
+if __name__ == "__main__":
+    main(*C.parse_args(Args))
