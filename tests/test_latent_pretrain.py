@@ -345,7 +345,8 @@ def test_torchrun_finetune(tmp_path):
                     ROOT, 29848)
     assert "step 2" in out and "resuming" not in out
     assert (tmp_path / "ft" / "export" / "model.safetensors").exists()
-    preds = [json.loads(x) for x in stale.read_text().splitlines()]
+    header, *preds = [json.loads(x) for x in stale.read_text().splitlines()]
+    assert header["provenance"]["model"].endswith("export")                      # the new export made them
     assert len(preds) == 2 and all(p["prediction"] != "STALE" for p in preds)
 
 
@@ -388,6 +389,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     full = losses(tmp_path / "a")
     import shutil
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    shutil.copy(tmp_path / "a" / "run_id", tmp_path / "b" / "run_id")  # the run directory's identity moves with it
     resumed = losses(tmp_path / "b", "--resume", "true")
     assert sorted(resumed) == [3, 4]
     assert resumed[3] == pytest.approx(full[3], rel=1e-5) and resumed[4] == pytest.approx(full[4], rel=1e-5)
