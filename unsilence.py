@@ -598,7 +598,7 @@ def ulr_predictions(items: list[dict], bb: C.Backbone, args: Args, mode: str, ge
 def eval_hook(items: list[dict], bb: C.Backbone, ea: E.Args):
     """`python eval.py --mode unsilence`: slots-mode ULR with the released defaults and eval's image budget."""
     args = resolve(Args(model=ea.model, modes="slots", min_pixels=ea.min_pixels, max_pixels=ea.max_pixels,
-                        max_new_tokens=ea.max_new_tokens or 2048, limit=0))
+                        max_new_tokens=E.settings(ea, ea.benchmark)["max_new_tokens"], limit=0))   # as recorded
     bb.model.to(getattr(torch, args.dtype)).eval().requires_grad_(False)
     return ulr_predictions(items, bb, args, "slots", torch.Generator().manual_seed(args.seed))
 
