@@ -13,14 +13,17 @@ prompt); latent mode = the paper's framing (H starts from an LVR model's own dec
 
 Launch:
     python unsilence.py                           # CPU toy: LVR export (trained if missing), diagnosis, ULR, table
-    python unsilence.py --stage diagnose --model runs/lvr/ckpt250,runs/lvr/ckpt500,runs/lvr/export
+    python unsilence.py --stage diagnose --model runs/lvr_a/export,runs/lvr_b/export   # HF exports, e.g. per step
+    python unsilence.py --stage ulr --modes latent --model runs/lvr7b/export --benchmarks vstar \\
+        --data-dir data/vstar_bench --min-pixels 100352 --max-pixels 4014080   # the paper's framing, an LVR model
     python unsilence.py --stage ulr --model Qwen/Qwen2.5-VL-7B-Instruct --benchmarks mmvp --data-dir data/MMVP \\
         --modes slots --min-pixels 100352 --max-pixels 200704 --max-new-tokens 2048      # released MMVP setting
     python unsilence.py --stage ulr --model Qwen/Qwen2.5-VL-7B-Instruct --benchmarks hallusionbench \\
         --data-dir data/HallusionBench --modes slots --min-pixels 100352 --max-pixels 200704 --max-new-tokens 2048
     python eval.py --benchmark mmvp --data-dir data/MMVP --model Qwen/Qwen2.5-VL-7B-Instruct --mode unsilence \\
         --min-pixels 100352 --max-pixels 200704 --max-new-tokens 2048      # the same through the eval harness
-One process per GPU (per-sample optimisation; shard the item list with --limit/--offset across processes).
+One process on one GPU: the optimisation is per sample (batch 1), as released. `--data-dir` is one benchmark's
+folder when one benchmark is given; the toy world's copies are used without it.
 
 Deviations and choices (R = released code, P = paper / its third-party reading):
 | choice | default | flag | source |
@@ -48,6 +51,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,9 +113,16 @@ class Args:
     seed: int = field(default=42, metadata={"help": "seed of the noise generator (once per run)"})
 
 
+def is_toy(name: str) -> bool:
+    config = Path(name, "config.json")
+    if name.startswith("toy") or name == "runs/lvr/export" and not config.exists():
+        return True
+    return config.exists() and json.loads(config.read_text()).get("text_config", {}).get("hidden_size", 1e9) <= 256
+
+
 def resolve(args: Args) -> Args:
     args.model = args.model or "runs/lvr/export"
-    toy = all(m.startswith("runs/") or m.startswith("toy") for m in args.model.split(","))
+    toy = all(is_toy(m) for m in args.model.split(","))
     args.modes = args.modes or ("slots,latent" if toy else "slots")
     args.limit = (24 if toy else 0) if args.limit < 0 else args.limit
     args.max_new_tokens = args.max_new_tokens or (32 if toy else 2048)
@@ -216,19 +227,27 @@ def slot_range(sample: dict, slot_id: int, k: int) -> tuple[int, int]:
     return where[0], where[0] + k
 
 
-class attention_implementation:
-    """Context: run the backbone with another attention kernel (eager materialises attention maps)."""
+def latent_prompt(bb: C.Backbone, it: dict, args: Args) -> tuple[LatentPrompt, torch.Tensor]:
+    """Latent mode: lvr.latent_generate decodes N latents after the forced `<|lvr_start|>`; they become H0 and the
+    `<|lvr|>` slots of the prompt."""
+    import lvr
+    sample, question = lvr_sample(bb, it, args)
+    out = lvr.latent_generate(bb, [sample], num_latent_steps=args.latent_steps, max_new_tokens=1)[0]
+    H0 = out["latents"]
+    full = append_tokens(sample, [bb.token_id(lvr.LVR)] * len(H0))
+    n = len(sample["input_ids"])
+    return make_prompt(bb, full, n, n + len(H0), question), H0
 
-    def __init__(self, model, name: str):
-        self.model, self.name, self.before = model, name, model.config._attn_implementation
 
-    def __enter__(self):
-        if self.name != self.before:
-            self.model.set_attn_implementation(self.name)
-
-    def __exit__(self, *exc):
-        if self.name != self.before:
-            self.model.set_attn_implementation(self.before)
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run the backbone with another attention kernel inside the block (eager materialises attention maps)."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name) if name != before else None
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before) if name != before else None
 
 
 @dataclass
@@ -434,7 +453,8 @@ def greedy_answer(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H: torch
     if len(embeds) > s:
         out = lm(inputs_embeds=embeds[None, s:], position_ids=positions[:, None, s:], cache=cache, use_cache=True)
         logits = bb.model.lm_head(out.last_hidden_state[0, -1]).float()
-    eos = set(eos_ids(bb))
+    g = bb.model.generation_config.eos_token_id
+    eos = {bb.tokenizer.eos_token_id, *(g if isinstance(g, (list, tuple)) else [g])}
     banned = bb.tokenizer.encode("addCriterion", add_special_tokens=False)   # released bad_words_ids (Qwen2.5)
     next_pos = int(positions.max()) + 1
     tokens = []
@@ -449,11 +469,6 @@ def greedy_answer(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H: torch
         out = lm(input_ids=torch.tensor([[tok]], device=embeds.device), position_ids=pos, cache=cache, use_cache=True)
         logits = bb.model.lm_head(out.last_hidden_state[0, -1]).float()
     return tokens
-
-
-def eos_ids(bb: C.Backbone) -> list[int]:
-    g = bb.model.generation_config.eos_token_id
-    return [bb.tokenizer.eos_token_id] + (list(g) if isinstance(g, (list, tuple)) else [g] if g is not None else [])
 
 
 def released_answer_span(text: str) -> str:
@@ -498,57 +513,40 @@ def ulr_item(bb: C.Backbone, it: dict, args: Args, mode: str, generator: torch.G
             **diag, **times}
 
 
-def latent_prompt(bb: C.Backbone, it: dict, args: Args) -> tuple[LatentPrompt, torch.Tensor]:
-    """Latent mode: lvr.latent_generate decodes N latents after the forced `<|lvr_start|>`; they become H0 and the
-    `<|lvr|>` slots of the prompt."""
-    import lvr
-    sample, question = lvr_sample(bb, it, args)
-    out = lvr.latent_generate(bb, [sample], num_latent_steps=args.latent_steps, max_new_tokens=1)[0]
-    H0 = out["latents"]
-    full = append_tokens(sample, [bb.token_id(lvr.LVR)] * len(H0))
-    n = len(sample["input_ids"])
-    return make_prompt(bb, full, n, n + len(H0), question), H0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Diagnosis on a latent model: attention shares, cos(first latent, end delimiter), the causal test
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def diagnose(bb: C.Backbone, items: list[dict], benchmark: str, args: Args, generator: torch.Generator) -> dict:
+def diagnose(bb: C.Backbone, items: dict, args: Args, generator: torch.Generator) -> dict:
+    """items: benchmark -> items. Attention shares and cosines over all items; the causal test per benchmark."""
     import lvr
-    prompts, prefixes, latents = [], [], []
-    for it in items:
-        prompt, H = latent_prompt(bb, it, args)
-        prompts.append(prompt)
-        prefixes.append(prefill(bb, prompt, with_relevance=False))
-        latents.append(H)
-    answers = {}
-    for kind in ["intact"] + [k for k in args.causal_ablations.split(",") if k]:
-        fed = ablate(latents, kind, generator)
-        answers[kind] = [greedy_answer(bb, p, f, h, args.max_new_tokens) for p, f, h in zip(prompts, prefixes, fed)]
-    shares, cosines = [], []
     end_embedding = bb.model.get_input_embeddings().weight[bb.token_id(lvr.LVR_LATENT_END)].float()
-    with attention_implementation(bb.model, "eager"):
-        for prompt, H, tokens in zip(prompts, latents, answers["intact"]):
-            cosines.append(float(F.cosine_similarity(H[0].float(), end_embedding, dim=0)) if len(H) else float("nan"))
-            embeds, positions = answer_inputs(prompt, H)
-            answer = torch.tensor(tokens, device=embeds.device)
-            seq = torch.cat([embeds, bb.model.get_input_embeddings()(answer)])
-            pos = torch.cat([positions, int(positions.max()) + 1 + torch.arange(len(tokens), device=seq.device)
-                             .expand(3, -1)], 1)
-            out = bb.model.model.language_model(inputs_embeds=seq[None], position_ids=pos[:, None],
-                                                output_attentions=True, use_cache=False)
-            rows = list(range(len(embeds), len(seq)))                    # the answer tokens
-            shares.append(attention_shares(out.attentions, rows, prompt.image_positions,
-                                           list(range(prompt.slot_start, prompt.slot_end))))
-    ea = eval_args(benchmark, args)
-    accuracy = {k: E.score(benchmark, items, {str(it["id"]): released_answer_span(decode(bb, t))
-                                              for it, t in zip(items, toks)}, ea)["overall"]
-                for k, toks in answers.items()}
+    shares, cosines, accuracy = [], [], {}
+    for bench, its in items.items():
+        prompts = [latent_prompt(bb, it, args) for it in its]                 # (prompt, decoded latents H)
+        prefixes = [prefill(bb, p, with_relevance=False) for p, _ in prompts]
+        latents = [h for _, h in prompts]
+        accuracy[bench] = {"chance": chance(bench, its)}
+        for kind in ["intact"] + [k for k in args.causal_ablations.split(",") if k]:
+            answers = [greedy_answer(bb, p, f, h, args.max_new_tokens)
+                       for (p, _), f, h in zip(prompts, prefixes, ablate(latents, kind, generator))]
+            texts = {str(it["id"]): released_answer_span(decode(bb, a)) for it, a in zip(its, answers)}
+            accuracy[bench][kind] = E.score(bench, its, texts, eval_args(bench, args))["overall"]
+            intact = answers if kind == "intact" else intact
+        with attention_implementation(bb.model, "eager"):      # (a): one teacher-forced pass over prompt + answer
+            for (prompt, H), tokens in zip(prompts, intact):
+                cosines.append(float(F.cosine_similarity(H[0].float(), end_embedding, dim=0)))   # (b)
+                embeds, positions = answer_inputs(prompt, H)
+                seq = torch.cat([embeds, bb.model.get_input_embeddings()(torch.tensor(tokens, device=embeds.device))])
+                new = int(positions.max()) + 1 + torch.arange(len(tokens), device=seq.device)
+                out = bb.model.model.language_model(inputs_embeds=seq[None], output_attentions=True, use_cache=False,
+                                                    position_ids=torch.cat([positions, new.expand(3, -1)], 1)[:, None])
+                shares.append(attention_shares(out.attentions, list(range(len(embeds), len(seq))),   # answer rows
+                                               prompt.image_positions, list(range(prompt.slot_start, prompt.slot_end))))
     per_layer = torch.stack(shares).mean(0)
     return {"attention_image_per_layer": per_layer[:, 0].tolist(), "attention_latent_per_layer": per_layer[:, 1].tolist(),
             "attention_image": float(per_layer[:, 0].mean()), "attention_latent": float(per_layer[:, 1].mean()),
-            "cos_first_latent_end": float(torch.tensor(cosines).nanmean()), "accuracy": accuracy}
+            "cos_first_latent_end": sum(cosines) / len(cosines), "accuracy": accuracy}
 
 
 def plot_diagnosis(results: dict, path: str):
@@ -631,16 +629,8 @@ def main(args: Args):
     items = {b: E.load_benchmark(b, args.data_dir, eval_args(b, args))[0] for b in benchmarks}
     report = {"args": asdict(args)}
     if args.stage in ("diagnose", "all"):
-        results = {}
-        for m in models:
-            bb = load_latent_model(m, args)
-            gen = torch.Generator().manual_seed(args.seed)
-            per_bench = {b: diagnose(bb, items[b], b, args, gen) for b in benchmarks}
-            results[m] = {k: sum(r[k] for r in per_bench.values()) / len(per_bench) for k in
-                          ("attention_image", "attention_latent", "cos_first_latent_end")}
-            results[m].update({f"{k}_per_layer": torch.tensor([r[f"{k}_per_layer"] for r in per_bench.values()])
-                               .mean(0).tolist() for k in ("attention_image", "attention_latent")})
-            results[m]["accuracy"] = {b: r["accuracy"] for b, r in per_bench.items()}
+        results = {m: diagnose(load_latent_model(m, args), items, args, torch.Generator().manual_seed(args.seed))
+                   for m in models}
         plot_diagnosis(results, os.path.join(args.run_dir, "diagnosis.png"))
         report["diagnosis"] = results
         print_diagnosis(results, benchmarks)
@@ -666,21 +656,25 @@ def main(args: Args):
 
 
 def print_diagnosis(results: dict, benchmarks: list[str]):
-    kinds = list(next(iter(results.values()))["accuracy"][benchmarks[0]])
-    print("\ndiagnosis | attn answer->image | attn answer->latents | cos(first latent, latent_end) | "
-          + " | ".join(f"{b} {k}" for b in benchmarks for k in kinds))
+    print("\n| checkpoint | attention answer->image | answer->latents (per layer) | cos(first latent, latent_end) |")
+    print("|---|---|---|---|")
     for m, r in results.items():
-        print(f"{m} | {r['attention_image']:.3f} | {r['attention_latent']:.3f} | {r['cos_first_latent_end']:.3f} | "
-              + " | ".join(f"{r['accuracy'][b][k]:.1f}" for b in benchmarks for k in kinds))
-        print("  per layer image:  " + " ".join(f"{x:.3f}" for x in r["attention_image_per_layer"]))
-        print("  per layer latent: " + " ".join(f"{x:.3f}" for x in r["attention_latent_per_layer"]))
+        layers = " ".join(f"{x:.3f}/{y:.3f}" for x, y in zip(r["attention_image_per_layer"],
+                                                             r["attention_latent_per_layer"]))
+        print(f"| {m} | {r['attention_image']:.3f} | {r['attention_latent']:.3f} ({layers}) | "
+              f"{r['cos_first_latent_end']:.3f} |")
+    kinds = list(next(iter(results.values()))["accuracy"][benchmarks[0]])
+    print("\n| causal test: checkpoint | benchmark | " + " | ".join(kinds) + " |\n|---|---|" + "---|" * len(kinds))
+    for m, r in results.items():
+        for b in benchmarks:
+            print(f"| {m} | {b} | " + " | ".join(f"{r['accuracy'][b][k]:.1f}" for k in kinds) + " |")
 
 
 def print_ulr(table: dict):
     cols = [c for c in next(iter(table.values())) if "steps" not in c]
-    print("\nbenchmark | " + " | ".join(cols))
+    print("\n| benchmark | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for b, row in table.items():
-        print(f"{b} | " + " | ".join(f"{row[c]:.1f}" for c in cols))
+        print(f"| {b} | " + " | ".join(f"{row[c]:.1f}" for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """ULR benchmark (a script, not a test; CPU toy LVR export, slots mode, the released 5 + 15 steps).
 
-(a) Per-sample cost of ULR / plain generation (`model.generate`, greedy, the same prompt and the same number of new
-    tokens), split into prompt (vision tower + prefix pass with the one relevance computation), Stage I, Stage II and
-    the answer's generation.
+(a) Per-sample cost of ULR / plain generation, split into prompt (vision tower + prefix pass, with the one
+    relevance computation), Stage I, Stage II and the answer's generation. Two baselines, the same prompt and the same
+    number of new tokens, greedy: `model.generate`, and this file's own cached decoder answering with H0.
 (b) The saving from computing the question -> image relevance once and reusing the prefix KV cache, against the
     released procedure, re-created here: every Stage-I step a full eager forward (vision tower, attention maps,
     hidden states) and its backward; every Stage-II step a full forward (or, with the released `--kv_reuse`, the
@@ -128,6 +128,18 @@ def plain(bb, it, a, gen, new_tokens):
     return [0.0, 0.0, 0.0, time.perf_counter() - t0]
 
 
+def plain_ours(bb, it, a, gen, new_tokens):
+    """The same prompt answered with H0 by this file's decoder (no optimisation, no relevance pass)."""
+    t0 = time.perf_counter()
+    sample, q = U.slots_sample(bb, it, a)
+    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), a.num_slots)
+    prompt = U.make_prompt(bb, sample, s, e, q)
+    prefix = U.prefill(bb, prompt, with_relevance=False)
+    t1 = time.perf_counter()
+    U.greedy_answer(bb, prompt, prefix, prompt.embeds[s:e], new_tokens, stop_at_eos=False)
+    return [t1 - t0, 0.0, 0.0, time.perf_counter() - t1]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=5)
@@ -140,7 +152,8 @@ def main():
     bb = U.load_latent_model(opt.model, a)
     items = E.load_benchmark("vstar", "", U.eval_args("vstar", a))[0][:opt.items]
     eager = lambda f: (lambda *x: run_eager(bb, f, *x))   # noqa: E731
-    variants = {"plain generation": plain, "ULR, this file": ours, "ULR, this file, eager everywhere": eager(ours),
+    variants = {"plain generation": plain, "plain generation, this file's decoder": plain_ours,
+                "ULR, this file": ours, "ULR, this file, eager everywhere": eager(ours),
                 "ULR, released procedure (eager)": eager(lambda *x: released(*x, kv_reuse=False)),
                 "ULR, released --kv_reuse (eager)": eager(lambda *x: released(*x, kv_reuse=True))}
     gen = torch.Generator().manual_seed(0)
@@ -152,13 +165,15 @@ def main():
                 if r:
                     times[name].append(split)
     med = {k: [statistics.median(x[i] for x in v) for i in range(4)] for k, v in times.items()}
-    base = sum(med["plain generation"])
+    base, base_ours = sum(med["plain generation"]), sum(med["plain generation, this file's decoder"])
     print(f"toy LVR export, slots mode, {a.stage1_steps} + {a.stage2_steps} steps, {opt.new_tokens} new tokens, "
           f"{len(items)} items x {opt.repeats} repeats, median per item (ms)")
-    print("| variant | prompt + prefix | Stage I | Stage II | generation | total | / plain generation |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | prompt + prefix | Stage I | Stage II | generation | total | / plain `generate` | "
+          "/ plain, this file's decoder |")
+    print("|---|---|---|---|---|---|---|---|")
     for k, m in med.items():
-        print(f"| {k} | " + " | ".join(f"{x * 1e3:.1f}" for x in m) + f" | {sum(m) * 1e3:.1f} | {sum(m) / base:.2f} |")
+        print(f"| {k} | " + " | ".join(f"{x * 1e3:.1f}" for x in m) + f" | {sum(m) * 1e3:.1f} | {sum(m) / base:.2f} | "
+              f"{sum(m) / base_ours:.2f} |")
     o, rel, kv = sum(med["ULR, this file, eager everywhere"]), sum(med["ULR, released procedure (eager)"]), \
         sum(med["ULR, released --kv_reuse (eager)"])
     print(f"saving (same eager kernels): released / this file = {rel / o:.2f}x per sample; with --kv_reuse {kv / o:.2f}x; "
