@@ -637,6 +637,8 @@ def main(args: Args):
     if args.stage in ("ulr", "all"):
         bb = load_latent_model(models[-1], args)
         table = {b: {"chance": chance(b, items[b])} for b in benchmarks}
+        if "mmvp" in benchmarks:                                   # released results are per question
+            table["mmvp (per question)"] = {"chance": chance("per_question", items["mmvp"])}
         for mode in [m for m in args.modes.split(",") if m]:
             for b in benchmarks:
                 out = Path(args.run_dir, f"{b}_{mode}.json")
@@ -648,7 +650,10 @@ def main(args: Args):
                 rows = [json.loads(line) for line in preds.read_text().splitlines()]
                 base = E.score(b, items[b], {str(r["id"]): r["prediction_no_ulr"] for r in rows}, ea)
                 table[b][f"{mode}: no ULR"], table[b][f"{mode}: ULR"] = base["overall"], s["overall"]
-                table[b][f"{mode}: steps chosen"] = sorted({r["chosen_step"] for r in rows})
+                table[b][f"{mode}: mean |dH|"] = sum(r["delta_h_norm"] for r in rows) / len(rows)
+                if b == "mmvp":
+                    table["mmvp (per question)"].update({f"{mode}: no ULR": base["question_accuracy"],
+                                                         f"{mode}: ULR": s["question_accuracy"]})
         report["ulr"] = table
         print_ulr(table)
     Path(args.run_dir, "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -656,12 +661,12 @@ def main(args: Args):
 
 
 def print_diagnosis(results: dict, benchmarks: list[str]):
-    print("\n| checkpoint | attention answer->image | answer->latents (per layer) | cos(first latent, latent_end) |")
-    print("|---|---|---|---|")
+    print("\n| checkpoint | answer->image | answer->latents | per layer (image / latents) | cos(first latent, end) |")
+    print("|---|---|---|---|---|")
     for m, r in results.items():
-        layers = " ".join(f"{x:.3f}/{y:.3f}" for x, y in zip(r["attention_image_per_layer"],
-                                                             r["attention_latent_per_layer"]))
-        print(f"| {m} | {r['attention_image']:.3f} | {r['attention_latent']:.3f} ({layers}) | "
+        layers = ", ".join(f"{x:.3f} / {y:.3f}" for x, y in zip(r["attention_image_per_layer"],
+                                                               r["attention_latent_per_layer"]))
+        print(f"| {m} | {r['attention_image']:.3f} | {r['attention_latent']:.3f} | {layers} | "
               f"{r['cos_first_latent_end']:.3f} |")
     kinds = list(next(iter(results.values()))["accuracy"][benchmarks[0]])
     print("\n| causal test: checkpoint | benchmark | " + " | ".join(kinds) + " |\n|---|---|" + "---|" * len(kinds))
@@ -671,10 +676,11 @@ def print_diagnosis(results: dict, benchmarks: list[str]):
 
 
 def print_ulr(table: dict):
-    cols = [c for c in next(iter(table.values())) if "steps" not in c]
+    cols = list(next(iter(table.values())))
     print("\n| benchmark | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for b, row in table.items():
-        print(f"| {b} | " + " | ".join(f"{row[c]:.1f}" for c in cols) + " |")
+        print(f"| {b} | " + " | ".join("" if c not in row else f"{row[c]:.2e}" if "|dH|" in c else f"{row[c]:.1f}"
+                                     for c in cols) + " |")
 
 
 if __name__ == "__main__":
