@@ -141,15 +141,10 @@ def resolve(args: Args) -> Args:
 # ----------------------------------------------------------------------------------------------------------------
 # Data: the released prompt (slots mode), the LVR prompt (latent mode), token spans
 # ----------------------------------------------------------------------------------------------------------------
-def question_text(it: dict) -> str:
-    options = "".join(f"\n{k}. {v}" for k, v in (it["options"] or {}).items())
-    return f"{it['question']}{options}"
-
-
 def slots_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
     """The released user turn: [image, "Question: {q}\\nPut your final answer within \\\\boxed{}.\\n\\n",
     "\\n\\nPROBLEM: {q}\\n\\nThe following special tokens ... {K slots}"] (missing separators kept as released)."""
-    q = question_text(it)
+    q = it["question"] + "".join(f"\n{k}. {v}" for k, v in (it["options"] or {}).items())
     cot = f"Question: {[q] if args.prompt_list_bug else q}\nPut your final answer within \\boxed{{}}.\n\n"
     thinking = (f"\n\nPROBLEM: {q}\n\n"
                 "The following special tokens represent YOUR INTERNAL THINKING SPACE where your reasoning happens "
@@ -351,20 +346,14 @@ def attention_shares(attentions, answer_rows, image_cols, latent_cols) -> torch.
 def ablate(latents: list[torch.Tensor], kind: str, generator: torch.Generator) -> list[torch.Tensor]:
     """Causal-test inputs: intact | zeros | noise (Gaussian, each vector rescaled to its latent's norm) |
     shuffle (item i gets item i+1's latents) | remove (no latent vectors)."""
-    if kind == "intact":
-        return latents
-    if kind == "zeros":
-        return [torch.zeros_like(h) for h in latents]
-    if kind == "noise":
-        out = []
-        for h in latents:
-            eps = torch.randn(h.shape, generator=generator).to(h)
-            out.append(eps / eps.norm(dim=-1, keepdim=True) * h.norm(dim=-1, keepdim=True))
-        return out
-    if kind == "shuffle":
-        return latents[1:] + latents[:1]
-    if kind == "remove":
-        return [h[:0] for h in latents]
+    def noise(h):
+        eps = torch.randn(h.shape, generator=generator).to(h)
+        return eps / eps.norm(dim=-1, keepdim=True) * h.norm(dim=-1, keepdim=True)
+    ablations = {"intact": lambda: latents, "zeros": lambda: [torch.zeros_like(h) for h in latents],
+                 "noise": lambda: [noise(h) for h in latents], "shuffle": lambda: latents[1:] + latents[:1],
+                 "remove": lambda: [h[:0] for h in latents]}
+    if kind in ablations:
+        return ablations[kind]()
     raise ValueError(f"unknown ablation {kind!r}")
 
 
@@ -417,9 +406,8 @@ def optimise_latents(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H0: t
         candidate = H.detach() + eps
         with torch.no_grad():
             _, logits = forward_slots(bb, prompt, prefix, candidate)
-        reward = (confidence_reward(logits, args.top_k, args.progression_weight) if args.reward == "code"
-                  else entropy_reward(logits))
-        with torch.no_grad():
+            reward = (confidence_reward(logits, args.top_k, args.progression_weight) if args.reward == "code"
+                      else entropy_reward(logits))
             H += args.lr * reward * eps / sigma ** 2                      # H ← H + η·R·ε/σ²
         rewards.append(reward)
         best.update(step, reward, candidate if args.store == "candidate" else H)
