@@ -480,6 +480,8 @@ def settings(args, benchmark):
            "label": args.label or f"{args.model} ({args.mode}, {args.prompt})"}
     if args.mode == "latent":
         out["latent_steps"] = args.latent_steps
+    if args.mode == "unsilence":  # the method builds its own (released) prompt; --prompt does not apply
+        out["prompt"] = "unsilence.py: released ULR prompt (system <think>/<answer>, 4 <|endoftext|> slots)"
     if benchmark == "mmvp":
         out["mmvp_answers"] = ("lmms-eval corrected (Index 100, 280 -> A)" if args.mmvp_corrected
                                else "published Questions.csv as-is")
