@@ -41,7 +41,7 @@ Deviations and choices (R = released code, P = paper / its third-party reading):
 | released prompt's list-repr bug (`Question: ['...']`) | not copied | `--prompt-list-bug` | R result files |
 | scoring | rule-based: `<answer>`, else last `\\boxed{}`, else the text; eval.py's extractor | - | R ends in a GPT-4o judge |
 | latent-model mode | init H from lvr.latent_generate's decoded latents | `--modes latent` | P (not in R) |
-| noise eps | one CPU generator seeded once per run (seed 42) | `--seed` | R |
+| noise eps | a CPU generator seeded once per evaluation (seed 42), drawn in item order | `--seed` | R (once per process) |
 """
 from __future__ import annotations
 
@@ -414,7 +414,8 @@ def optimise_latents(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H0: t
     times["stage2_s"] = time.perf_counter() - t0
     chosen = best.state.to(H0.dtype)
     return chosen, {"rewards": rewards, "sigmas": sigmas, "chosen_step": best.step,
-                    "delta_h_norm": float((chosen.float() - H0.float()).norm()), **times}
+                    "delta_h_norm": float((chosen.float() - H0.float()).norm()), "h0_norm": float(H0.float().norm()),
+                    **times}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -589,13 +590,14 @@ def eval_hook(items: list[dict], bb: C.Backbone, ea: E.Args):
     return ulr_predictions(items, bb, args, "slots", torch.Generator().manual_seed(args.seed))
 
 
-def load_latent_model(path: str, args: Args) -> C.Backbone:
+def load_latent_model(path: str, args: Args, lvr_tokens: bool = True) -> C.Backbone:
     import lvr
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bb = C.load_backbone(path, dev, dtype=getattr(torch, args.dtype),
                          attn_implementation="eager" if args.attn == "eager" else None)
-    lvr.prepare_model(bb)                                  # no-op for an LVR export (tokens already there)
-    lvr.attach_saved_head(bb)
+    if lvr_tokens:                                         # latent mode / diagnosis; a no-op for an LVR export
+        lvr.prepare_model(bb)
+        lvr.attach_saved_head(bb)
     bb.model.eval().requires_grad_(False)
     return bb
 
@@ -623,7 +625,7 @@ def main(args: Args):
         report["diagnosis"] = results
         print_diagnosis(results, benchmarks)
     if args.stage in ("ulr", "all"):
-        bb = load_latent_model(models[-1], args)
+        bb = load_latent_model(models[-1], args, lvr_tokens="latent" in args.modes)
         table = {b: {"chance": chance(b, items[b])} for b in benchmarks}
         if "mmvp" in benchmarks:                                   # released results are per question
             table["mmvp (per question)"] = {"chance": chance("per_question", items["mmvp"])}
@@ -638,7 +640,7 @@ def main(args: Args):
                 rows = [json.loads(line) for line in preds.read_text().splitlines()]
                 base = E.score(b, items[b], {str(r["id"]): r["prediction_no_ulr"] for r in rows}, ea)
                 table[b][f"{mode}: no ULR"], table[b][f"{mode}: ULR"] = base["overall"], s["overall"]
-                table[b][f"{mode}: mean |dH|"] = sum(r["delta_h_norm"] for r in rows) / len(rows)
+                table[b][f"{mode}: |dH|/|H0|"] = sum(r["delta_h_norm"] / r["h0_norm"] for r in rows) / len(rows)
                 if b == "mmvp":
                     table["mmvp (per question)"].update({f"{mode}: no ULR": base["question_accuracy"],
                                                          f"{mode}: ULR": s["question_accuracy"]})
@@ -667,7 +669,7 @@ def print_ulr(table: dict):
     cols = list(next(iter(table.values())))
     print("\n| benchmark | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for b, row in table.items():
-        print(f"| {b} | " + " | ".join("" if c not in row else f"{row[c]:.2e}" if "|dH|" in c else f"{row[c]:.1f}"
+        print(f"| {b} | " + " | ".join("" if c not in row else f"{row[c]:.1e}" if "|dH|" in c else f"{row[c]:.1f}"
                                      for c in cols) + " |")
 
 
