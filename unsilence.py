@@ -521,7 +521,8 @@ def diagnose(bb: C.Backbone, items: dict, args: Args, generator: torch.Generator
                        for (p, _), f, h in zip(prompts, prefixes, ablate(latents, kind, generator))]
             texts = {str(it["id"]): released_answer_span(decode(bb, a)) for it, a in zip(its, answers)}
             accuracy[bench][kind] = E.score(bench, its, texts, eval_args(bench, args))["overall"]
-            intact = answers if kind == "intact" else intact
+            if kind == "intact":
+                intact = answers
         with attention_implementation(bb.model, "eager"):      # (a): one teacher-forced pass over prompt + answer
             for (prompt, H), tokens in zip(prompts, intact):
                 cosines.append(float(F.cosine_similarity(H[0].float(), end_embedding, dim=0)))   # (b)
@@ -548,7 +549,8 @@ def plot_diagnosis(results: dict, path: str):
         line, = ax.plot(layers, r["attention_image_per_layer"], marker="o", label=f"{name}: image")
         ax.plot(layers, r["attention_latent_per_layer"], marker="s", ls="--", color=line.get_color(),
                 label=f"{name}: latents")
-    ax.set(xlabel="layer", ylabel="attention share of answer tokens", title="answer -> image vs latents")
+    ax.set(xlabel="layer", ylabel="attention share of answer tokens", title="answer -> image vs latents",
+           xticks=list(layers))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
