@@ -642,7 +642,8 @@ def main(args: Args):
                 rows = [json.loads(line) for line in preds.read_text().splitlines()]
                 base = E.score(b, items[b], {str(r["id"]): r["prediction_no_ulr"] for r in rows}, ea)
                 table[b][f"{mode}: no ULR"], table[b][f"{mode}: ULR"] = base["overall"], s["overall"]
-                table[b][f"{mode}: |dH|/|H0|"] = sum(r["delta_h_norm"] / r["h0_norm"] for r in rows) / len(rows)
+                table[b][f"{mode}: |dH|"] = sum(r["delta_h_norm"] for r in rows) / len(rows)
+                table[b][f"{mode}: |H0|"] = sum(r["h0_norm"] for r in rows) / len(rows)
                 if b == "mmvp":
                     table["mmvp (per question)"].update({f"{mode}: no ULR": base["question_accuracy"],
                                                          f"{mode}: ULR": s["question_accuracy"]})
@@ -671,7 +672,7 @@ def print_ulr(table: dict):
     cols = list(next(iter(table.values())))
     print("\n| benchmark | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for b, row in table.items():
-        print(f"| {b} | " + " | ".join("" if c not in row else f"{row[c]:.1e}" if "|dH|" in c else f"{row[c]:.1f}"
+        print(f"| {b} | " + " | ".join("" if c not in row else f"{row[c]:.1e}" if "|" in c else f"{row[c]:.1f}"
                                      for c in cols) + " |")
 
 
