@@ -238,11 +238,13 @@ def latent_prompt(bb: C.Backbone, it: dict, args: Args) -> tuple[LatentPrompt, t
 def attention_implementation(model, name: str):
     """Run the backbone with another attention kernel inside the block (eager materialises attention maps)."""
     before = model.config._attn_implementation
-    model.set_attn_implementation(name) if name != before else None
+    if name != before:
+        model.set_attn_implementation(name)
     try:
         yield
     finally:
-        model.set_attn_implementation(before) if name != before else None
+        if name != before:
+            model.set_attn_implementation(before)
 
 
 @dataclass
