@@ -97,7 +97,8 @@ class Args:
     top_k: int = field(default=10, metadata={"help": "top-k probabilities in the confidence reward"})
     progression_weight: float = field(default=0.05, metadata={"help": "lambda of the progression term"})
     selection: str = field(default="best", metadata={"help": "best (released rule) | last"})
-    store: str = field(default="centre", metadata={"help": "state kept at the best step: centre (released) | candidate"})
+    store: str = field(default="centre", metadata={"help": "state kept at the best step: centre (released) | "
+                                                           "candidate"})
     best_init: float = field(default=0.0, metadata={"help": "initial best reward of the released rule"})
     ablation: str = field(default="none", metadata={"help": "none | stage1_only | stage2_only | no_progression"})
     stage1_trap: bool = field(default=False, metadata={"help": "stage1_only keeps the released rule (returns the "
@@ -153,7 +154,8 @@ def slots_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
                 f"Here are the {args.num_slots} special tokens: " + SLOT_TOKEN * args.num_slots)
     images = [{"type": "image", "image": E.load_image(im)} for im in it["images"]]
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": images + [{"type": "text", "text": cot}, {"type": "text", "text": thinking}]}]
+                {"role": "user", "content": images + [{"type": "text", "text": cot},
+                                                      {"type": "text", "text": thinking}]}]
     sample = C.encode_chat(bb, messages, add_generation_prompt=True, min_pixels=args.min_pixels,
                            max_pixels=args.max_pixels)
     return sample, q
@@ -175,7 +177,8 @@ def append_tokens(sample: dict, ids: list[int]) -> dict:
 
 
 def find_question_span(tokenizer, ids: list[int], question: str) -> list[int]:
-    """Released `_find_question_positions`: the first occurrence of "PROBLEM: {q}\\n\\n", else "PROBLEM: {q}", else q."""
+    """Released `_find_question_positions`: the first occurrence of "PROBLEM: {q}\\n\\n", else "PROBLEM: {q}",
+    else q (a token subsequence)."""
     for text in (f"PROBLEM: {question}\n\n", f"PROBLEM: {question}", question):
         needle = tokenizer.encode(text, add_special_tokens=False)
         for i in range(len(ids) - len(needle) + 1):
@@ -310,8 +313,8 @@ def select_pairs(relevance: torch.Tensor, num_slots: int, pos_k: int, neg_k: int
 
 
 def infonce_loss(z: torch.Tensor, v: torch.Tensor, positives, negatives, tau: float) -> torch.Tensor:
-    """L_align = mean_i −log( Σ_{p∈P_i} e^{cos(z_i,v_p)/τ} / Σ_{j∈P_i∪N_i} e^{cos(z_i,v_j)/τ} ), slots without
-    positives or negatives skipped (released)."""
+    """L_align = mean_i −log(Σ_{p∈P_i} e^{cos(z_i,v_p)/τ} / Σ_{j∈P_i∪N_i} e^{cos(z_i,v_j)/τ}); slots
+    without positives or negatives are skipped (released)."""
     losses = []
     for i, (pos, neg) in enumerate(zip(positives, negatives)):
         if not pos or not neg:
@@ -536,7 +539,8 @@ def diagnose(bb: C.Backbone, items: dict, args: Args, generator: torch.Generator
                 shares.append(attention_shares(out.attentions, list(range(len(embeds), len(seq))),   # answer rows
                                                prompt.image_positions, list(range(prompt.slot_start, prompt.slot_end))))
     per_layer = torch.stack(shares).mean(0)
-    return {"attention_image_per_layer": per_layer[:, 0].tolist(), "attention_latent_per_layer": per_layer[:, 1].tolist(),
+    return {"attention_image_per_layer": per_layer[:, 0].tolist(),
+            "attention_latent_per_layer": per_layer[:, 1].tolist(),
             "attention_image": float(per_layer[:, 0].mean()), "attention_latent": float(per_layer[:, 1].mean()),
             "cos_first_latent_end": sum(cosines) / len(cosines), "accuracy": accuracy}
 
@@ -572,7 +576,8 @@ def chance(benchmark: str, items: list[dict]) -> float:
     p = {str(it["id"]): 1 / len(it["options"]) if it["options"] else 0.5 for it in items}
     if benchmark == "mmvp":
         pairs = E.by(items, lambda it: it["extra"]["pair"], [p[str(it["id"])] for it in items])
-        return 100 * sum(math.prod(v) for v in pairs.values() if len(v) == 2) / max(sum(len(v) == 2 for v in pairs.values()), 1)
+        full = [v for v in pairs.values() if len(v) == 2]
+        return 100 * sum(math.prod(v) for v in full) / max(len(full), 1)
     groups = E.by(items, lambda it: it["category"], [p[str(it["id"])] for it in items])
     if benchmark == "blink":
         return 100 * sum(sum(v) / len(v) for v in groups.values()) / len(groups)
@@ -627,7 +632,16 @@ def main(args: Args):
                    for m in models}
         plot_diagnosis(results, os.path.join(args.run_dir, "diagnosis.png"))
         report["diagnosis"] = results
-        print_diagnosis(results, benchmarks)
+        print_table(["checkpoint", "answer->image", "answer->latents", "per layer (image / latents)",
+                     "cos(first latent, latent end)"],
+                    [[m, f"{r['attention_image']:.3f}", f"{r['attention_latent']:.3f}",
+                      ", ".join(f"{x:.3f} / {y:.3f}" for x, y in zip(r["attention_image_per_layer"],
+                                                                     r["attention_latent_per_layer"])),
+                      f"{r['cos_first_latent_end']:.3f}"] for m, r in results.items()])
+        kinds = list(results[models[0]]["accuracy"][benchmarks[0]])
+        print_table(["causal test: checkpoint", "benchmark", *kinds],
+                    [[m, b, *(f"{r['accuracy'][b][k]:.1f}" for k in kinds)] for m, r in results.items()
+                     for b in benchmarks])
     if args.stage in ("ulr", "all"):
         bb = load_latent_model(models[-1], args, lvr_tokens="latent" in args.modes)
         table = {b: {"chance": chance(b, items[b])} for b in benchmarks}
@@ -650,32 +664,17 @@ def main(args: Args):
                     table["mmvp (per question)"].update({f"{mode}: no ULR": base["question_accuracy"],
                                                          f"{mode}: ULR": s["question_accuracy"]})
         report["ulr"] = table
-        print_ulr(table)
+        cols = list(table[benchmarks[0]])
+        cell = lambda row, c: "" if c not in row else f"{row[c]:.1e}" if "|" in c else f"{row[c]:.1f}"   # noqa: E731
+        print_table(["benchmark", *cols], [[b, *(cell(row, c) for c in cols)] for b, row in table.items()])
     Path(args.run_dir, "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
-def print_diagnosis(results: dict, benchmarks: list[str]):
-    print("\n| checkpoint | answer->image | answer->latents | per layer (image / latents) | cos(first latent, end) |")
-    print("|---|---|---|---|---|")
-    for m, r in results.items():
-        layers = ", ".join(f"{x:.3f} / {y:.3f}" for x, y in zip(r["attention_image_per_layer"],
-                                                               r["attention_latent_per_layer"]))
-        print(f"| {m} | {r['attention_image']:.3f} | {r['attention_latent']:.3f} | {layers} | "
-              f"{r['cos_first_latent_end']:.3f} |")
-    kinds = list(next(iter(results.values()))["accuracy"][benchmarks[0]])
-    print("\n| causal test: checkpoint | benchmark | " + " | ".join(kinds) + " |\n|---|---|" + "---|" * len(kinds))
-    for m, r in results.items():
-        for b in benchmarks:
-            print(f"| {m} | {b} | " + " | ".join(f"{r['accuracy'][b][k]:.1f}" for k in kinds) + " |")
-
-
-def print_ulr(table: dict):
-    cols = list(next(iter(table.values())))
-    print("\n| benchmark | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    for b, row in table.items():
-        print(f"| {b} | " + " | ".join("" if c not in row else f"{row[c]:.1e}" if "|" in c else f"{row[c]:.1f}"
-                                     for c in cols) + " |")
+def print_table(header: list[str], rows: list[list[str]]):
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -176,7 +176,8 @@ def main():
               f"{sum(m) / base_ours:.2f} |")
     o, rel, kv = sum(med["ULR, this file, eager everywhere"]), sum(med["ULR, released procedure (eager)"]), \
         sum(med["ULR, released --kv_reuse (eager)"])
-    print(f"saving (same eager kernels): released / this file = {rel / o:.2f}x per sample; with --kv_reuse {kv / o:.2f}x; "
+    print(f"saving (same eager kernels): released / this file = {rel / o:.2f}x per sample; "
+          f"with --kv_reuse {kv / o:.2f}x; "
           f"Stage I {med['ULR, released procedure (eager)'][1] / med['ULR, this file, eager everywhere'][1]:.2f}x, "
           f"Stage II {med['ULR, released procedure (eager)'][2] / med['ULR, this file, eager everywhere'][2]:.2f}x")
 

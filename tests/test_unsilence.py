@@ -76,14 +76,15 @@ def test_released_prompt_layout(bb):
     ids = sample["input_ids"].tolist()
     n = len(ids)
     tail = bb.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-    assert (prompt.slot_start, prompt.slot_end) == (n - len(tail) - 4, n - len(tail))   # released [L−K−2, L−2) + header
+    assert (prompt.slot_start, prompt.slot_end) == (n - len(tail) - 4, n - len(tail))   # released [L−K−2, L−2)
     assert ids[prompt.slot_start:prompt.slot_end] == [bb.token_id("<|endoftext|>")] * 4
     text = bb.tokenizer.decode(ids)
     assert "Question: what is the colour" in text and "PROBLEM: what is the colour" in text
     assert "reasoning stepsAfter these tokens" in text and "<think>" in text      # released separators kept
     span = bb.tokenizer.decode(ids[prompt.question_positions[0]:prompt.question_positions[-1] + 1])
     assert span.startswith("PROBLEM: what is") and span.endswith("yellow\n\n")
-    assert "['what is" in bb.tokenizer.decode(U.slots_sample(bb, toy_item(), args(prompt_list_bug=True))[0]["input_ids"])
+    buggy = U.slots_sample(bb, toy_item(), args(prompt_list_bug=True))[0]["input_ids"]
+    assert "['what is" in bb.tokenizer.decode(buggy)
     assert ids[prompt.image_positions[0] - 1] == bb.token_id("<|vision_start|>")
     assert ids[prompt.image_positions[-1] + 1] == bb.token_id("<|vision_end|>")
 
@@ -142,11 +143,12 @@ def test_stage2_cached_prefix_equals_full_forward_and_answer_equals_generate(bb)
     H0 = prompt.embeds[s:e]
     ours = U.greedy_answer(bb, prompt, prefix, H0, 8, stop_at_eos=False)
     # attention_mask must be explicit: generate would infer it from pad_token_id = <|endoftext|> = the slot token
-    gen = bb.model.generate(input_ids=sample["input_ids"][None], attention_mask=torch.ones(1, len(sample["input_ids"])),
-                            pixel_values=sample["pixel_values"],
-                            image_grid_thw=sample["image_grid_thw"], mm_token_type_ids=sample["mm_token_type_ids"][None],
-                            max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert ours == gen[0, len(sample["input_ids"]):].tolist()
+    n = len(sample["input_ids"])
+    gen = bb.model.generate(input_ids=sample["input_ids"][None], attention_mask=torch.ones(1, n),
+                            pixel_values=sample["pixel_values"], image_grid_thw=sample["image_grid_thw"],
+                            mm_token_type_ids=sample["mm_token_type_ids"][None], max_new_tokens=8, min_new_tokens=8,
+                            do_sample=False)
+    assert ours == gen[0, n:].tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_sigma_schedule_and_nes_update_across_both_stages(bb):
     sig = [25 * 0.95 ** t for t in range(5)]
     assert diag["sigmas"] == pytest.approx(sig) and U.sigma_schedule(args())[5] == pytest.approx(19.345, abs=1e-3)
     g, expected = torch.Generator().manual_seed(5), H0.double().clone()
-    for t, reward in zip(range(2, 5), diag["rewards"][2:]):      # H ← H + η·R·ε/σ², σ = σ0·0.95^(5 + j) in stage II
+    for t, reward in zip(range(2, 5), diag["rewards"][2:]):      # H ← H + η·R·ε/σ², σ = σ0·0.95^(2 + j) here
         eps = torch.randn(H0.shape, generator=g) * sig[t]
         expected += 1.0 * reward * eps.double() / sig[t] ** 2
     torch.testing.assert_close(H.double(), expected, atol=1e-5, rtol=1e-5)
