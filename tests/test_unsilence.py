@@ -346,3 +346,23 @@ def test_eval_mode_unsilence_writes_diagnostics(tmp_path):
     rows = [json.loads(x) for x in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and len(rows[0]["rewards"]) == 20 and "chosen_step" in rows[0]
     assert json.loads(out.read_text())["settings"]["mode"] == "unsilence"
+
+
+def test_chance_under_each_headline_rule():
+    opts = lambda n: {chr(65 + i): str(i) for i in range(n)}   # noqa: E731
+    its = [E.item(i, "q", opts(n), "A", cat, [], pair=i // 2) for i, (n, cat) in enumerate([(4, "x"), (2, "x"),
+                                                                                             (2, "y"), (2, "y")])]
+    assert U.chance("vstar", its) == pytest.approx(100 * (1 / 4 + 3 / 2) / 4)      # micro
+    assert U.chance("mmvp", its) == pytest.approx(100 * (1 / 8 + 1 / 4) / 2)       # both questions of a pair
+    assert U.chance("blink", its) == pytest.approx(100 * ((1 / 4 + 1 / 2) / 2 + 1 / 2) / 2)   # mean over subtasks
+
+
+def test_main_end_to_end_on_the_random_toy(tmp_path):
+    report = U.main(U.Args(model="toy", benchmarks="vstar", limit=2, run_dir=str(tmp_path), latent_steps=2,
+                           max_new_tokens=3))
+    assert set(report["diagnosis"]["toy"]["accuracy"]["vstar"]) == {"chance", "intact", "zeros", "noise", "shuffle",
+                                                                       "remove"}
+    assert {"slots: ULR", "latent: ULR", "chance"} <= set(report["ulr"]["vstar"])
+    assert (tmp_path / "diagnosis.png").exists() and (tmp_path / "report.json").exists()
+    rows = [json.loads(x) for x in (tmp_path / "vstar_latent.predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["rewards"]) == 20 for r in rows)
