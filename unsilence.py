@@ -32,7 +32,7 @@ Deviations and choices (R = released code, P = paper / its third-party reading):
 | positives per slot | 4 (index slicing of the top K·4) | `--pos-k 2` | R / P |
 | negatives per slot | 4 least relevant | `--neg-k 16` | R result files / 2 of 3 scripts |
 | state stored at the best step | updated centre H | `--store candidate` (the evaluated H+eps) | R and P Alg. 1 |
-| best-step rule | best starts at 0.0, strict > (Stage I logs -L <= 0, never chosen) | `--selection last` | R |
+| best-step rule | best starts at 0.0, strict > (Stage I logs -L <= 0, never chosen) | `--last` | R |
 | Stage-I trap | `--ablation stage1_only` returns the Stage-I result (selection: last) | `--stage1-trap` returns the initial H, as R would | R (named here) |
 | question -> image relevance | computed ONCE on the prefix (the question precedes the slots) | - | R re-runs it every Stage-I step |
 | Stage I / II forwards | slots only, on the cached prefix KV; vision tower runs once | - | R: full forward + vision tower each Stage-I step; `--kv_reuse` in Stage II |
@@ -97,6 +97,8 @@ class Args:
     top_k: int = field(default=10, metadata={"help": "top-k probabilities in the confidence reward"})
     progression_weight: float = field(default=0.05, metadata={"help": "lambda of the progression term"})
     selection: str = field(default="best", metadata={"help": "best (released rule) | last"})
+    last: bool = field(default=False, metadata={"help": "return the final H (= --selection last; released "
+                                                        "--disable_best_reward)"})
     store: str = field(default="centre", metadata={"help": "state kept at the best step: centre (released) | "
                                                            "candidate"})
     best_init: float = field(default=0.0, metadata={"help": "initial best reward of the released rule"})
@@ -129,6 +131,7 @@ def resolve(args: Args) -> Args:
     args.max_new_tokens = args.max_new_tokens or (32 if toy else 2048)
     args.min_pixels = args.min_pixels or (16 if toy else 128) * 28 * 28
     args.max_pixels = args.max_pixels or (64 if toy else 256) * 28 * 28
+    args.selection = "last" if args.last else args.selection
     if args.ablation == "stage1_only":
         args.stage2_steps = 0
         args.selection = "best" if args.stage1_trap else "last"   # the released rule would return the initial H
