@@ -47,10 +47,12 @@ Deviations and choices:
   latent mode the LVR model writes its latent span first, so no prefix is forced and 512 tokens are allowed (LVR).
 - HallusionBench is scored by a yes/no rule, not the GPT-4 judge of its repo (no network at evaluation time).
 - Method hooks: `--mode latent` calls `lvr.latent_generate(backbone, batch, num_latent_steps=, max_new_tokens=,
-  ablate=)` (`--latent-ablation none|zeros|noise|shuffle|remove`: test-time ablation of the latents, recorded in the
-  settings, in the default output name and on every predictions line; a file of another ablation is refused),
-  `--mode unsilence` calls `unsilence.unsilence_generate(backbone, batch, max_new_tokens=)`, with the left-padded
-  batch `predict` builds; each returns token ids [B, prompt + new] (as `generate` does) or a list of strings.
+  ablate=)` with the left-padded batch `predict` builds (token ids [B, prompt + new], as `generate` returns, or
+  strings); `--latent-ablation none|zeros|noise|shuffle|remove` is the test-time ablation of the latents, recorded in
+  the settings, the provenance and the default output name. `--mode unsilence` hands the items to
+  `unsilence.eval_hook(items, backbone, args)` (lazy import), which builds the released ULR prompt per item and
+  yields (id, answer, diagnostics); a predict function may yield such a third element, a dict of per-sample fields
+  written beside the prediction.
 - Layouts checked against public sources (code search): MMVP, V* (correct option listed first), BLINK columns and
   idx format, the HR-Bench cycle rule (VLMEvalKit). Written from the spec alone, to check against the real
   downloads: the exact V* `text` suffix, MME-RealWorld-Lite's file name and image column (`bytes` or `image` both
@@ -493,6 +495,8 @@ def settings(args, benchmark):
         out["latent_ablation"] = args.latent_ablation
         if not args.label and args.latent_ablation != "none":
             out["label"] = f"{args.model} ({args.mode}, {args.prompt}, latents {args.latent_ablation})"
+    if args.mode == "unsilence":  # the method builds its own (released) prompt; --prompt does not apply
+        out["prompt"] = "unsilence.py: released ULR prompt (system <think>/<answer>, 4 <|endoftext|> slots)"
     if benchmark == "mmvp":
         out["mmvp_answers"] = ("lmms-eval corrected (Index 100, 280 -> A)" if args.mmvp_corrected
                                else "published Questions.csv as-is")
@@ -557,11 +561,10 @@ def predict(items, model_bundle, args):
             import lvr
         except ImportError as e:
             raise ImportError("--mode latent needs lvr.py (lvr.latent_generate), which is missing") from e
-    if args.mode == "unsilence":
-        try:
-            import unsilence
-        except ImportError as e:
-            raise ImportError("--mode unsilence needs unsilence.py (unsilence.unsilence_generate)") from e
+    if args.mode == "unsilence":  # per-sample latent optimisation in the released prompt: the method owns the loop
+        import unsilence           # lazy: unsilence.py imports this file, never the reverse at import time
+        yield from unsilence.eval_hook(items, model_bundle, args)
+        return
     import torch
     from common import pad_batch
     model = model_bundle.model
@@ -574,11 +577,9 @@ def predict(items, model_bundle, args):
         with torch.no_grad():
             if args.mode == "plain":
                 out = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
-            elif args.mode == "latent":
+            else:
                 out = lvr.latent_generate(model_bundle, batch, num_latent_steps=args.latent_steps,
                                           max_new_tokens=max_new, ablate=args.latent_ablation)
-            else:
-                out = unsilence.unsilence_generate(model_bundle, batch, max_new_tokens=max_new)
         yield from zip([it["id"] for it in chunk], decode_new(model_bundle, out, input_len))
 
 
@@ -686,8 +687,8 @@ def run_predictions(items, predict_fn, load_bundle, args, path, benchmark=None):
             f.seek(f.tell() - 1)
             if f.read(1) != "\n":
                 f.write("\n")
-        for id, text in tqdm(predict_fn(todo, model_bundle, args), total=len(todo), desc=args.benchmark):
-            f.write(json.dumps({"id": id, "prediction": text}) + "\n")
+        for id, text, *extra in tqdm(predict_fn(todo, model_bundle, args), total=len(todo), desc=args.benchmark):
+            f.write(json.dumps({"id": id, "prediction": text, **(extra[0] if extra else {})}) + "\n")
             f.flush()
             done[str(id)] = text
     return done
