@@ -365,5 +365,6 @@ def test_main_end_to_end_on_the_random_toy(tmp_path):
                                                                        "remove"}
     assert {"slots: ULR", "latent: ULR", "chance"} <= set(report["ulr"]["vstar"])
     assert (tmp_path / "diagnosis.png").exists() and (tmp_path / "report.json").exists()
-    rows = [json.loads(x) for x in (tmp_path / "vstar_latent.predictions.jsonl").read_text().splitlines()]
+    header, *rows = [json.loads(x) for x in (tmp_path / "vstar_latent.predictions.jsonl").read_text().splitlines()]
+    assert header["provenance"]["mode"] == "unsilence"
     assert len(rows) == 2 and all(len(r["rewards"]) == 20 for r in rows)
