@@ -71,7 +71,7 @@ LR = {"lr", "head_lr"}  # given explicitly: lr 1e-5 equals the paper default, an
 
 def run_lvr(records, run_dir, **kw):
     a = lvr.Args(data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, dtype="bf16", **kw)
-    lvr.main(a, explicit=C.changed_fields(a) | LR)
+    lvr.main(a, explicit=C.changed_fields(a) | LR | set(kw))   # eval=False equals the default: say it was given
 
 
 def run_pearl(records, run_dir, **kw):
