@@ -875,7 +875,9 @@ def parse_args(cls, argv: list[str] | None = None):
     from transformers import HfArgumentParser
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(cls)
-    args = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[0]
+    args, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)
+    if unknown:
+        arg_error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
     for action in parser._actions:                 # parse again without defaults: only given fields appear
         action.default = argparse.SUPPRESS
     return args, set(vars(parser.parse_args(argv)))
@@ -885,6 +887,40 @@ def changed_fields(args) -> set[str]:
     """For Args built in code (tests, benchmarks): the fields whose value differs from the dataclass default."""
     return {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != (
         f.default if f.default is not dataclasses.MISSING else f.default_factory())}
+
+
+def arg_error(message: str):
+    """A bad argument: one line on stderr and exit code 2 (argparse's convention), never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+POSITIVE = ("steps", "per_micro", "grad_accum", "max_tokens", "num_generations", "num_latent_steps")
+NON_NEGATIVE = ("save_every", "keep_checkpoints", "stop_after", "eval_limit", "limit", "warmup_ratio", "warmup",
+                "weight_decay")
+
+
+def check_args(args):
+    """Start-up validation of a method file's resolved Args: choices declared in the fields' metadata, counts ≥ 1,
+    learning rates > 0, a sane pixel budget, data files that exist and a model that can be found. One line, exit 2."""
+    for f in dataclasses.fields(args):
+        value, choices = getattr(args, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            arg_error(f"--{f.name.replace('_', '-')} {value!r}: choose from {', '.join(map(str, choices))}")
+        if f.name in POSITIVE and value < 1 or f.name in NON_NEGATIVE and value < 0:
+            arg_error(f"--{f.name.replace('_', '-')} must be {'≥ 1' if f.name in POSITIVE else '≥ 0'} (got {value})")
+        if f.name.endswith("lr") and isinstance(value, float) and not value > 0:
+            arg_error(f"--{f.name.replace('_', '-')} must be > 0 (got {value})")
+    if hasattr(args, "min_pixels") and not 0 < args.min_pixels <= args.max_pixels:
+        arg_error(f"--min-pixels {args.min_pixels} / --max-pixels {args.max_pixels}: need 0 < min ≤ max")
+    for path in str(getattr(args, "data", "toy")).split(","):
+        if path not in ("toy", "none", "") and not any(c in path for c in "{*?") and not Path(path).exists():
+            arg_error(f"--data {path}: no such file")
+    try:
+        check_model_name(getattr(args, "model", "toy"))
+    except SystemExit as e:
+        arg_error(str(e))
+    return args
 
 
 def apply_preset(args, preset: dict, explicit: set[str], label: str, why: str) -> dict:

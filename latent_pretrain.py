@@ -101,7 +101,8 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."  
 
 @dataclass
 class Args:
-    stage: str = field(default="pretrain", metadata={"help": "pretrain (then analyze) | finetune | analyze | extract"})
+    stage: str = field(default="pretrain", metadata={"help": "pretrain (then analyze) | finetune | analyze | extract",
+                                                     "choices": ["pretrain", "finetune", "analyze", "extract"]})
     model: str = field(default="toy", metadata={"help": "backbone to pretrain: toy | toy-qwen3vl | hub id | local dir"})
     init: str = field(default="", metadata={"help": "finetune/analyze: start from this export (or 'toy' = original)"})
     run_dir: str = field(default="runs/latent_pretrain", metadata={"help": "output directory"})
@@ -116,15 +117,20 @@ class Args:
     # targets
     image_size: int = field(default=448, metadata={"help": "fixed square image side for the targets (px)"})
     num_latents: int = field(default=4, metadata={"help": "K latent tokens per caption"})
-    pool: str = field(default="grid", metadata={"help": "grid (√K×√K adaptive avg pool) | bands (Mirage 1-D)"})
-    center: str = field(default="auto", metadata={"help": "auto | true | false: subtract the target dataset mean"})
+    pool: str = field(default="grid", metadata={"help": "grid (√K×√K adaptive avg pool) | bands (Mirage 1-D)",
+                                                "choices": ["grid", "bands"]})
+    center: str = field(default="auto", metadata={"help": "auto | true | false: subtract the target dataset mean",
+                                                  "choices": ["auto", "true", "false"]})
     # model
-    head: str = field(default="mlp", metadata={"help": "mlp | none | attnpool"})
+    head: str = field(default="mlp", metadata={"help": "mlp | none | attnpool",
+                                               "choices": ["mlp", "none", "attnpool"]})
     head_hidden: int = field(default=0, metadata={"help": "head width D_h (0 = D·4096/3584)"})
     latent_layer: int = field(default=-1, metadata={"help": "hidden_states index read at the pads (-1 = final)"})
     # losses
-    inst_loss: str = field(default="cosine", metadata={"help": "cosine | l2 | l1 | infonce"})
-    batch_loss: str = field(default="infonce", metadata={"help": "infonce | siglip | none"})
+    inst_loss: str = field(default="cosine", metadata={"help": "cosine | l2 | l1 | infonce",
+                                                       "choices": ["cosine", "l2", "l1", "infonce"]})
+    batch_loss: str = field(default="infonce", metadata={"help": "infonce | siglip | none",
+                                                         "choices": ["infonce", "siglip", "none"]})
     w_ntp: float = field(default=1.0, metadata={"help": "weight of L_NTP"})
     w_inst: float = field(default=1.0, metadata={"help": "weight of L_inst"})
     w_batch: float = field(default=0.5, metadata={"help": "weight of L_batch"})
@@ -174,7 +180,9 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
         for k, v in toy_paths().items():
             if not getattr(args, k) or k == "data":
                 setattr(args, k, v)
-    return args
+    if args.init not in ("", "toy"):
+        C.check_model_name(args.init)
+    return C.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

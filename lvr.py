@@ -94,7 +94,8 @@ LVR_TOKENS = [LVR_START, LVR, LVR_LATENT_END, LVR_END]
 
 @dataclass
 class Args:
-    stage: str = field(default="sft", metadata={"help": "sft (stage 1, ROI reconstruction) | grpo (stage 2)"})
+    stage: str = field(default="sft", metadata={"help": "sft (stage 1, ROI reconstruction) | grpo (stage 2)",
+                                                "choices": ["sft", "grpo"]})
     model: str = field(default="toy", metadata={"help": "toy | hub id | local dir (grpo: runs/lvr/export)"})
     data: str = field(default="toy", metadata={"help": "records, or 'toy' (data/toy/lvr_train.json | lvr_grpo.json)"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
@@ -112,8 +113,10 @@ class Args:
     pack: bool = field(default=True, metadata={"help": "padding-free packing of stage-1 micro-batches (--no-pack or "
                                                       "--pack false: the padded baseline; same loss)"})
     lvr_lambda: float = field(default=0.1, metadata={"help": "λ in L = L_CE + λ·L_lvr (0 = vanilla SFT baseline)"})
-    lvr_loss: str = field(default="mse", metadata={"help": "mse (all elements) | mse_token | mae | cosine"})
-    lvr_head: str = field(default="none", metadata={"help": "none | simple | glu head on H[p-1]"})
+    lvr_loss: str = field(default="mse", metadata={"help": "mse (all elements) | mse_token | mae | cosine",
+                                                   "choices": ["mse", "mse_token", "mae", "cosine"]})
+    lvr_head: str = field(default="none", metadata={"help": "none | simple | glu head on H[p-1]",
+                                                    "choices": ["none", "simple", "glu"]})
     latent_end_token: bool = field(default=True, metadata={"help": "insert <|lvr_latent_end|> (released layout)"})
     max_roi_tokens: int = field(default=0, metadata={"help": "keep at most K evenly spaced ROI tokens (0 = all)"})
     num_latent_steps: int = field(default=8, metadata={"help": "latent steps N for rollouts"})
@@ -122,7 +125,8 @@ class Args:
     max_new_tokens: int = field(default=512, metadata={"help": "max completion tokens per rollout"})
     beta: float = field(default=0.04, metadata={"help": "k3 KL coefficient β"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip ε"})
-    loss_type: str = field(default="bnpo", metadata={"help": "bnpo | grpo | dr_grpo aggregation"})
+    loss_type: str = field(default="bnpo", metadata={"help": "bnpo | grpo | dr_grpo aggregation",
+                                                     "choices": ["bnpo", "grpo", "dr_grpo"]})
     num_iterations: int = field(default=1, metadata={"help": "optimizer passes per rollout batch (μ)"})
     format_dotall: bool = field(default=True, metadata={"help": "format regex with DOTALL (released: false)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
@@ -159,7 +163,7 @@ def resolve(a: Args, explicit: set[str] | None = None) -> Args:
     """Stage-2 defaults, then the toy preset (toy backbone only), each on the fields not in `explicit` (default: the
     fields still at their dataclass default); `--data toy` → the toy world. No model is loaded."""
     if a.stage not in TOY_PRESET:
-        raise ValueError(f"unknown --stage {a.stage!r} (sft | grpo)")
+        C.arg_error(f"--stage {a.stage!r}: choose from sft, grpo")
     explicit = C.changed_fields(a) if explicit is None else explicit
     if a.stage == "grpo":
         C.apply_preset(a, GRPO_DEFAULTS, explicit, "grpo defaults", "stage 2 recipe")
@@ -169,7 +173,7 @@ def resolve(a: Args, explicit: set[str] | None = None) -> Args:
         from toy_world import ensure_toy_world
         a.data = str(Path(ensure_toy_world("data/toy", seed=0)) / f"lvr_{'train' if a.stage == 'sft' else 'grpo'}.json")
     a.image_root = a.image_root or os.path.dirname(a.data)
-    return a
+    return C.check_args(a)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -91,11 +91,14 @@ class Args:
     lam: float = field(default=0.2, metadata={"help": "λ in L = L_VLM + λ(L_JEPA + L_NextLat); 0 = the SFT baseline"})
     no_jepa: bool = field(default=False, metadata={"help": "ablation: drop L_JEPA"})
     no_nextlat: bool = field(default=False, metadata={"help": "ablation: drop L_NextLat"})
-    jepa_metric: str = field(default="cosine", metadata={"help": "D in L_JEPA: cosine (released) | smoothl1 (paper) | l2 | mse"})
+    jepa_metric: str = field(default="cosine", metadata={"help": "D in L_JEPA: cosine (released) | smoothl1 (paper) | l2 | mse",
+                                                         "choices": ["cosine", "smoothl1", "l2", "mse"]})
     num_predictors: int = field(default=4, metadata={"help": "K predictor tokens appended to the input view"})
-    embed_position: str = field(default="im_end", metadata={"help": "im_end (released) | last_predictor (paper text)"})
+    embed_position: str = field(default="im_end", metadata={"help": "im_end (released) | last_predictor (paper text)",
+                                                            "choices": ["im_end", "last_predictor"]})
     traj_drop_i0: bool = field(default=False, metadata={"help": "drop I0 from the trajectory view (paper text)"})
-    nextlat_token: str = field(default="released", metadata={"help": "NextLat token-CE target: released | shifted | off"})
+    nextlat_token: str = field(default="released", metadata={"help": "NextLat token-CE target: released | shifted | off",
+                                                             "choices": ["released", "shifted", "off"]})
     nextlat_horizon: int = field(default=1, metadata={"help": "d: roll the dynamics head forward d steps"})
     released_quirks: bool = field(default=False, metadata={"help": "untrained predictor rows, LoRA-only dynamics head"})
     naive_views: bool = field(default=False, metadata={"help": "released layout: stacked padded views, images re-encoded"})
@@ -142,7 +145,7 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     if args.data == "toy":
         from toy_world import ensure_toy_world
         args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
-    return args
+    return C.check_args(args)
 
 
 def predictor_tokens(k: int) -> list[str]:

@@ -83,10 +83,7 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
         from toy_world import ensure_toy_world
         args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
     args.image_root = args.image_root or os.path.dirname(args.data)
-    for name in ("steps", "per_micro", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
-    return args
+    return C.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

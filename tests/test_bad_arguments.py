@@ -1,0 +1,50 @@
+"""Every bad argument is one line and exit code 2, before anything is loaded or trained (issue: a typo in
+`lvr.py --stage` silently ran GRPO; `--steps -5` exported an untrained model; `--per-micro -3` crashed deep inside)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [
+    ("lvr.py", ["--stage", "gpro"], "argument --stage: invalid choice: 'gpro'"),
+    ("lvr.py", ["--steps", "-5"], "--steps must be ≥ 1 (got -5)"),
+    ("lvr.py", ["--per-micro", "-3"], "--per-micro must be ≥ 1"),
+    ("pearl.py", ["--per-micro", "0"], "--per-micro must be ≥ 1 (got 0)"),
+    ("latent_pretrain.py", ["--per-micro", "0"], "--per-micro must be ≥ 1 (got 0)"),
+    ("pearl.py", ["--lr", "-1"], "--lr must be > 0 (got -1.0)"),
+    ("lvr.py", ["--data", "/nope/records.json"], "--data /nope/records.json: no such file"),
+    ("pearl.py", ["--model", "/definitely/not/a/model"], "no such directory"),
+    ("sft.py", ["--model", "runs/never/trained/export"], "no such directory"),
+    ("latent_pretrain.py", ["--head", "transformer"], "argument --head: invalid choice: 'transformer'"),
+    ("sft.py", ["--min-pixels", "9999999"], "need 0 < min ≤ max"),
+    ("pearl.py", ["--no-such-flag"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", CASES, ids=[f"{s}{' '.join(a)}" for s, a, _ in CASES])
+def test_bad_argument_is_one_line_and_exit_2(script, argv, message, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / script), *argv, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:") or ": error:" in line]
+    assert len(errors) == 1, r.stderr
+
+
+def test_args_built_in_code_are_checked_too():
+    import common as C
+    import lvr
+    with pytest.raises(SystemExit) as e:
+        C.check_args(lvr.Args(stage="gpro", model="toy", data="toy"))
+    assert e.value.code == 2
+
+
+def test_empty_model_directory_is_named(tmp_path):
+    import common as C
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="has no config.json"):
+        C.check_model_name(str(tmp_path / "empty"))
+    assert C.check_model_name("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"   # a hub id passes
