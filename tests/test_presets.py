@@ -2,6 +2,7 @@
 
 Expected values are copied from the spec pages (../shared/spec/*.md), not from the code under test."""
 import json
+import tempfile
 import os
 import re
 import subprocess
@@ -45,7 +46,12 @@ PAPER_GRPO = dict(lr=5e-6, steps=1500, max_new_tokens=512, num_generations=8, te
 
 
 def resolve(name, argv):
-    """What the file's start-up makes of this command line (no model is loaded)."""
+    """What the file's start-up makes of this command line (no model is loaded). A --data file is created empty
+    where missing (start-up checks that it exists; its content is read only later)."""
+    if "--data" in argv and not Path(argv[argv.index("--data") + 1]).exists():
+        i = argv.index("--data") + 1
+        argv = [*argv[:i], str(Path(tempfile.mkdtemp()) / argv[i]), *argv[i + 1:]]
+        Path(argv[i]).write_text("[]")
     args, explicit = C.parse_args(MODULES[name].Args, argv)
     return MODULES[name].resolve(args, explicit)
 
@@ -179,11 +185,13 @@ def test_explicit_booleans_beat_the_preset_and_the_paper():
     assert (a.eval, a.lora_r, a.lora_alpha) == ("", 0, 16)
 
 
-def test_args_built_in_code_count_changed_fields_as_explicit():
+def test_args_built_in_code_count_changed_fields_as_explicit(tmp_path):
     """Tests and benchmarks build Args directly: a field away from its default counts as given."""
-    a = lvr.resolve(lvr.Args(lr=0.25, min_pixels=4 * 784, data="x.json"))
+    data = tmp_path / "x.json"
+    data.write_text("[]")
+    a = lvr.resolve(lvr.Args(lr=0.25, min_pixels=4 * 784, data=str(data)))
     assert (a.lr, a.min_pixels, a.steps) == (0.25, 4 * 784, 60)
-    a = P.resolve(P.Args(model="Qwen/x", data="x.json"))
+    a = P.resolve(P.Args(model="Qwen/x", data=str(data)))
     assert (a.lr, a.lora_r) == (1e-5, 64)
 
 
@@ -192,7 +200,7 @@ def test_save_run_config_is_atomic_and_complete(tmp_path):
     a = resolve("pearl.py", ["--lr", "0.5", "--data", "x.json"])
     path = C.save_run_config(tmp_path / "run", a)
     rec = json.loads(path.read_text())
-    assert rec["args"]["lr"] == 0.5 and rec["args"]["lora_r"] == 8 and rec["args"]["data"] == "x.json"
+    assert rec["args"]["lr"] == 0.5 and rec["args"]["lora_r"] == 8 and rec["args"]["data"] == a.data
     assert set(rec["versions"]) >= {"torch", "transformers"} and "command" in rec
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run_config.json"]   # no temporary left
 
