@@ -709,6 +709,9 @@ def _write_blink(root, seed, n_eval):
 # ----------------------------------------------------------------------------------------------------------------
 TOP_LEVEL_NAMES = {"MANIFEST.json", "images", "lvr_train.json", "lvr_grpo.json", "pixelreasoner_train.json",
                    "pixelreasoner_crops", "thinkmorph_train.parquet", "coco", "gqa", "scienceqa", "eval"}
+# toy_base.ensure_toy_base() keeps the toy base model at <root>/base by default (its own fingerprint and lock): not
+# foreign, and carried over when the world is regenerated (the base depends on FORMAT_VERSION only, via its stamp).
+BASE_NAMES = {"base", ".base.lock", ".base.partial", ".base.old"}
 
 
 def _stamp(seed, n_train, n_eval, n_bench):
@@ -779,7 +782,8 @@ def ensure_toy_world(root="data/toy", seed=0, n_train=400, n_eval=48, n_bench=40
         if manifest is not None and {k: manifest.get(k) for k in _stamp(0, 0, 0, 0)} == \
                 _stamp(seed, n_train, n_eval, n_bench):
             return root
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in TOP_LEVEL_NAMES) if root.exists() else []
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in TOP_LEVEL_NAMES | BASE_NAMES) \
+            if root.exists() else []
         if foreign and (manifest or {}).get("generator") != GENERATOR:
             raise FileExistsError(f"{root} holds files the toy world did not write ({', '.join(foreign[:5])}); "
                                   "refusing to overwrite it")
@@ -788,6 +792,9 @@ def ensure_toy_world(root="data/toy", seed=0, n_train=400, n_eval=48, n_bench=40
             shutil.rmtree(leftover, ignore_errors=True)
         partial.mkdir()
         _generate(partial, seed, n_train, n_eval, n_bench)
+        for name in sorted(BASE_NAMES):
+            if (root / name).exists():
+                os.replace(root / name, partial / name)
         if root.exists():
             os.replace(root, old)  # atomic; `root` is then either the old or the new world, never half of one
         os.replace(partial, root)

@@ -2,7 +2,7 @@
 
 Builds (or reuses) the toy base (`toy_base.ensure_toy_base`), evaluates it with eval.py on the toy V*, MMVP and
 BLINK copies (plain decoding; the answer-tag protocol that LVR / Pearl use, and the lmms preset), fine-tunes it for
-`--steps` of plain SFT on data/toy/lvr_train.json (full image, `<lvr>` dropped, vision tower frozen as in lvr.py),
+`--steps` of plain SFT on data/toy/lvr_train.json (full image, `<lvr>` dropped, full fine-tuning),
 evaluates again and prints one table with the binomial standard errors and the chance levels.
 
     python bench/bench_toy_base.py                                  # base vs base + 60 SFT steps

@@ -179,10 +179,12 @@ def _score(model_dir, bench, world, tmp_path, tag):
     return ev.evaluate(args, predict_fn=lambda items, _b, a: ev.predict(items, bb, a))
 
 
-REGRESSION = {}  # bench -> (max unanswerable share of the base, min gain of base + 60 steps); set from measurement
+# bench -> (max unanswerable share of the base, min gain in points of base + 60 steps). Measured (README, `python
+# bench/bench_toy_base.py`, answer-tag): V* 37.0 -> 48.0 (+11.0 +- 3.5 SE), MMVP pairs 0.0 -> 12.5 (+12.5 +- 2.3),
+# no unanswerable item; the guard asks for about half of each gain.
+REGRESSION = {"vstar": (0.02, 5.0), "mmvp": (0.02, 5.0)}
 
 
-@pytest.mark.skipif(not REGRESSION, reason="threshold not measured yet")
 def test_base_answers_in_format_and_60_sft_steps_on_the_lvr_records_beat_it(base_dir, tmp_path):
     world = pathlib.Path(toy_world.ensure_toy_world(str(ROOT / "data" / "toy"), seed=0))
     tuned = toy_base.finetune_base(base_dir, str(tmp_path / "tuned"), str(world / "lvr_train.json"), steps=60)
@@ -191,3 +193,14 @@ def test_base_answers_in_format_and_60_sft_steps_on_the_lvr_records_beat_it(base
         after = _score(tuned, bench, world, tmp_path, "tuned")
         assert base["unanswerable"] <= max_unanswerable * base["n"], (bench, base["unanswerable"])
         assert after["overall"] - base["overall"] >= min_gain, (bench, base["overall"], after["overall"])
+
+
+def test_the_base_lives_inside_the_toy_world_folder(tmp_path):
+    """data/toy/base is the default: building the base before the world, and regenerating the world, keep it."""
+    root = tmp_path / "toy"
+    toy_base.ensure_toy_base(str(root / "base"), seed=0, recipe=toy_base.TINY_RECIPE)
+    toy_world.ensure_toy_world(root, seed=0, n_train=4, n_eval=4, n_bench=4)   # not "foreign"
+    weights = (root / "base" / "model.safetensors").stat().st_mtime_ns
+    toy_world.ensure_toy_world(root, seed=0, n_train=6, n_eval=4, n_bench=4)   # regenerated around it
+    assert (root / "base" / "model.safetensors").stat().st_mtime_ns == weights
+    assert json.loads((root / "MANIFEST.json").read_text())["n_train"] == 6
