@@ -180,9 +180,10 @@ def _score(model_dir, bench, world, tmp_path, tag):
 
 
 # bench -> (max unanswerable share of the base, min gain in points of base + 60 steps). Measured (README, `python
-# bench/bench_toy_base.py`, answer-tag): V* 37.0 -> 48.0 (+11.0 +- 3.5 SE), MMVP pairs 0.0 -> 12.5 (+12.5 +- 2.3),
-# no unanswerable item; the guard asks for about half of each gain.
-REGRESSION = {"vstar": (0.02, 5.0), "mmvp": (0.02, 5.0)}
+# bench/bench_toy_base.py`, answer-tag): V* 37.0 -> 48.0 (+11.0 +- 3.5 SE) at fine-tuning seed 0 (seeds 1, 2: 64.3,
+# 52.5), no unanswerable item; the guard asks for about half of the smallest gain. MMVP's gain (0.0 -> 12.5 pairs at
+# seed 0) did not survive other data orders (0.0 at seeds 1 and 2), so MMVP is not guarded.
+REGRESSION = {"vstar": (0.02, 5.0)}
 
 
 def test_base_answers_in_format_and_60_sft_steps_on_the_lvr_records_beat_it(base_dir, tmp_path):
