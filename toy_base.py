@@ -48,7 +48,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import pathlib
 import resource

@@ -89,7 +89,8 @@ def test_curriculum_never_asks_about_the_small_target():
             assert target["colour"] not in options[answer].lower(), (question, options, answer)
             assert target["colour"] not in question.lower() or " or " in question, question
             # every named object is a large one: the target's shape is unique, so "the <its shape>" never appears
-            assert f"large {target['shape']}" not in question and f"{target['colour']} {target['shape']}" not in question
+            assert f"large {target['shape']}" not in question
+            assert f"{target['colour']} {target['shape']}" not in question
         for question, options, answer in toy_base._small_questions(image, target):  # finding it, not reading it
             assert not {"left", "right"} & set(question.lower().replace("?", "").split())
             assert all(c not in question.lower() and c not in " ".join(options).lower() for c in toy_world.COLOURS)
