@@ -35,11 +35,10 @@ Size choice and measurement (README, "The toy base model"). The base keeps the t
 larger named variant was kept. What mattered was the curriculum and its length: 1000 steps with 12 % captions gave a
 format-only model (its own large-object colour questions at 37 %, 4 options) that 60 fine-tuning steps could not
 move (V* 32.8 -> 33.8); 2000 steps with 40 % captions (dense supervision: every large object's colour, shape
-and position in words) is the recipe kept, after which 60 steps move V* by +11 points (README). Build: 4000
-curriculum samples encoded in 34 s, 2000 steps in 509 s, 546 s wall in all on one thread of this 2-core machine
-while 4 other agents' jobs shared it (load average 2-5): over the ~5-minute target under that contention; the
-per-step CPU time (0.14 s at one thread) puts an unshared build near 5 minutes. Under contention use one thread:
-two OMP threads spin-wait and were slower than one.
+and position in words) is the recipe kept, after which 60 steps move V* by +11 to +27 points (README). Build: 258 s
+of CPU time (one thread, 4000 samples encoded + 2000 steps + export: about 4.3 minutes unshared); wall 546 s and 394 s on this 2-core machine
+while 4 other agents' jobs shared it (load average 1-5). Under contention use one thread: two OMP threads spin-wait
+and were slower than one. Two builds gave bit-identical weights.
 """
 from __future__ import annotations
 
