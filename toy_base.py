@@ -36,9 +36,9 @@ larger named variant was kept. What mattered was the curriculum and its length: 
 format-only model (its own large-object colour questions at 37 %, 4 options) that 60 fine-tuning steps could not
 move (V* 32.8 -> 33.8); 2000 steps with 40 % captions (dense supervision: every large object's colour, shape
 and position in words) is the recipe kept, after which 60 steps move V* by +11 to +27 points (README). Build: 258 s
-of CPU time (one thread, 4000 samples encoded + 2000 steps + export: about 4.3 minutes unshared); wall 546 s and 394 s on this 2-core machine
-while 4 other agents' jobs shared it (load average 1-5). Under contention use one thread: two OMP threads spin-wait
-and were slower than one. Two builds gave bit-identical weights.
+of CPU time (one thread, 4000 samples encoded + 2000 steps + export: about 4.3 minutes unshared); wall 546 s and
+394 s on this 2-core machine while 4 other agents' jobs shared it (load average 1-5). Under contention use one
+thread: two OMP threads spin-wait and were slower than one. Two builds gave bit-identical weights.
 """
 from __future__ import annotations
 
