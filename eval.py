@@ -63,6 +63,7 @@ Deviations and choices:
 import base64
 import io
 import json
+import math
 import os
 import re
 import string
@@ -477,9 +478,42 @@ def score(benchmark, items, predictions, args, warnings=()):
         figs = by(items, lambda it: it["extra"]["figure"], correct)
         qpairs = by(items, lambda it: it["extra"]["qpair"], correct)
         s["aAcc"], s["fAcc"], s["qAcc"] = s["micro"], pct(all(v) for v in figs.values()), pct(all(v) for v in qpairs.values())
+    s.update(uncertainty(benchmark, items, correct, s))
     s["warnings"] = list(warnings)
     s["settings"] = settings(args, benchmark)
     return s
+
+
+def binomial_se(p_percent, n):
+    """Standard error (percentage points) of an accuracy p measured on n independent units: sqrt(p(1-p)/n)."""
+    p = p_percent / 100.0
+    return 100.0 * math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def uncertainty(benchmark, items, correct, s):
+    """`se` (binomial standard error of `overall`, in points) and `chance` (the expected `overall` of uniform guessing
+    among the options), both over the headline's own units: MMVP pairs (chance = the product of the two questions'
+    1/#options), BLINK the unweighted mean over subtasks (SE = sqrt(sum SE_k^2) / K), otherwise items (macro averages
+    such as HR-Bench's or CV-Bench's are given the items' binomial SE, an approximation). Open-ended answers (GQA)
+    have chance 0; yes/no questions 50."""
+    def item_chance(it):
+        if it["options"]:
+            return 100.0 / len(it["options"])
+        return 50.0 if it["extra"].get("yes_no") else 0.0
+    chances = [item_chance(it) for it in items]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    if benchmark == "mmvp":
+        pairs = by(items, lambda it: it["extra"]["pair"], list(zip(correct, chances)))
+        full = [v for v in pairs.values() if len(v) == 2]
+        chance = mean([v[0][1] * v[1][1] / 100.0 for v in full])
+        return {"se": binomial_se(s["overall"], len(full)), "chance": chance, "se_units": len(full),
+                "question_se": binomial_se(s["question_accuracy"], len(items)), "question_chance": mean(chances)}
+    if benchmark == "blink":
+        groups = by(items, lambda it: it["category"], list(zip(correct, chances)))
+        ses = [binomial_se(pct(c for c, _ in v), len(v)) for v in groups.values()]
+        return {"se": math.sqrt(sum(x * x for x in ses)) / max(len(ses), 1),
+                "chance": mean([mean([ch for _, ch in v]) for v in groups.values()]), "se_units": len(items)}
+    return {"se": binomial_se(s["overall"], len(items)), "chance": mean(chances), "se_units": len(items)}
 
 
 def settings(args, benchmark):
@@ -734,8 +768,11 @@ def evaluate(args, predict_fn=predict):
         summary["settings"]["label"] = args.label or f"{made_by['model']} ({made_by['mode']}, {made_by['prompt']})"
     with open(output, "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"{args.benchmark}: overall {summary['overall']:.2f} (n={summary['n']}, "
-          f"unanswerable {summary['unanswerable']}) -> {output}")
+    print(f"{args.benchmark}: overall {summary['overall']:.2f} ± {summary['se']:.2f} (SE; chance "
+          f"{summary['chance']:.1f}; n={summary['n']}, unanswerable {summary['unanswerable']}) -> {output}")
+    if args.benchmark == "mmvp":
+        print(f"mmvp: per question {summary['question_accuracy']:.2f} ± {summary['question_se']:.2f} (SE; chance "
+              f"{summary['question_chance']:.1f}); pair accuracy over {summary['se_units']} pairs")
     for w in summary["warnings"]:
         print("warning:", w)
     if args.score_only and args.strict and summary["missing_predictions"]:

@@ -71,7 +71,7 @@ Files written under `root` (paths inside records are relative to the folder of t
                                    explanation, isReal
 
 Usage: `ensure_toy_world()` from any script (idempotent; regenerates when seed, sizes or FORMAT_VERSION change),
-or `python toy_world.py --root data/toy --seed 0 [--n-train 400 --n-eval 48]`.
+or `python toy_world.py --root data/toy --seed 0 [--n-train 400 --n-eval 48 --n-bench 400]`.
 
 Deviations and choices: one small target per image (the real sets have varied object scales); small images
 (112-196 px, seen at native resolution) where V* is high-resolution - what makes a target hard is its size in
@@ -94,7 +94,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-FORMAT_VERSION = 7  # bump whenever the bytes written change
+FORMAT_VERSION = 8  # bump whenever the bytes written change (8: V* / MMVP / BLINK sized by n_bench, 400)
 GENERATOR = "toy_world"
 SHAPES = ("circle", "square", "triangle")
 PALETTE = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 90, 220), "yellow": (240, 200, 30)}
@@ -709,11 +709,14 @@ def _write_blink(root, seed, n_eval):
 # ----------------------------------------------------------------------------------------------------------------
 TOP_LEVEL_NAMES = {"MANIFEST.json", "images", "lvr_train.json", "lvr_grpo.json", "pixelreasoner_train.json",
                    "pixelreasoner_crops", "thinkmorph_train.parquet", "coco", "gqa", "scienceqa", "eval"}
+# toy_base.ensure_toy_base() keeps the toy base model at <root>/base by default (its own fingerprint and lock): not
+# foreign, and carried over when the world is regenerated (the base depends on FORMAT_VERSION only, via its stamp).
+BASE_NAMES = {"base", ".base.lock", ".base.partial", ".base.old"}
 
 
-def _stamp(seed, n_train, n_eval):
+def _stamp(seed, n_train, n_eval, n_bench):
     return {"generator": GENERATOR, "format_version": FORMAT_VERSION, "seed": seed, "n_train": n_train,
-            "n_eval": n_eval}
+            "n_eval": n_eval, "n_bench": n_bench}
 
 
 def _read_manifest(root):
@@ -723,7 +726,7 @@ def _read_manifest(root):
         return None
 
 
-def _generate(root, seed, n_train, n_eval):
+def _generate(root, seed, n_train, n_eval, n_bench):
     items = _write_lvr_and_grpo(root, seed, n_train)
     records = {"lvr_train.json": n_train, "lvr_grpo.json": max(1, n_train // 2),
                "pixelreasoner_train.json": _write_pixelreasoner(root, seed, items),
@@ -735,9 +738,9 @@ def _generate(root, seed, n_train, n_eval):
         records[f"gqa/{split}_balanced_instructions.parquet"] = _write_gqa(root, seed, split, n)
     for split, n in (("train", max(1, n_train // 2)), ("test", n_eval)):
         records[f"scienceqa/{split}.parquet"] = _write_scienceqa(root, seed, split, n)
-    records["eval/vstar/test_questions.jsonl"] = _write_vstar(root, seed, n_eval)
-    records["eval/mmvp/Questions.csv"] = _write_mmvp(root, seed, n_eval)
-    for subtask, n in _write_blink(root, seed, n_eval).items():
+    records["eval/vstar/test_questions.jsonl"] = _write_vstar(root, seed, n_bench)
+    records["eval/mmvp/Questions.csv"] = _write_mmvp(root, seed, n_bench)
+    for subtask, n in _write_blink(root, seed, n_bench).items():
         records[f"eval/blink/{subtask}/val-00000-of-00001.parquet"] = n
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     folders = {}
@@ -745,7 +748,7 @@ def _generate(root, seed, n_train, n_eval):
         folder = f.rsplit("/", 1)[0] if "/" in f else "."
         folders[folder] = folders.get(folder, 0) + 1
     # The stamp is written last: a directory without a matching stamp is never trusted.
-    _write_json({**_stamp(seed, n_train, n_eval), "n_files": len(files) + 1, "files_per_folder": folders,
+    _write_json({**_stamp(seed, n_train, n_eval, n_bench), "n_files": len(files) + 1, "files_per_folder": folders,
                  "records": records}, root / "MANIFEST.json")
 
 
@@ -759,21 +762,28 @@ def _lock(path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_toy_world(root="data/toy", seed=0, n_train=400, n_eval=48):
+def ensure_toy_world(root="data/toy", seed=0, n_train=400, n_eval=48, n_bench=400):
     """Generate the toy world under `root` unless a matching MANIFEST.json stamp is already there; return the path.
-    Generation happens in a sibling temporary folder that replaces `root` only when complete."""
-    if n_train < 2 or n_eval < 4:
-        raise ValueError("toy world needs n_train >= 2 and n_eval >= 4 (three BLINK subtasks of different sizes)")
+    Generation happens in a sibling temporary folder that replaces `root` only when complete.
+    n_eval sizes the COCO val / GQA testdev / ScienceQA test copies; n_bench the V*, MMVP and BLINK copies (400: V*
+    400 questions, MMVP 400 questions = 200 pairs, BLINK 400 / 300 / 200; binomial SE <= 2.5 points per 400 items,
+    so a 5-point difference between two models is about 1.4 standard errors of the difference)."""
+    if n_train < 2 or n_eval < 4 or n_bench < 4:
+        raise ValueError("toy world needs n_train >= 2 and n_eval, n_bench >= 4 (three BLINK subtasks of different "
+                         "sizes)")
     root = pathlib.Path(root)
     manifest = _read_manifest(root)
-    if manifest is not None and {k: manifest.get(k) for k in _stamp(0, 0, 0)} == _stamp(seed, n_train, n_eval):
+    if manifest is not None and {k: manifest.get(k) for k in _stamp(0, 0, 0, 0)} == \
+            _stamp(seed, n_train, n_eval, n_bench):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with _lock(root.parent / f".{root.name}.lock"):
         manifest = _read_manifest(root)  # another process may have finished while we waited
-        if manifest is not None and {k: manifest.get(k) for k in _stamp(0, 0, 0)} == _stamp(seed, n_train, n_eval):
+        if manifest is not None and {k: manifest.get(k) for k in _stamp(0, 0, 0, 0)} == \
+                _stamp(seed, n_train, n_eval, n_bench):
             return root
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in TOP_LEVEL_NAMES) if root.exists() else []
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in TOP_LEVEL_NAMES | BASE_NAMES) \
+            if root.exists() else []
         if foreign and (manifest or {}).get("generator") != GENERATOR:
             raise FileExistsError(f"{root} holds files the toy world did not write ({', '.join(foreign[:5])}); "
                                   "refusing to overwrite it")
@@ -781,7 +791,10 @@ def ensure_toy_world(root="data/toy", seed=0, n_train=400, n_eval=48):
         for leftover in (partial, old):  # from an interrupted run
             shutil.rmtree(leftover, ignore_errors=True)
         partial.mkdir()
-        _generate(partial, seed, n_train, n_eval)
+        _generate(partial, seed, n_train, n_eval, n_bench)
+        for name in sorted(BASE_NAMES):
+            if (root / name).exists():
+                os.replace(root / name, partial / name)
         if root.exists():
             os.replace(root, old)  # atomic; `root` is then either the old or the new world, never half of one
         os.replace(partial, root)
@@ -794,12 +807,14 @@ def main():
     parser.add_argument("--root", default="data/toy", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="everything is a function of this seed")
     parser.add_argument("--n-train", type=int, default=400, help="training records (LVR); other sets scale with it")
-    parser.add_argument("--n-eval", type=int, default=48, help="items per evaluation benchmark")
+    parser.add_argument("--n-eval", type=int, default=48, help="items of the COCO val / GQA / ScienceQA test copies")
+    parser.add_argument("--n-bench", type=int, default=400,
+                        help="items per V* / MMVP / BLINK copy (see ensure_toy_world)")
     args = parser.parse_args()
-    root = ensure_toy_world(args.root, args.seed, args.n_train, args.n_eval)
+    root = ensure_toy_world(args.root, args.seed, args.n_train, args.n_eval, args.n_bench)
     manifest = _read_manifest(root)
     print(f"toy world at {root}: seed {manifest['seed']}, n_train {manifest['n_train']}, "
-          f"n_eval {manifest['n_eval']}, {manifest['n_files']} files")
+          f"n_eval {manifest['n_eval']}, n_bench {manifest['n_bench']}, {manifest['n_files']} files")
     for name, count in manifest["records"].items():
         print(f"  {name:55s} {count}")
     for folder, count in manifest["files_per_folder"].items():

@@ -27,7 +27,8 @@ def file_hashes(root):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return toy_world.ensure_toy_world(tmp_path_factory.mktemp("a") / "toy", seed=0, n_train=N_TRAIN, n_eval=N_EVAL)
+    return toy_world.ensure_toy_world(tmp_path_factory.mktemp("a") / "toy", seed=0, n_train=N_TRAIN, n_eval=N_EVAL,
+                                      n_bench=N_EVAL)
 
 
 def palette_counts(image, box):
@@ -51,8 +52,8 @@ def replay_training_items(seed, n):
 # Determinism and the stamp
 # ---------------------------------------------------------------------------------------------------------------
 def test_same_seed_gives_identical_files_and_another_seed_differs(world, tmp_path):
-    again = toy_world.ensure_toy_world(tmp_path / "b", seed=0, n_train=N_TRAIN, n_eval=N_EVAL)
-    other = toy_world.ensure_toy_world(tmp_path / "c", seed=1, n_train=N_TRAIN, n_eval=N_EVAL)
+    again = toy_world.ensure_toy_world(tmp_path / "b", seed=0, n_train=N_TRAIN, n_eval=N_EVAL, n_bench=N_EVAL)
+    other = toy_world.ensure_toy_world(tmp_path / "c", seed=1, n_train=N_TRAIN, n_eval=N_EVAL, n_bench=N_EVAL)
     reference = file_hashes(world)
     assert len(reference) > 50
     assert file_hashes(again) == reference
@@ -63,14 +64,14 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(world, tmp_pat
 
 def test_second_call_rewrites_nothing(world):
     before = {p: p.stat().st_mtime_ns for p in world.rglob("*")}
-    assert toy_world.ensure_toy_world(world, seed=0, n_train=N_TRAIN, n_eval=N_EVAL) == world
+    assert toy_world.ensure_toy_world(world, seed=0, n_train=N_TRAIN, n_eval=N_EVAL, n_bench=N_EVAL) == world
     assert {p: p.stat().st_mtime_ns for p in world.rglob("*")} == before
 
 
 def test_stamp_change_or_missing_stamp_regenerates(tmp_path):
     root = tmp_path / "toy"
-    toy_world.ensure_toy_world(root, seed=0, n_train=N_TRAIN, n_eval=N_EVAL)
-    toy_world.ensure_toy_world(root, seed=0, n_train=N_TRAIN + 2, n_eval=N_EVAL)
+    toy_world.ensure_toy_world(root, seed=0, n_train=N_TRAIN, n_eval=N_EVAL, n_bench=N_EVAL)
+    toy_world.ensure_toy_world(root, seed=0, n_train=N_TRAIN + 2, n_eval=N_EVAL, n_bench=N_EVAL)
     manifest = json.loads((root / "MANIFEST.json").read_text())
     assert manifest["n_train"] == N_TRAIN + 2 and manifest["format_version"] == toy_world.FORMAT_VERSION
     assert len(json.loads((root / "lvr_train.json").read_text())) == N_TRAIN + 2
@@ -80,7 +81,7 @@ def test_stamp_change_or_missing_stamp_regenerates(tmp_path):
     (tmp_path / ".toy.partial" / "lvr_train.json").write_text("[")
     (root / "MANIFEST.json").unlink()
     (root / "lvr_train.json").unlink()
-    toy_world.ensure_toy_world(root, seed=0, n_train=N_TRAIN, n_eval=N_EVAL)
+    toy_world.ensure_toy_world(root, seed=0, n_train=N_TRAIN, n_eval=N_EVAL, n_bench=N_EVAL)
     assert len(json.loads((root / "lvr_train.json").read_text())) == N_TRAIN
     assert json.loads((root / "MANIFEST.json").read_text())["n_train"] == N_TRAIN
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["toy"]
@@ -90,7 +91,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
-        toy_world.ensure_toy_world(tmp_path / "mine", seed=0, n_train=N_TRAIN, n_eval=N_EVAL)
+        toy_world.ensure_toy_world(tmp_path / "mine", seed=0, n_train=N_TRAIN, n_eval=N_EVAL, n_bench=N_EVAL)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
@@ -330,8 +331,8 @@ def test_eval_scenes_never_repeat_training_scenes(world):
 def test_cli_prints_what_it_wrote(tmp_path):
     import subprocess
     out = subprocess.run([sys.executable, str(pathlib.Path(toy_world.__file__)), "--root", str(tmp_path / "cli"),
-                          "--seed", "0", "--n-train", "4", "--n-eval", "4"], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).stdout
+                          "--seed", "0", "--n-train", "4", "--n-eval", "4", "--n-bench", "4"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).stdout
     assert "lvr_train.json" in out and "eval/blink/Jigsaw" in out and (tmp_path / "cli" / "MANIFEST.json").is_file()
 
 
