@@ -168,16 +168,21 @@ def pick_attn_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
+# toy: random init (tests); toy-qwen3vl: the Qwen3-VL classes; toy-base: the pretrained toy "stage 0" (toy_base.py,
+# built once on first use), the stand-in for an instruction-tuned VLM that every method's toy default starts from.
+TOY_NAMES = ("toy", "toy-qwen3vl", "toy-base")
+
+
 def check_model_name(name: str) -> str:
     """A toy name, an existing local directory with a config.json, or something shaped like a hub id (owner/name);
     anything else is one clear SystemExit line (not a hub error eleven frames deep)."""
     import re
-    if name in ("toy", "toy-qwen3vl") or (Path(name) / "config.json").is_file():
+    if name in TOY_NAMES or (Path(name) / "config.json").is_file():
         return name
     if Path(name).is_dir():
         raise SystemExit(f"--model {name}: the directory has no config.json (not a Hugging Face checkpoint)")
     if Path(name).is_absolute() or name.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise SystemExit(f"--model {name}: no such directory, and not a hub id (owner/name) or toy | toy-qwen3vl")
+        raise SystemExit(f"--model {name}: no such directory, and not a hub id (owner/name) or {' | '.join(TOY_NAMES)}")
     return name
 
 
@@ -223,10 +228,12 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
 def is_toy(model: str) -> bool:
     """True for the offline toy backbones and for a local directory exported from one (config.json carries
     `"toy_backbone": true`, written by export_hf). Used only to apply a method file's TOY_PRESET."""
-    if model in ("toy", "toy-qwen3vl"):
+    if model in TOY_NAMES:
         return True
     config = Path(model) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("toy_backbone") is True
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_HELP = {"help": "compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; trainable weights and the "
                       "optimizer state stay fp32, losses are computed in fp32", "choices": ["auto", *DTYPES]}

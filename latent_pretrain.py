@@ -103,7 +103,8 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."  
 class Args:
     stage: str = field(default="pretrain", metadata={"help": "pretrain (then analyze) | finetune | analyze | extract",
                                                      "choices": ["pretrain", "finetune", "analyze", "extract"]})
-    model: str = field(default="toy", metadata={"help": "backbone to pretrain: toy | toy-qwen3vl | hub id | local dir"})
+    model: str = field(default="toy-base", metadata={"help": "backbone to pretrain: toy-base (the pretrained toy) | toy "
+                                                              "(random init) | toy-qwen3vl | hub id | local dir"})
     init: str = field(default="", metadata={"help": "finetune/analyze: start from this export (or 'toy' = original)"})
     run_dir: str = field(default="runs/latent_pretrain", metadata={"help": "output directory"})
     data: str = field(default="toy", metadata={"help": "toy | captions_*.json (COCO) | Karpathy .parquet | "
@@ -873,6 +874,9 @@ def run_analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None
 def main(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
     resolve(args, explicit)
+    if "toy-base" in (args.model, args.init):     # the pretrained toy "stage 0" (toy_base.py), built once on first use
+        from toy_base import ensure_toy_base
+        args.model, args.init = (ensure_toy_base() if v == "toy-base" else v for v in (args.model, args.init))
     C.save_run_config(args.run_dir, args, "run_config.json" if args.stage in ("pretrain", "finetune")
                       else f"run_config_{args.stage}.json")       # analyze / extract: beside the pretraining run's
     C.seed_everything(args.seed)

@@ -96,7 +96,8 @@ LVR_TOKENS = [LVR_START, LVR, LVR_LATENT_END, LVR_END]
 class Args:
     stage: str = field(default="sft", metadata={"help": "sft (stage 1, ROI reconstruction) | grpo (stage 2)",
                                                 "choices": ["sft", "grpo"]})
-    model: str = field(default="toy", metadata={"help": "toy | hub id | local dir (grpo: runs/lvr/export)"})
+    model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | hub id "
+                                                              "| local dir (grpo: runs/lvr/export)"})
     data: str = field(default="toy", metadata={"help": "records, or 'toy' (data/toy/lvr_train.json | lvr_grpo.json)"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
     run_dir: str = field(default="runs/lvr", metadata={"help": "output directory (grpo: runs/lvr_grpo)"})
@@ -154,8 +155,9 @@ GRPO_DEFAULTS = dict(model="runs/lvr/export", run_dir="runs/lvr_grpo", lr=5e-6, 
 # The toy backbone (random init, hidden 64) needs a large lr, small images, few steps and short rollouts to move at
 # all in a CPU minute. Applied at start-up (and printed) only when the model is the toy or an export of it, and only
 # to the fields not given on the command line.
-_TOY = dict(grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28, activation_checkpointing=False, eval=True)
-TOY_PRESET = {"sft": dict(lr=3e-3, steps=60, per_micro=8, **_TOY),
+_TOY = dict(grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28, activation_checkpointing=False, eval=True,
+            eval_limit=100)
+TOY_PRESET = {"sft": dict(lr=1e-3, steps=60, per_micro=8, **_TOY),
               "grpo": dict(lr=1e-4, steps=6, per_micro=2, max_new_tokens=48, **_TOY)}
 
 
@@ -708,7 +710,7 @@ def evaluate_export(a: Args, export_dir: str, device) -> dict:
     bb = C.load_backbone(export_dir, device)
     attach_saved_head(bb)
     root = Path(a.data).parent / "eval"
-    scores = {}
+    scores, summaries = {}, {}
     ablations = [x for x in a.eval_ablations.split(",") if x] or ["none"]
     for bad in set(ablations) - set(ABLATIONS):
         raise ValueError(f"--eval-ablations: unknown {bad!r}, choose from {ABLATIONS}")
@@ -725,14 +727,36 @@ def evaluate_export(a: Args, export_dir: str, device) -> dict:
                     limit=a.eval_limit)
         s = E.evaluate(ea, predict_fn=lambda items, _b, args: E.predict(items, bb, args))
         scores[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s["overall"]
+        summaries[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s
     for k, v in scores.items():
         print(f"eval {k}: {v:.1f}")
+    if C.is_toy(a.model) and Path(a.model).is_dir():               # the toy: the model it started from, beside
+        print_beside_base(a, export_dir, root, {k: v for k, v in summaries.items() if k.count("/") == 1})
     return scores
+
+
+def print_beside_base(a: Args, export_dir: str, root: Path, summaries: dict):
+    """The starting model's plain answers (answer-tag protocol) on the same items, a row per benchmark with chance
+    and the binomial SE: does LVR move the score?"""
+    import eval as E
+    steps = list(dict.fromkeys(k.split("/", 1)[1] for k in summaries))
+    print(f"| benchmark (first {a.eval_limit or 'all'} items) | chance | start: {a.model} | " +
+          " | ".join(f"LVR {n}" for n in steps) + " |")
+    for bench in [b for b in a.eval_benchmarks.split(",") if b]:
+        out = Path(a.run_dir, "eval", f"{bench}_start.json")
+        s = E.evaluate(E.Args(benchmark=bench, data_dir=str(root / bench), model=a.model, prompt="answer-tag",
+                              output=str(out), min_pixels=a.min_pixels, max_pixels=a.max_pixels, limit=a.eval_limit,
+                              overwrite=True))
+        cells = [f"{v['overall']:.1f} ± {v['se']:.1f}" for k, v in summaries.items() if k.startswith(bench + "/")]
+        print(f"| {bench} | {s['chance']:.1f} | {s['overall']:.1f} ± {s['se']:.1f} | " + " | ".join(cells) + " |")
 
 
 def main(a: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
     a = resolve(a, explicit)
+    if a.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
+        from toy_base import ensure_toy_base
+        a.model = ensure_toy_base()
     C.save_run_config(a.run_dir, a)
     C.seed_everything(a.seed)
     bb = C.load_backbone(a.model, d.device, dtype=torch.float32)   # fp32 master weights; compute: --dtype

@@ -83,7 +83,8 @@ from common import IGNORE  # noqa: E402
 
 @dataclass
 class Args:
-    model: str = field(default="toy", metadata={"help": "toy | toy-qwen3vl | hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
+    model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | "
+                                                              "toy-qwen3vl | hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
     data: str = field(default="toy", metadata={"help": "comma-separated data files, or 'toy' (the toy world's LVR JSON)"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: the data file's)"})
     run_dir: str = field(default="runs/pearl", metadata={"help": "output directory (checkpoints, metrics, export, eval)"})
@@ -532,6 +533,9 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
 def train(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
     resolve(args, explicit)
+    if args.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
+        from toy_base import ensure_toy_base
+        args.model = ensure_toy_base()
     C.save_run_config(args.run_dir, args)
     C.seed_everything(args.seed)
     # Trainable weights are fp32 masters. With LoRA the frozen base stays in the compute dtype (7B: 14 GB bf16 on

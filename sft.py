@@ -41,7 +41,8 @@ import common as C
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
-    model: str = field(default="toy", metadata={"help": "toy | toy-base | hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
+    model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | "
+                                                              "hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
     data: str = field(default="toy", metadata={"help": "LVR / Visual-CoT JSON or canonical messages (.json/.jsonl); "
                                                        "'toy' = the toy world's LVR records"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
@@ -71,8 +72,8 @@ class Args:
 
 # A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
 # the model is the toy backbone or an export of it, and only to the fields not given on the command line.
-TOY_PRESET = dict(lr=3e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
-                  activation_checkpointing=False, eval="vstar,mmvp,blink")
+TOY_PRESET = dict(lr=1e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
+                  activation_checkpointing=False, train_vision=True, eval="vstar,mmvp,blink")
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
@@ -141,6 +142,9 @@ def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> 
 def main(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
     resolve(args, explicit)
+    if args.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
+        from toy_base import ensure_toy_base
+        args.model = ensure_toy_base()
     C.save_run_config(args.run_dir, args)
     C.seed_everything(args.seed)
     bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
@@ -209,14 +213,18 @@ def main(args: Args, explicit: set[str] | None = None):
 def evaluate_export(args: Args, export_dir: str) -> dict:
     """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process)."""
     import eval as E
-    scores = {}
+    rows, models = {}, {"SFT": export_dir, "start": args.model} if C.is_toy(args.model) else {"SFT": export_dir}
     for bench in [b for b in args.eval.split(",") if b]:
-        out = Path(args.run_dir, "eval", f"{bench}.json")
-        ea = E.Args(benchmark=bench, data_dir=str(Path(args.data).parent / "eval" / bench), model=export_dir,
-                    prompt="answer-tag", output=str(out), min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                    limit=args.eval_limit, overwrite=True)
-        scores[bench] = E.evaluate(ea)["overall"]
-    return scores
+        for name, model in models.items():
+            ea = E.Args(benchmark=bench, data_dir=str(Path(args.data).parent / "eval" / bench), model=model,
+                        prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")),
+                        min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
+            rows.setdefault(bench, {})[name] = E.evaluate(ea)
+    print(f"| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
+    for bench, r in rows.items():
+        print(f"| {bench} | {r['SFT']['chance']:.1f} | " +
+              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")
+    return {bench: r["SFT"]["overall"] for bench, r in rows.items()}
 
 
 if __name__ == "__main__":

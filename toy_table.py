@@ -145,7 +145,7 @@ ORDER = ["base (no fine-tuning)", "plain SFT", "Pearl", "Pearl w/o NextLat", "Pe
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="training seeds (mean ± std over them)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps of every fine-tuning run")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of every fine-tuning run (the toy default)")
     p.add_argument("--grpo-steps", type=int, default=20, help="GRPO_latent steps after LVR")
     p.add_argument("--limit", type=int, default=0, help="items per benchmark (0 = all)")
     p.add_argument("--out", default="results/toy_table", help="run folders, logs and summaries")

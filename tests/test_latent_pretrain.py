@@ -313,7 +313,7 @@ def _tiny_coco(root: Path, n_images=8):
 
 def _torchrun(args, cwd, port):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "latent_pretrain.py")] + args
+           str(ROOT / "latent_pretrain.py"), "--model", "toy"] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -376,7 +376,7 @@ def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
     captions, img = _tiny_coco(tmp_path)
-    base = [sys.executable, str(ROOT / "latent_pretrain.py"), "--data", str(captions), "--image-root", str(img),
+    base = [sys.executable, str(ROOT / "latent_pretrain.py"), "--model", "toy", "--data", str(captions), "--image-root", str(img),
             "--image-size", "56", "--steps", "4", "--per-micro", "4", "--save-every", "2", "--analyze", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 

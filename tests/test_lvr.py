@@ -596,6 +596,7 @@ def train(run_dir, *extra, procs=1, port=0):
     data = Path(ensure_toy_world(str(ROOT / "data/toy"), seed=0))
     launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port)] if procs > 1 else []
     stage = "lvr_grpo.json" if "grpo" in extra else "lvr_train.json"
+    extra = extra if "--model" in extra else ("--model", "toy", *extra)     # the random toy: fast, no base needed
     r = subprocess.run([sys.executable, *launch, str(ROOT / "lvr.py"), "--data", str(data / stage), "--eval", "false",
                         "--per-micro", "1", "--run-dir", str(run_dir), *map(str, extra)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})

@@ -356,7 +356,7 @@ def train(tmp_path, run_dir, *extra, nproc=1, port=29531):
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                   str(nproc), "--master_port", str(port)]
     cmd = launch + [os.path.join(ROOT, "pearl.py"), "--data", _write_fixture_data(tmp_path), "--run-dir",
-                    str(run_dir), "--steps", "4", "--per-micro", "2", "--eval", "", *extra]
+                    str(run_dir), "--steps", "4", "--per-micro", "2", "--eval", "", "--model", "toy", *extra]
     out = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -70,12 +70,12 @@ LR = {"lr", "head_lr"}  # given explicitly: lr 1e-5 equals the paper default, an
 
 
 def run_lvr(records, run_dir, **kw):
-    a = lvr.Args(data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, dtype="bf16", **kw)
+    a = lvr.Args(model="toy", data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, dtype="bf16", **kw)
     lvr.main(a, explicit=C.changed_fields(a) | LR | set(kw))   # eval=False equals the default: say it was given
 
 
 def run_pearl(records, run_dir, **kw):
-    a = pearl.Args(data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, lora_r=0, dtype="bf16",
+    a = pearl.Args(model="toy", data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, lora_r=0, dtype="bf16",
                    eval="", **kw)
     pearl.train(a, explicit=C.changed_fields(a) | LR | {"eval"})
 
@@ -128,7 +128,8 @@ def test_pearl_full_finetune_step_on_pure_bf16_params_loses_most_updates(records
 
 def test_pearl_lora_keeps_frozen_base_in_compute_dtype(records, steps, tmp_path):
     """Default LoRA: base weights frozen in bf16, everything trained (adapters, predictor rows, head) fp32."""
-    a = pearl.Args(data=records, run_dir=str(tmp_path), steps=1, per_micro=2, dtype="bf16", eval="", export=False)
+    a = pearl.Args(model="toy", data=records, run_dir=str(tmp_path), steps=1, per_micro=2, dtype="bf16", eval="",
+                   export=False)
     bb = pearl.train(a, explicit=C.changed_fields(a) | {"eval"})
     frozen = {p.dtype for p in bb.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and steps[0]["dtypes"] == {torch.float32}
@@ -180,7 +181,7 @@ def test_latent_pretrain_bf16_compute_moves_fp32_masters(stage, steps, tmp_path)
     from toy_world import ensure_toy_world
     if stage == "pretrain":
         captions, img = _tiny_coco(tmp_path)
-        a = LP.Args(data=str(captions), image_root=str(img), image_size=56, per_micro=4, analyze=False,
+        a = LP.Args(model="toy", data=str(captions), image_root=str(img), image_size=56, per_micro=4, analyze=False,
                     cache_dir=str(tmp_path / "cache"))
     else:
         root = Path(ensure_toy_world(str(ROOT / "data/toy"), seed=0))

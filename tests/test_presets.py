@@ -215,7 +215,8 @@ RUNS = {  # the smallest toy run of each file (cwd = the repository: the toy wor
 @pytest.mark.parametrize("name", list(RUNS))
 def test_run_writes_run_config(name, tmp_path):
     run = tmp_path / "run"
-    out = subprocess.run([sys.executable, str(ROOT / name), *RUNS[name], "--run-dir", str(run)], env=ENV, cwd=ROOT,
+    out = subprocess.run([sys.executable, str(ROOT / name), *RUNS[name], "--model", "toy", "--run-dir", str(run)],
+                         env=ENV, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "toy preset: lr=" in out.stdout
