@@ -323,7 +323,7 @@ def build_target_cache(bb, args, d: C.Dist, images: dict, cache_dir: Path, skips
         if path.exists():
             continue
         wds = isinstance(jobs[i], str)
-        names, caps, z_tok, z_glob, pil = [], [], [], [], []
+        names, caps, z_tok, z_glob, pil, skipped = [], [], [], [], [], {}
 
         def flush():
             if pil:
@@ -334,8 +334,8 @@ def build_target_cache(bb, args, d: C.Dist, images: dict, cache_dir: Path, skips
         for s in tqdm(source, desc=f"targets {i}", disable=not d.main, leave=False):
             try:
                 pil.append(C.open_image((s.get("jpg") or s.get("png") or b"") if wds else s["file"]))
-            except C.SkipSample as e:
-                skips.add(str(e), str(s["__key__"]))
+            except C.SkipSample as e:   # kept in the shard, so a reused cache reports it too (load_targets)
+                skipped[str(s["__key__"])] = str(e)
                 continue
             names.append(str(s["__key__"]))
             caps.append(s["txt"].decode("utf-8", "replace").strip() if "txt" in s else "")
@@ -347,7 +347,8 @@ def build_target_cache(bb, args, d: C.Dist, images: dict, cache_dir: Path, skips
         save_file({"z_tok": z_tok.half().contiguous(), "z_glob": z_glob.half().contiguous(),
                    "tok_sum": z_tok.double().sum((0, 1)), "tok_sqsum": (z_tok.double() ** 2).sum((0, 1)),
                    "glob_sum": z_glob.double().sum(0)}, str(path) + ".tmp",
-                  metadata={"keys": json.dumps(names), "captions": json.dumps(caps if wds else [])})
+                  metadata={"keys": json.dumps(names), "captions": json.dumps(caps if wds else []),
+                            "skipped": json.dumps(skipped)})
         os.replace(str(path) + ".tmp", path)
     if d.world > 1:  # every rank's shards are on disk before anyone reads the cache
         dist.barrier()
@@ -361,6 +362,7 @@ class TargetCache:
     def __init__(self, cache_dir: Path):
         from safetensors import safe_open
         self.dir, self.files, self.index, self.captions, self.center = str(cache_dir), [], {}, [], False
+        self.skipped = {}                                   # image key → why it has no target
         sums, n = {}, 0
         for f, path in enumerate(sorted(Path(cache_dir).glob("targets-*.safetensors"))):
             h = safe_open(str(path), framework="pt")
@@ -368,6 +370,7 @@ class TargetCache:
             keys, caps = json.loads(h.metadata()["keys"]), json.loads(h.metadata()["captions"])
             self.index.update({key: (f, row) for row, key in enumerate(keys)})
             self.captions += [(c, key) for c, key in zip(caps, keys) if c]
+            self.skipped.update(json.loads(h.metadata().get("skipped", "{}")))
             if keys:
                 sums = {k: sums.get(k, 0) + h.get_tensor(k) for k in ("tok_sum", "tok_sqsum", "glob_sum")}
                 n += len(keys)
@@ -398,7 +401,14 @@ def load_targets(bb, args, d, data: str, image_root: str, skips, root: Path, pre
     pairs, images = read_pairs(data, image_root, skips)
     cache = TargetCache(build_target_cache(bb, args, d, images, root / (prefix + cache_fingerprint(bb, args, images)),
                                            skips))
-    pairs = [(c, k) for c, k in (pairs if pairs is not None else cache.captions) if k in cache.index]
+    if pairs is None:             # WebDataset: captions come from the cache; a skipped sample lost its caption
+        for key, reason in cache.skipped.items():
+            skips.add(reason, key)
+        pairs = cache.captions
+    for c, k in pairs:            # every caption dropped is a counted sample, on fresh and reused caches alike
+        if k not in cache.index:
+            skips.add(cache.skipped.get(k, "image without target"), k)
+    pairs = [(c, k) for c, k in pairs if k in cache.index]
     cos = cache.random_pair_cosine()
     cache.center = args.center == "true" or (args.center == "auto" and cos > 0.5)
     C.print0(f"targets {cache.dir}: {len(cache.index)} images, mean cos(random pair) {cos:.3f}"

@@ -56,9 +56,9 @@ def test_cache_round_trip_and_tower_not_rerun(bb, tmp_path, monkeypatch):
     args = L.Args(image_size=56, shard_size=2)                   # 56 px → 2×2 merged tokens: K = 4 is the identity
     skips = C.Skips()
     L.build_target_cache(bb, args, C.Dist(), images, tmp_path / "cache", skips)
-    assert skips.counts["missing image"] == 1
     assert len(list((tmp_path / "cache").glob("targets-*.safetensors"))) == 3
     cache = L.TargetCache(tmp_path / "cache")
+    assert cache.skipped == {"missing": "missing image"}       # counted per caption by load_targets, every run
     keys = [str(i) for i in range(5)]
     z_tok, z_glob = cache.get(keys)
     pil = [Image.open(images[k]).convert("RGB") for k in keys]
@@ -369,7 +369,7 @@ def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
     skips = C.Skips()
     L.build_target_cache(bb, L.Args(image_size=56), C.Dist(), images, tmp_path / "cache", skips)
     cache = L.TargetCache(tmp_path / "cache")
-    assert skips.counts["unreadable image"] == 1
+    assert cache.skipped == {"010002": "unreadable image"}         # kept in the shard for every later run
     assert sorted(cache.captions) == sorted((f"caption {s} {i}", f"{s:02d}{i:04d}")
                                             for s in range(2) for i in range(3) if (s, i) != (1, 2))
 
@@ -393,3 +393,19 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     resumed = losses(tmp_path / "b", "--resume", "true")
     assert sorted(resumed) == [3, 4]
     assert resumed[3] == pytest.approx(full[3], rel=1e-5) and resumed[4] == pytest.approx(full[4], rel=1e-5)
+
+
+def test_skips_count_captions_on_fresh_and_reused_caches(bb, tmp_path):
+    """An image that cannot be read drops all its captions: 5 counted samples on the run that extracts the targets
+    and again on a run that reuses the cache (before: 1 image, then 0)."""
+    captions, img = _tiny_coco(tmp_path, n_images=3)
+    data = json.loads(captions.read_text())
+    data["annotations"] += [{"id": 900 + j, "image_id": 7, "caption": f"caption {j}"} for j in range(5)]
+    data["images"].append({"id": 7, "file_name": "missing.png"})
+    captions.write_text(json.dumps(data))
+    for run in ("fresh", "reused"):
+        skips = C.Skips()
+        pairs, _ = L.load_targets(bb, L.Args(image_size=56), C.Dist(), str(captions), str(img), skips,
+                                  tmp_path / "cache")
+        assert dict(skips.counts) == {"missing image": 5}, run
+        assert len(pairs) == 6 and all(k != "7" for _, k in pairs)
