@@ -99,6 +99,10 @@ class Args:
     latent_steps: int = field(default=8, metadata={"help": "LVR fixed latent steps in --mode latent (4, 8 or 16)"})
     latent_ablation: str = field(default="none", metadata={"help": "--mode latent test-time ablation of the latents: "
                                                                    "none | zeros | noise | shuffle | remove"})
+    latent_force_span: bool = field(default=False, metadata={"help": "--mode latent: open the latent span at the start "
+                                                                     "of the answer (<|lvr_start|> as the assistant "
+                                                                     "prefix) and close it after N steps, for a model "
+                                                                     "that does not emit the span tokens itself"})
     extractor: str = field(default="robust", metadata={"help": "robust | official (lmms-eval regex for mmerw_lite)"})
     mmvp_corrected: bool = field(default=False, metadata={"help": "apply lmms-eval's MMVP answer corrections"})
     label: str = field(default="", metadata={"help": "row name in --table (default: model + mode)"})
@@ -527,6 +531,7 @@ def settings(args, benchmark):
     if args.mode == "latent":
         out["latent_steps"] = args.latent_steps
         out["latent_ablation"] = args.latent_ablation
+        out["latent_force_span"] = args.latent_force_span
         if not args.label and args.latent_ablation != "none":
             out["label"] = f"{args.model} ({args.mode}, {args.prompt}, latents {args.latent_ablation})"
     if args.mode == "unsilence":  # the method builds its own (released) prompt; --prompt does not apply
@@ -554,7 +559,8 @@ def build_messages(it, args):
     else:
         text = f"{q}\n{LMMS_OPEN_SUFFIX}"
     content = [{"type": "image", "image": load_image(im)} for im in it["images"]] + [{"type": "text", "text": text}]
-    prefix = "<answer>" if args.prompt == "answer-tag" and args.mode == "plain" else ""
+    prefix = "<answer>" if args.prompt == "answer-tag" and args.mode == "plain" else \
+        "<|lvr_start|>" if args.mode == "latent" and args.latent_force_span else ""
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}], prefix
 
 
@@ -613,7 +619,8 @@ def predict(items, model_bundle, args):
                 out = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
             else:
                 out = lvr.latent_generate(model_bundle, batch, num_latent_steps=args.latent_steps,
-                                          max_new_tokens=max_new, ablate=args.latent_ablation)
+                                          max_new_tokens=max_new, ablate=args.latent_ablation,
+                                          force_end=args.latent_force_span)
         yield from zip([it["id"] for it in chunk], decode_new(model_bundle, out, input_len))
 
 
@@ -624,7 +631,7 @@ LATENT_ABLATIONS = ("none", "zeros", "noise", "shuffle", "remove")
 
 
 PREDICTION_KEYS = ("mode", "prompt", "system", "decoding", "max_new_tokens", "min_pixels", "max_pixels",
-                   "latent_steps", "latent_ablation")
+                   "latent_steps", "latent_ablation", "latent_force_span")
 
 
 def model_fingerprint(model: str) -> str:

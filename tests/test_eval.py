@@ -473,3 +473,13 @@ def test_latent_ablation_is_recorded_passed_and_never_mixed(tmp_path, monkeypatc
     items, _ = ev.load_benchmark("vstar", str(tmp_path / "vstar"), ev.Args(benchmark="vstar"))
     out = dict(ev.predict(items[:2], bundle, ev.Args(**{**zeros.__dict__, "latent_ablation": "shuffle"})))
     assert seen["ablate"] == "shuffle" and seen["num_latent_steps"] == 8 and len(out) == 2
+
+
+def test_latent_force_span_opens_the_span_and_is_recorded(tmp_path):
+    write_vstar(tmp_path / "vstar", n=2)
+    args = ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), mode="latent", prompt="answer-tag",
+                   latent_force_span=True)
+    items, _ = ev.load_benchmark("vstar", args.data_dir, args)
+    assert ev.build_messages(items[0], args)[1] == "<|lvr_start|>"
+    assert ev.build_messages(items[0], ev.Args(**{**args.__dict__, "latent_force_span": False}))[1] == ""
+    assert ev.provenance(args, "vstar")["latent_force_span"] is True        # a forced-span file never mixes
