@@ -475,8 +475,9 @@ def test_latent_ablation_is_recorded_passed_and_never_mixed(tmp_path, monkeypatc
     assert seen["ablate"] == "shuffle" and seen["num_latent_steps"] == 8 and len(out) == 2
 
 
-def test_latent_force_span_opens_the_span_and_is_recorded(tmp_path):
+def test_latent_force_span_opens_the_span_and_is_recorded(tmp_path, monkeypatch):
     write_vstar(tmp_path / "vstar", n=2)
+    monkeypatch.setattr(ev, "load_image", lambda im: Image.new("RGB", (8, 8)))
     args = ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), mode="latent", prompt="answer-tag",
                    latent_force_span=True)
     items, _ = ev.load_benchmark("vstar", args.data_dir, args)
