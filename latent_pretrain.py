@@ -884,9 +884,10 @@ def run_analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None
 def main(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
     resolve(args, explicit)
-    if "toy-base" in (args.model, args.init):     # the pretrained toy "stage 0" (toy_base.py), built once on first use
-        from toy_base import ensure_toy_base
-        args.model, args.init = (ensure_toy_base() if v == "toy-base" else v for v in (args.model, args.init))
+    uses_model = not (args.stage in ("finetune", "analyze") and args.init)
+    if args.init == "toy-base" or (uses_model and args.model == "toy-base"):  # the pretrained toy "stage 0"
+        from toy_base import ensure_toy_base                                   # (toy_base.py), built once
+        args.model, args.init = ((ensure_toy_base() if v == "toy-base" else v) for v in (args.model, args.init))
     C.save_run_config(args.run_dir, args, "run_config.json" if args.stage in ("pretrain", "finetune")
                       else f"run_config_{args.stage}.json")       # analyze / extract: beside the pretraining run's
     C.seed_everything(args.seed)
@@ -906,6 +907,7 @@ def main(args: Args, explicit: set[str] | None = None):
         raise ValueError(f"unknown --stage {args.stage}")
     C.print0(skips.summary())
     if d.world > 1:
+        dist.barrier()             # rank 0 may still be evaluating: nobody tears gloo down under it
         dist.destroy_process_group()
 
 

@@ -185,7 +185,7 @@ def test_latent_pretrain_bf16_compute_moves_fp32_masters(stage, steps, tmp_path)
                     cache_dir=str(tmp_path / "cache"))
     else:
         root = Path(ensure_toy_world(str(ROOT / "data/toy"), seed=0))
-        a = LP.Args(stage="finetune", init="toy", gqa_dir=str(root / "gqa"), per_micro=2, eval_limit=0)
+        a = LP.Args(model="toy", stage="finetune", init="toy", gqa_dir=str(root / "gqa"), per_micro=2, eval_limit=0)
     a.steps, a.lr, a.head_lr, a.dtype, a.run_dir = 1, 1e-5, 1e-5, "bf16", str(tmp_path / "run")
     LP.main(a, explicit=C.changed_fields(a) | LR)
     (s,) = steps
