@@ -167,7 +167,7 @@ def slots_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
 def lvr_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
     """eval.py's LVR protocol prompt (answer-tag, latent mode) with `<|lvr_start|>` forced at the end."""
     import lvr
-    messages, _ = E.build_messages(it, SimpleNamespace(prompt="answer-tag", mode="latent"))
+    messages, _ = E.build_messages(it, SimpleNamespace(prompt="answer-tag", mode="latent", latent_force_span=False))
     s = C.encode_chat(bb, messages, add_generation_prompt=True, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     return append_tokens(s, [bb.token_id(lvr.LVR_START)]), it["question"]
 
