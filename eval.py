@@ -46,13 +46,11 @@ Deviations and choices:
 - `answer-tag` in plain mode appends `<answer>` after the generation prompt and generates 4 tokens (Pearl); in
   latent mode the LVR model writes its latent span first, so no prefix is forced and 512 tokens are allowed (LVR).
 - HallusionBench is scored by a yes/no rule, not the GPT-4 judge of its repo (no network at evaluation time).
-- Method hooks: `--mode latent` calls `lvr.latent_generate(backbone, batch, num_latent_steps=, max_new_tokens=,
-  ablate=)` with the left-padded batch `predict` builds (token ids [B, prompt + new], as `generate` returns, or
-  strings); `--latent-ablation none|zeros|noise|shuffle|remove` is the test-time ablation of the latents, recorded in
-  the settings, the provenance and the default output name. `--mode unsilence` hands the items to
-  `unsilence.eval_hook(items, backbone, args)` (lazy import), which builds the released ULR prompt per item and
-  yields (id, answer, diagnostics); a predict function may yield such a third element, a dict of per-sample fields
-  written beside the prediction.
+- Methods plug in through one seam: `evaluate(args, backbone=, generate=)`, where `generate(backbone, items, args)`
+  returns one answer per item (a text, or (text, per-item fields written beside the prediction)). `--mode` picks
+  one from GENERATORS by name ("lvr:generate_latent", "unsilence:generate_ulr"), imported only when that mode runs,
+  so eval.py imports no method file. `--latent-ablation none|zeros|noise|shuffle|remove` is LVR's test-time
+  ablation of the latents, recorded in the settings, the provenance and the default output name.
 - Layouts checked against public sources (code search): MMVP, V* (correct option listed first), BLINK columns and
   idx format, the HR-Bench cycle rule (VLMEvalKit). Written from the spec alone, to check against the real
   downloads: the exact V* `text` suffix, MME-RealWorld-Lite's file name and image column (`bytes` or `image` both
@@ -569,8 +567,15 @@ def load_image(im):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generation (plain | latent | unsilence)
+# Generation: the harness hands a method's `generate` one batch of items at a time
 # ---------------------------------------------------------------------------------------------------------------
+# A generate function is the one seam between eval.py and a method: generate(backbone, items, args) -> one answer per
+# item, in order: a text, or (text, dict of per-item fields written beside the prediction). The method encodes its
+# own prompts (encode_item) and pads them once. eval.py imports no method file: `--mode` names a function by
+# "module:function", imported only when that mode runs.
+GENERATORS = {"plain": "eval:generate_plain", "latent": "lvr:generate_latent", "unsilence": "unsilence:generate_ulr"}
+
+
 def load_model(args):
     import torch
     from common import load_backbone
@@ -584,44 +589,42 @@ def encode_item(backbone, it, args):
                        max_pixels=args.max_pixels, assistant_prefix=prefix)
 
 
-def decode_new(backbone, out, input_len):
-    if isinstance(out, (list, tuple)) and all(isinstance(t, str) for t in out):
-        return list(out)
-    return backbone.tokenizer.batch_decode(out[:, input_len:], skip_special_tokens=True)
-
-
 GENERATE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
-def predict(items, model_bundle, args):
-    """Yield (id, raw generated text) per item, in batches of --batch-size with left padding."""
-    max_new = settings(args, args.benchmark)["max_new_tokens"]
-    if args.mode == "latent":
-        try:
-            import lvr
-        except ImportError as e:
-            raise ImportError("--mode latent needs lvr.py (lvr.latent_generate), which is missing") from e
-    if args.mode == "unsilence":  # per-sample latent optimisation in the released prompt: the method owns the loop
-        import unsilence           # lazy: unsilence.py imports this file, never the reverse at import time
-        yield from unsilence.eval_hook(items, model_bundle, args)
-        return
+def generate_plain(backbone, items, args):
+    """Greedy decoding of the benchmark prompt, left-padded, the model's own `generate`."""
     import torch
     from common import pad_batch
-    model = model_bundle.model
+    model = backbone.model
+    batch = pad_batch(backbone, [encode_item(backbone, it, args) for it in items], side="left",
+                      with_positions=False)                                  # generate computes M-RoPE itself
+    batch = {k: batch[k].to(model.device) for k in GENERATE_KEYS if batch.get(k) is not None}
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=settings(args, args.benchmark)["max_new_tokens"],
+                             do_sample=False)
+    return backbone.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def resolve_generator(mode):
+    import importlib
+    module, name = GENERATORS[mode].split(":")
+    try:
+        return getattr(sys.modules[__name__] if module == "eval" else importlib.import_module(module), name)
+    except ImportError as e:
+        raise ImportError(f"--mode {mode} needs {module}.py ({GENERATORS[mode]}), which is missing") from e
+
+
+def predict(items, backbone, args, generate):
+    """Yield (id, text, extra) per item, asking `generate` for --batch-size items at a time."""
     for start in range(0, len(items), args.batch_size):
         chunk = items[start: start + args.batch_size]
-        samples = [encode_item(model_bundle, it, args) for it in chunk]
-        batch = pad_batch(model_bundle, samples, side="left", with_positions=False)  # generate computes M-RoPE
-        batch = {k: batch[k].to(model.device) for k in GENERATE_KEYS if batch.get(k) is not None}
-        input_len = batch["input_ids"].shape[1]
-        with torch.no_grad():
-            if args.mode == "plain":
-                out = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
-            else:
-                out = lvr.latent_generate(model_bundle, batch, num_latent_steps=args.latent_steps,
-                                          max_new_tokens=max_new, ablate=args.latent_ablation,
-                                          force_end=args.latent_force_span)
-        yield from zip([it["id"] for it in chunk], decode_new(model_bundle, out, input_len))
+        answers = generate(backbone, chunk, args)
+        if len(answers) != len(chunk):
+            raise RuntimeError(f"generate returned {len(answers)} answers for {len(chunk)} items")
+        for it, a in zip(chunk, answers):
+            text, extra = a if isinstance(a, tuple) else (a, {})
+            yield it["id"], text, extra
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -699,10 +702,11 @@ def describe(p):
             + ", ".join(f"{k} {p[k]}" for k in PREDICTION_KEYS if k in p and k != "system"))
 
 
-def run_predictions(items, predict_fn, load_bundle, args, path, benchmark=None):
+def run_predictions(items, generate, backbone, args, path, benchmark=None):
     """Predict the items not yet in `path`, appending one flushed JSONL line per item. The file's first line is its
     provenance; a file made by another model or setting is refused (one line, exit 2) or, with --overwrite,
-    re-predicted from scratch. Predictions of two models never mix in one file."""
+    re-predicted from scratch. Predictions of two models never mix in one file. `backbone`: a loaded Backbone, or
+    None to load --model only when something is left to predict."""
     from tqdm import tqdm
     mine = provenance(args, benchmark or args.benchmark)
     header, done = read_predictions(path)
@@ -718,7 +722,7 @@ def run_predictions(items, predict_fn, load_bundle, args, path, benchmark=None):
         print(f"resuming: {len(items) - len(todo)} of {len(items)} already predicted in {path}")
     if not todo:
         return done
-    model_bundle = load_bundle()  # only when something is left to predict
+    backbone = backbone or load_model(args)  # only when something is left to predict
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+") as f:
         f.seek(0, os.SEEK_END)
@@ -728,8 +732,8 @@ def run_predictions(items, predict_fn, load_bundle, args, path, benchmark=None):
             f.seek(f.tell() - 1)
             if f.read(1) != "\n":
                 f.write("\n")
-        for id, text, *extra in tqdm(predict_fn(todo, model_bundle, args), total=len(todo), desc=args.benchmark):
-            f.write(json.dumps({"id": id, "prediction": text, **(extra[0] if extra else {})}) + "\n")
+        for id, text, extra in tqdm(predict(todo, backbone, args, generate), total=len(todo), desc=args.benchmark):
+            f.write(json.dumps({"id": id, "prediction": text, **extra}) + "\n")
             f.flush()
             done[str(id)] = text
     return done
@@ -743,8 +747,10 @@ def default_paths(args):
     return output, predictions
 
 
-def evaluate(args, predict_fn=predict):
-    """Load, predict (resuming) or read predictions (--score-only), score, write the summary; return it."""
+def evaluate(args, backbone=None, generate=None):
+    """The one entry point, for the command line and for every method: predict (resuming) or read predictions
+    (--score-only), score, write the summary, return it. A method passes its loaded `backbone` and its `generate`
+    (default: the one --mode names in GENERATORS); with no backbone --model is loaded when needed."""
     for value, allowed in ((args.benchmark, BENCHMARKS), (args.mode, ("plain", "latent", "unsilence")),
                            (args.prompt, ("lmms", "answer-tag", "vlmeval")), (args.extractor, ("robust", "official")),
                            (args.latent_ablation, LATENT_ABLATIONS)):
@@ -765,8 +771,7 @@ def evaluate(args, predict_fn=predict):
         if made_by is None:
             warnings = list(warnings) + [f"{pred_path} has no provenance line: the model that made it is unknown"]
     else:
-        load_bundle = (lambda: load_model(args)) if predict_fn is predict else (lambda: None)
-        predictions = run_predictions(items, predict_fn, load_bundle, args, pred_path)
+        predictions = run_predictions(items, generate or resolve_generator(args.mode), backbone, args, pred_path)
         made_by = read_predictions(pred_path)[0]
     summary = score(args.benchmark, items, predictions, args, warnings)
     summary["predictions"], summary["provenance"] = pred_path, made_by

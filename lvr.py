@@ -366,20 +366,6 @@ def sft_loss(bb: C.Backbone, model, samples: list[dict], a: Args, device) -> tup
 # ----------------------------------------------------------------------------------------------------------------
 # Latent decoding: batched, left-padded, per-row latent state, KV cache (one new position per latent step)
 # ----------------------------------------------------------------------------------------------------------------
-def _unpad(bb: C.Backbone, batch: dict) -> list[dict]:
-    """eval.py's left-padded batch (C.pad_batch) → the per-sample dicts it was built from."""
-    vs, grids, pv = bb.token_id("<|vision_start|>"), batch.get("image_grid_thw"), batch.get("pixel_values")
-    out, g0, p0 = [], 0, 0
-    for ids, m, t in zip(batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]):
-        ids, t = ids[m.bool()].cpu(), t[m.bool()].cpu()
-        g = grids[g0:g0 + int((ids == vs).sum())].cpu() if grids is not None else torch.zeros(0, 3, dtype=torch.long)
-        n_px = int(g.prod(-1).sum())
-        out.append(dict(input_ids=ids, labels=torch.full_like(ids, C.IGNORE), mm_token_type_ids=t,
-                        pixel_values=pv[p0:p0 + n_px].cpu() if len(g) else None, image_grid_thw=g if len(g) else None))
-        g0, p0 = g0 + len(g), p0 + n_px
-    return out
-
-
 # Valid tokens in a completion: ONE rule, used by the sampler (latent_generate) and by the GRPO log-probs
 # (completion_logprobs), so the policy π in the loss is exactly the masked distribution the rollout drew from.
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -438,8 +424,7 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
                     force_end: bool = False, use_cache: bool = True, generator: torch.Generator | None = None,
                     model=None, sync: bool = False, prefix_tokens: list[list[int]] | None = None,
                     ablate: str = "none", ablate_seed: int = 0):
-    """Decode a batch with latent reasoning. `samples`: encode_chat(..., add_generation_prompt=True) dicts (or
-    eval.py's left-padded batch, for which the decoded texts without special tokens are returned).
+    """Decode a batch with latent reasoning. `samples`: encode_chat(..., add_generation_prompt=True) dicts.
 
     mode "fixed": after a row emits `<|lvr_start|>`, its next `num_latent_steps` inputs are head(H_prev) instead of
     token embeddings; "token": latent inputs until the model would emit `<|lvr_latent_end|>` / `<|lvr_end|>`
@@ -463,8 +448,6 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
     inputs and forced tokens), "text" (special tokens kept, EOS dropped)}."""
     if ablate not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablate!r}: choose from {ABLATIONS}")
-    as_text = isinstance(samples, dict)
-    samples = _unpad(bb, samples) if as_text else samples
     model = model or bb.model
     attach_saved_head(bb)
     dev = next(model.parameters()).device
@@ -576,7 +559,18 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
             "latents": stack([lat[b][j] for j in sorted(lat[b])]),
             "latent_positions": torch.tensor(sorted(lat[b]), dtype=torch.long), "states": stack(own[b])}
            for b in range(B)]
-    return [bb.tokenizer.decode(o["token_ids"], skip_special_tokens=True) for o in res] if as_text else res
+    return res
+
+
+def generate_latent(bb: C.Backbone, items: list[dict], ea) -> list[str]:
+    """eval.py --mode latent: each item's prompt encoded once (eval.encode_item), decoded with latent steps; the
+    answers without special tokens."""
+    import eval as E
+    samples = [E.encode_item(bb, it, ea) for it in items]
+    res = latent_generate(bb, samples, num_latent_steps=ea.latent_steps,
+                          max_new_tokens=E.settings(ea, ea.benchmark)["max_new_tokens"], ablate=ea.latent_ablation,
+                          force_end=ea.latent_force_span)
+    return [bb.tokenizer.decode(o["token_ids"], skip_special_tokens=True) for o in res]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -725,7 +719,7 @@ def evaluate_export(a: Args, export_dir: str, device) -> dict:
                     prompt="answer-tag", latent_steps=n, latent_ablation=abl, output=str(out),
                     predictions=str(preds), max_new_tokens=32, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
                     limit=a.eval_limit)
-        s = E.evaluate(ea, predict_fn=lambda items, _b, args: E.predict(items, bb, args))
+        s = E.evaluate(ea, backbone=bb, generate=generate_latent)
         scores[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s["overall"]
         summaries[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s
     for k, v in scores.items():

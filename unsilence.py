@@ -586,19 +586,22 @@ def chance(benchmark: str, items: list[dict]) -> float:
     return 100 * sum(p.values()) / len(p)
 
 
-def ulr_predictions(items: list[dict], bb: C.Backbone, args: Args, mode: str, generator: torch.Generator):
-    """Yields (id, answer text, per-sample diagnostics): the rows of eval.py's predictions file."""
-    for it in items:
-        row = ulr_item(bb, it, args, mode, generator)
-        yield row.pop("id"), row.pop("prediction"), row
+def ulr_answers(items: list[dict], bb: C.Backbone, args: Args, mode: str, generator: torch.Generator) -> list:
+    """(answer text, per-sample diagnostics) per item: what eval.py writes in its predictions file."""
+    rows = [ulr_item(bb, it, args, mode, generator) for it in items]
+    return [(r.pop("prediction"), {k: v for k, v in r.items() if k != "id"}) for r in rows]
 
 
-def eval_hook(items: list[dict], bb: C.Backbone, ea: E.Args):
-    """`python eval.py --mode unsilence`: slots-mode ULR with the released defaults and eval's image budget."""
-    args = resolve(Args(model=ea.model, modes="slots", min_pixels=ea.min_pixels, max_pixels=ea.max_pixels,
-                        max_new_tokens=E.settings(ea, ea.benchmark)["max_new_tokens"], limit=0))   # as recorded
-    bb.model.to(getattr(torch, args.dtype)).eval().requires_grad_(False)
-    return ulr_predictions(items, bb, args, "slots", torch.Generator().manual_seed(args.seed))
+def generate_ulr(bb: C.Backbone, items: list[dict], ea: E.Args) -> list:
+    """`python eval.py --mode unsilence`: slots-mode ULR with the released defaults and eval's image budget. One
+    sampling generator per loaded model, so the answers do not depend on --batch-size."""
+    if getattr(bb, "ulr_run", None) is None:
+        args = resolve(Args(model=ea.model, modes="slots", min_pixels=ea.min_pixels, max_pixels=ea.max_pixels,
+                            max_new_tokens=E.settings(ea, ea.benchmark)["max_new_tokens"], limit=0))   # as recorded
+        bb.model.to(getattr(torch, args.dtype)).eval().requires_grad_(False)
+        bb.ulr_run = (args, torch.Generator().manual_seed(args.seed))
+    args, generator = bb.ulr_run
+    return ulr_answers(items, bb, args, "slots", generator)
 
 
 def load_latent_model(path: str, args: Args, lvr_tokens: bool = True) -> C.Backbone:
@@ -656,7 +659,8 @@ def main(args: Args):
                 preds.unlink(missing_ok=True)                      # a new run: never resume old predictions
                 ea = eval_args(b, args, output=str(out), predictions=str(preds), label=f"ULR {mode}")
                 gen = torch.Generator().manual_seed(args.seed)
-                s = E.evaluate(ea, predict_fn=lambda its, _b, _ea, m=mode, g=gen: ulr_predictions(its, bb, args, m, g))
+                s = E.evaluate(ea, backbone=bb,
+                               generate=lambda _bb, its, _ea, m=mode, g=gen: ulr_answers(its, bb, args, m, g))
                 rows = [r for r in map(json.loads, preds.read_text().splitlines()) if "id" in r]  # not provenance
                 base = E.score(b, items[b], {str(r["id"]): r["prediction_no_ulr"] for r in rows}, ea)
                 table[b][f"{mode}: no ULR"], table[b][f"{mode}: ULR"] = base["overall"], s["overall"]

@@ -53,7 +53,7 @@ def evaluate(model_dir, tag, a: Args, world) -> dict:
             ea = E.Args(benchmark=bench, data_dir=os.path.join(world, "eval", bench), model=model_dir, prompt=prompt,
                         output=path, predictions=preds, min_pixels=recipe.min_pixels, max_pixels=recipe.max_pixels,
                         limit=a.limit, batch_size=a.batch_size, label=tag)
-            out[(bench, prompt)] = E.evaluate(ea, predict_fn=lambda items, _b, args: E.predict(items, bb, args))
+            out[(bench, prompt)] = E.evaluate(ea, backbone=bb)
     return out
 
 

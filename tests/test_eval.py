@@ -6,6 +6,7 @@ import io
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -25,19 +26,21 @@ def hf_image(color=(255, 0, 0)):
     return {"bytes": png_bytes(color), "path": None}
 
 
+NO_MODEL = SimpleNamespace()  # a fake generator needs no model: evaluate loads --model only when given none
+
+
 def fake_predictor(answers, log=None):
-    """A `predict`-shaped function: yields the canned answer for each item id (and logs which ids it saw)."""
-    def predict_fn(items, bundle, args):
-        for it in items:
-            if log is not None:
-                log.append(str(it["id"]))
-            yield it["id"], answers[str(it["id"])]
-    return predict_fn
+    """A `generate`-shaped function: the canned answer for each item id (and logs which ids it saw)."""
+    def generate(backbone, items, args):
+        if log is not None:
+            log.extend(str(it["id"]) for it in items)
+        return [answers[str(it["id"])] for it in items]
+    return generate
 
 
 def run(tmp_path, benchmark, data_dir, answers, **kw):
     args = ev.Args(benchmark=benchmark, data_dir=str(data_dir), output=str(tmp_path / f"{benchmark}.json"), **kw)
-    return ev.evaluate(args, predict_fn=fake_predictor(answers)), args
+    return ev.evaluate(args, backbone=NO_MODEL, generate=fake_predictor(answers)), args
 
 
 # ------------------------------------------------------------------ extractor
@@ -296,20 +299,23 @@ def test_resume_after_interruption_and_score_only(tmp_path):
     answers = {str(i): "A" for i in range(6)}
     args = ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "run.json"))
 
-    def dies_after_three(items, bundle, a):
-        for k, it in enumerate(items):
-            if k == 3:
-                raise KeyboardInterrupt
-            yield it["id"], answers[str(it["id"])]
+    args.batch_size = 1
+    calls = []
+
+    def dies_after_three(backbone, items, a):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(items[0]["id"])
+        return [answers[str(it["id"])] for it in items]
     with pytest.raises(KeyboardInterrupt):
-        ev.evaluate(args, predict_fn=dies_after_three)
+        ev.evaluate(args, backbone=NO_MODEL, generate=dies_after_three)
     pred_path = tmp_path / "run.predictions.jsonl"
     lines = pred_path.read_text().splitlines()
     assert len(lines) == 1 + 3 and json.loads(lines[0])["provenance"]["model"] == "toy"  # provenance, 3 predictions
     with open(pred_path, "a") as f:
         f.write('{"id": 3, "predic')  # a torn line from the kill is ignored and re-predicted
     seen = []
-    resumed = ev.evaluate(args, predict_fn=fake_predictor(answers, seen))
+    resumed = ev.evaluate(args, backbone=NO_MODEL, generate=fake_predictor(answers, seen))
     assert seen == ["3", "4", "5"]
     (tmp_path / "fresh").mkdir()
     fresh, _ = run(tmp_path / "fresh", "vstar", tmp_path / "vstar", answers)
@@ -318,7 +324,7 @@ def test_resume_after_interruption_and_score_only(tmp_path):
     assert resumed["overall"] == pytest.approx(100 * 2 / 6)
     # --score-only re-scores the same file without a model and gives the same summary
     rescored = ev.main(["--benchmark", "vstar", "--data-dir", str(tmp_path / "vstar"), "--score-only",
-                        "--predictions", str(pred_path), "--output", str(tmp_path / "rescored.json")])
+                        "--predictions", str(pred_path), "--output", str(tmp_path / "rescored.json"), "--batch-size", "1"])
     assert {k: v for k, v in rescored.items() if k != "predictions"} == \
            {k: v for k, v in resumed.items() if k != "predictions"}
 
@@ -330,25 +336,25 @@ def test_predictions_carry_provenance_and_never_mix(tmp_path):
     answers = {str(i): "A" for i in range(4)}
     common = ["--benchmark", "vstar", "--data-dir", str(tmp_path / "vstar"), "--output", str(tmp_path / "s.json")]
     ev.evaluate(ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "s.json")),
-                predict_fn=fake_predictor(answers))
+                backbone=NO_MODEL, generate=fake_predictor(answers))
     with pytest.raises(SystemExit, match="no such directory"):                      # a path that does not exist
         ev.main(common + ["--model", "/definitely/not/a/model"])
     other = ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "s.json"),
                     model="toy-qwen3vl")
     with pytest.raises(SystemExit, match="predictions made by model toy .*this run is model toy-qwen3vl"):
-        ev.evaluate(other, predict_fn=fake_predictor(answers))
+        ev.evaluate(other, backbone=NO_MODEL, generate=fake_predictor(answers))
     with pytest.raises(SystemExit, match="max_pixels"):                               # a setting differs too
         ev.evaluate(ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "s.json"),
-                            max_pixels=64 * 784), predict_fn=fake_predictor(answers))
+                            max_pixels=64 * 784), backbone=NO_MODEL, generate=fake_predictor(answers))
     seen = []
     other.overwrite = True
-    s = ev.evaluate(other, predict_fn=fake_predictor({k: "B" for k in answers}, seen))
+    s = ev.evaluate(other, backbone=NO_MODEL, generate=fake_predictor({k: "B" for k in answers}, seen))
     assert len(seen) == 4 and s["provenance"]["model"] == "toy-qwen3vl" and s["settings"]["model"] == "toy-qwen3vl"
     # a file with no provenance line (written before this check) is not trusted either
     (tmp_path / "old.predictions.jsonl").write_text('{"id": 0, "prediction": "A"}\n')
     with pytest.raises(SystemExit, match="an unknown model"):
         ev.evaluate(ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), output=str(tmp_path / "old.json")),
-                    predict_fn=fake_predictor(answers))
+                    backbone=NO_MODEL, generate=fake_predictor(answers))
 
 
 def test_model_fingerprint_sees_retrained_weights(tmp_path):
@@ -405,7 +411,7 @@ def test_prompts_and_settings(tmp_path):
 def test_missing_method_module_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "lvr", None)
     with pytest.raises(ImportError, match="lvr.py"):
-        next(ev.predict([], None, ev.Args(mode="latent")))
+        ev.resolve_generator("latent")
 
 
 def test_toy_generation_batched_equals_one_by_one(tmp_path):
@@ -421,9 +427,9 @@ def test_toy_generation_batched_equals_one_by_one(tmp_path):
     items, _ = ev.load_benchmark("vstar", str(root), ev.Args(benchmark="vstar"))
     bundle = common.load_backbone("toy")
     args = ev.Args(benchmark="vstar", max_new_tokens=4, min_pixels=28 * 28, max_pixels=16 * 28 * 28, batch_size=3)
-    batched = dict(ev.predict(items, bundle, args))
+    batched = {i: t for i, t, _ in ev.predict(items, bundle, args, ev.generate_plain)}
     args.batch_size = 1
-    single = dict(ev.predict(items, bundle, args))
+    single = {i: t for i, t, _ in ev.predict(items, bundle, args, ev.generate_plain)}
     assert batched == single and set(batched) == {0, 1, 2}
     lengths = {len(ev.encode_item(bundle, it, args)["input_ids"]) for it in items}
     assert len(lengths) == 3  # the batch really was padded
@@ -436,20 +442,18 @@ def test_latent_ablation_is_recorded_passed_and_never_mixed(tmp_path, monkeypatc
     """--latent-ablation reaches lvr.latent_generate(ablate=), is in the settings and the default file name, and a
     predictions file of one ablation is refused by a run (or --score-only) of another."""
     import types
-
-    import torch
     write_vstar(tmp_path / "vstar", n=4)
     answers = {str(i): "A" for i in range(4)}
     zeros = ev.Args(benchmark="vstar", data_dir=str(tmp_path / "vstar"), mode="latent", prompt="answer-tag",
                     latent_ablation="zeros", output=str(tmp_path / "run.json"))
-    s = ev.evaluate(zeros, predict_fn=fake_predictor(answers))
+    s = ev.evaluate(zeros, backbone=NO_MODEL, generate=fake_predictor(answers))
     assert s["settings"]["latent_ablation"] == "zeros" and "zeros" in s["settings"]["label"]
     lines = [json.loads(x) for x in open(tmp_path / "run.predictions.jsonl")]
     assert len(lines) == 1 + 4 and lines[0]["provenance"]["latent_ablation"] == "zeros"   # provenance line first
     intact = ev.Args(**{**zeros.__dict__, "latent_ablation": "none"})
     assert ev.settings(intact, "vstar")["latent_ablation"] == "none"
     with pytest.raises(SystemExit, match="latent_ablation zeros"):
-        ev.evaluate(intact, predict_fn=fake_predictor(answers))              # resume would mix: refused
+        ev.evaluate(intact, backbone=NO_MODEL, generate=fake_predictor(answers))              # resume would mix: refused
     rescored = ev.evaluate(ev.Args(**{**intact.__dict__, "score_only": True}))  # scored as what the file holds
     assert rescored["settings"]["latent_ablation"] == "zeros" and rescored["overall"] == s["overall"]
     assert ev.evaluate(ev.Args(**{**zeros.__dict__, "score_only": True}))["overall"] == s["overall"]
@@ -459,20 +463,20 @@ def test_latent_ablation_is_recorded_passed_and_never_mixed(tmp_path, monkeypatc
         ev.evaluate(ev.Args(**{**zeros.__dict__, "latent_ablation": "mean"}))
     with pytest.raises(ValueError, match="needs --mode latent"):
         ev.evaluate(ev.Args(**{**zeros.__dict__, "mode": "plain"}))
-    # predict hands the ablation to lvr.latent_generate
+    # --mode latent resolves to lvr.generate_latent, which hands the ablation to lvr.latent_generate
+    import lvr
     seen = {}
 
-    def fake_latent_generate(bundle, batch, **kw):
-        seen.update(kw)
-        return ["<answer> A </answer>"] * len(batch["input_ids"])
-    monkeypatch.setitem(sys.modules, "lvr", types.SimpleNamespace(latent_generate=fake_latent_generate))
+    def fake_latent_generate(bundle, samples, **kw):
+        seen.update(kw, n=len(samples))
+        return [{"token_ids": [1]}] * len(samples)
+    monkeypatch.setattr(lvr, "latent_generate", fake_latent_generate)
     monkeypatch.setattr(ev, "encode_item", lambda bundle, it, args: {"id": it["id"]})
-    monkeypatch.setattr("common.pad_batch", lambda bundle, samples, **kw: {
-        "input_ids": torch.zeros(len(samples), 3, dtype=torch.long)})
-    bundle = types.SimpleNamespace(model=types.SimpleNamespace(device="cpu"))
+    bundle = types.SimpleNamespace(tokenizer=types.SimpleNamespace(decode=lambda ids, **kw: "<answer> A </answer>"))
     items, _ = ev.load_benchmark("vstar", str(tmp_path / "vstar"), ev.Args(benchmark="vstar"))
-    out = dict(ev.predict(items[:2], bundle, ev.Args(**{**zeros.__dict__, "latent_ablation": "shuffle"})))
-    assert seen["ablate"] == "shuffle" and seen["num_latent_steps"] == 8 and len(out) == 2
+    shuffle = ev.Args(**{**zeros.__dict__, "latent_ablation": "shuffle"})
+    out = list(ev.predict(items[:2], bundle, shuffle, ev.resolve_generator("latent")))
+    assert seen["ablate"] == "shuffle" and seen["num_latent_steps"] == 8 and seen["n"] == 2 and len(out) == 2
 
 
 def test_latent_force_span_opens_the_span_and_is_recorded(tmp_path, monkeypatch):

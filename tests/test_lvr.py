@@ -18,6 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common as C  # noqa: E402
+import eval as E  # noqa: E402
 import lvr  # noqa: E402
 
 
@@ -236,12 +237,20 @@ def test_cached_equals_recompute_and_batch_equals_alone(bb):
         torch.testing.assert_close(alone["latents"], cached[b]["latents"], atol=1e-4, rtol=1e-4)
     token = lvr.latent_generate(bb, samples, prefix_tokens=prefixes, mode="token", max_latent_steps=3, **kw)
     assert all(len(o["latents"]) <= 3 for o in token)
-    # eval.py's entry: a left-padded batch in, texts out
-    batch = C.pad_batch(bb, [prompt(bb, 0, prefix=lvr.LVR_START), prompt(bb, 1, "Is it?")], side="left")
-    texts = lvr.latent_generate(bb, batch, num_latent_steps=4, max_new_tokens=5)
-    alone = [lvr.latent_generate(bb, [s], num_latent_steps=4, max_new_tokens=5)[0]
-             for s in (prompt(bb, 0, prefix=lvr.LVR_START), prompt(bb, 1, "Is it?"))]
+    # eval.py's seam (generate_latent): items in, each prompt encoded once, texts out, as one row decoded alone
+    ea = E.Args(benchmark="vstar", mode="latent", prompt="answer-tag", latent_steps=4, latent_force_span=True,
+                max_new_tokens=5, **PIX)
+    items = [_item(0), _item(1)]
+    texts = lvr.generate_latent(bb, items, ea)
+    alone = [lvr.latent_generate(bb, [E.encode_item(bb, it, ea)], num_latent_steps=4, max_new_tokens=5,
+                                 force_end=True)[0] for it in items]
     assert texts == [bb.tokenizer.decode(o["token_ids"], skip_special_tokens=True) for o in alone]
+    assert E.encode_item(bb, items[0], ea)["input_ids"][-1] == bb.token_id(lvr.LVR_START)   # the forced span
+
+
+def _item(k):
+    return E.item(k, f"What colour is object {k}?", E.letters(["red", "blue"]), "A", "x",
+                  [Image.new("RGB", (56, 56), (40 * k, 90, 200))])
 
 
 def test_stored_latents_equal_replay_and_logprobs_match(bb):
@@ -513,9 +522,10 @@ def test_latent_ablation_remove_and_fallbacks(bb):
     torch.testing.assert_close(one["latents"].norm(dim=-1), one["states"].norm(dim=-1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown ablation"):
         lvr.latent_generate(bb, [prompt(bb, 0)], ablate="mean")
-    # eval.py's entry (left-padded batch → texts) accepts it too
-    batch = C.pad_batch(bb, [prompt(bb, 0, prefix=lvr.LVR_START), prompt(bb, 1, prefix=lvr.LVR_START)], side="left")
-    texts = lvr.latent_generate(bb, batch, num_latent_steps=2, max_new_tokens=3, ablate="shuffle")
+    # eval.py's seam accepts it too
+    ea = E.Args(benchmark="vstar", mode="latent", prompt="answer-tag", latent_steps=2, latent_ablation="shuffle",
+                latent_force_span=True, max_new_tokens=3, **PIX)
+    texts = lvr.generate_latent(bb, [_item(0), _item(1)], ea)
     assert len(texts) == 2 and all(isinstance(x, str) for x in texts)
 
 

@@ -177,7 +177,7 @@ def _score(model_dir, bench, world, tmp_path, tag):
     args = ev.Args(benchmark=bench, data_dir=str(world / "eval" / bench), model=model_dir, prompt="answer-tag",
                    output=str(out), predictions=str(out.with_suffix(".jsonl")), batch_size=32,
                    min_pixels=toy_base.RECIPE.min_pixels, max_pixels=toy_base.RECIPE.max_pixels)
-    return ev.evaluate(args, predict_fn=lambda items, _b, a: ev.predict(items, bb, a))
+    return ev.evaluate(args, backbone=bb)
 
 
 # bench -> (max unanswerable share of the base, min gain in points of base + 60 steps). Measured (README, `python
