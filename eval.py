@@ -51,10 +51,19 @@ Deviations and choices:
   one from GENERATORS by name ("lvr:generate_latent", "unsilence:generate_ulr"), imported only when that mode runs,
   so eval.py imports no method file. `--latent-ablation none|zeros|noise|shuffle|remove` is LVR's test-time
   ablation of the latents, recorded in the settings, the provenance and the default output name.
-- Layouts checked against public sources (code search): MMVP, V* (correct option listed first), BLINK columns and
-  idx format, the HR-Bench cycle rule (VLMEvalKit). Written from the spec alone, to check against the real
-  downloads: the exact V* `text` suffix, MME-RealWorld-Lite's file name and image column (`bytes` or `image` both
-  accepted), HallusionBench's parquet columns (rows without an image are skipped and counted).
+- Layouts checked against public sources (code search of the harnesses' task definitions):
+  MMVP, BLINK columns and idx format, the HR-Bench cycle rule (VLMEvalKit); and
+  V*: `text` holds the question and the options "(A) …" (one per line in the release's test_questions.jsonl, inline
+  in lmms-lab/vstar-bench as read by lmms-eval `vstar_doc_to_text`; both parsed); the instruction "Answer with the
+  option's letter from the given choices directly." is lmms-eval's post_prompt, not part of the question (dropped
+  if a copy carries it); `label` is the letter; `category` direct_attributes | relative_position.
+  MME-RealWorld-Lite: lmms-eval `mme_realworld_lite.yaml` reads yifanzhang114/MME-RealWorld-lite-lmms-eval (split
+  train): `index, question, multi-choice options` (a list of "(A) text"), `answer` (letter), `category`
+  ("Perception/…" | "Reasoning/…"), `l2-category`, image as base64 in `bytes` (`image` also accepted).
+  HallusionBench: lmms-eval `hallusion_bench_image.yaml` reads lmms-lab/HallusionBench, split `image`: `category`
+  (VD | VS), `subcategory, set_id, figure_id, question_id, question, gt_answer` ("1"/"0"), `image`; the
+  figure / question-pair keys are joined as in its `hb_aggregation_result_intern`. Its default scoring is a
+  GPT-4 judge; ours is the rule.
 - With no --data-dir the toy world's copies (toy_world.py, published layouts) of vstar, mmvp, blink, gqa and
   scienceqa are used, so `python eval.py` runs offline on CPU.
 """
@@ -187,6 +196,22 @@ def load_mmvp(data_dir, args):
     return out
 
 
+VSTAR_OPTION = re.compile(r"\(([A-D])\)\s*(.*?)\s*(?=\([A-D]\)|$)", re.S)
+
+
+def vstar_question(text):
+    """(stem, {letter: option}) from a V* `text`: options one per line after the question (the release's
+    test_questions.jsonl), or inline, "Question? (A) x (B) y" (how lmms-eval's vstar_doc_to_text reads
+    lmms-lab/vstar-bench); a trailing "Answer with the option's letter ..." instruction is dropped."""
+    text = re.split(r"\n?Answer with the option", text)[0]
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    if sum(bool(re.match(r"\([A-D]\)", ln)) for ln in lines) >= 2:          # one option per line
+        opts = {m.group(1): m.group(2).strip() for ln in lines if (m := re.match(r"\(([A-D])\)\s*(.*)", ln))}
+        return "\n".join(ln for ln in lines if not re.match(r"\([A-D]\)", ln)), opts
+    stem, sep, tail = text.partition("(A)")
+    return stem.strip(), {k: v.strip() for k, v in VSTAR_OPTION.findall(sep + tail)}
+
+
 def load_vstar(data_dir, args):
     out = []
     with open(first_match(data_dir, "test_questions.jsonl")) as f:
@@ -194,14 +219,8 @@ def load_vstar(data_dir, args):
             if not line.strip():
                 continue
             r = json.loads(line)
-            stem, opts = [], {}
-            for ln in r["text"].split("\n"):
-                m = re.match(r"\s*\(([A-Z])\)\s*(.*)", ln)
-                if m:
-                    opts[m.group(1)] = m.group(2).strip()
-                elif ln.strip() and not ln.startswith("Answer with the option"):
-                    stem.append(ln.strip())
-            out.append(item(r["question_id"], "\n".join(stem), opts, paren_letter(r["label"]), r["category"],
+            stem, opts = vstar_question(r["text"])
+            out.append(item(r["question_id"], stem, opts, paren_letter(r["label"]), r["category"],
                             [os.path.join(data_dir, r["image"])]))
     return out
 
@@ -288,7 +307,8 @@ def load_mmstar(data_dir, args):
 
 
 def load_hallusionbench(data_dir, args):
-    df = read_table(first_match(data_dir, "*.parquet", "data/*.parquet", "*.tsv"))
+    df = read_table(first_match(data_dir, "data/image-*.parquet", "image-*.parquet", "*.parquet", "data/*.parquet",
+                                  "*.tsv"))                     # lmms-lab/HallusionBench: split "image"
     out = []
     for i, r in enumerate(df.to_dict("records")):
         if r.get("image") is None:  # visual_input 0 questions: not in the 951-question image split
