@@ -113,6 +113,9 @@ class Args:
     extractor: str = field(default="robust", metadata={"help": "robust | official (lmms-eval regex for mmerw_lite)"})
     mmvp_corrected: bool = field(default=False, metadata={"help": "apply lmms-eval's MMVP answer corrections"})
     label: str = field(default="", metadata={"help": "row name in --table (default: model + mode)"})
+    method_settings: str = field(default="", metadata={"help": "a method's own settings that change its answers "
+                                                               "(JSON; set by the method file calling evaluate), "
+                                                               "recorded in the provenance"})
     table: list[str] = field(default_factory=list, metadata={"help": "summary JSONs -> print a markdown table"})
 
 
@@ -554,6 +557,8 @@ def settings(args, benchmark):
             out["label"] = f"{args.model} ({args.mode}, {args.prompt}, latents {args.latent_ablation})"
     if args.mode == "unsilence":  # the method builds its own (released) prompt; --prompt does not apply
         out["prompt"] = "unsilence.py: released ULR prompt (system <think>/<answer>, 4 <|endoftext|> slots)"
+    if args.method_settings:
+        out["method_settings"] = args.method_settings
     if benchmark == "mmvp":
         out["mmvp_answers"] = ("lmms-eval corrected (Index 100, 280 -> A)" if args.mmvp_corrected
                                else "published Questions.csv as-is")
@@ -654,7 +659,7 @@ LATENT_ABLATIONS = ("none", "zeros", "noise", "shuffle", "remove")
 
 
 PREDICTION_KEYS = ("mode", "prompt", "system", "decoding", "max_new_tokens", "min_pixels", "max_pixels",
-                   "latent_steps", "latent_ablation", "latent_force_span")
+                   "latent_steps", "latent_ablation", "latent_force_span", "method_settings")
 
 
 def model_fingerprint(model: str) -> str:

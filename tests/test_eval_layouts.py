@@ -33,3 +33,23 @@ def test_hallusionbench_reads_the_image_split(tmp_path):
     items = ev.load_hallusionbench(str(tmp_path), ev.Args(benchmark="hallusionbench"))
     assert len(items) == 1 and items[0]["answer"] == "yes" and items[0]["category"] == "VD"
     assert items[0]["extra"]["figure"] == "VD_illusion_3_1" and items[0]["extra"]["qpair"] == "VD_illusion_3_2"
+
+
+def test_method_settings_are_provenance(tmp_path):
+    """A method's own settings (e.g. ULR's step count) are part of what made a predictions file: a run with other
+    settings refuses to resume it."""
+    import json
+
+    import pytest
+    root = tmp_path / "vstar"
+    root.mkdir()
+    row = {"image": "a.jpg", "category": "direct_attributes", "question_id": 0, "label": "A",
+           "text": "What colour?\n(A) red\n(B) blue"}
+    (root / "test_questions.jsonl").write_text(json.dumps(row) + "\n")
+    args = ev.Args(benchmark="vstar", data_dir=str(root), output=str(tmp_path / "s.json"),
+                   method_settings=json.dumps({"steps": 10}))
+    ev.evaluate(args, backbone=object(), generate=lambda bb, items, a: ["A"] * len(items))
+    assert ev.read_predictions(str(tmp_path / "s.predictions.jsonl"))[0]["method_settings"] == '{"steps": 10}'
+    other = ev.Args(**{**args.__dict__, "method_settings": json.dumps({"steps": 20})})
+    with pytest.raises(SystemExit, match="method_settings"):
+        ev.evaluate(other, backbone=object(), generate=lambda bb, items, a: ["A"] * len(items))
