@@ -2,13 +2,14 @@
 """ULR: Unsilencing Latent Reasoning at inference time (Zhang et al., arXiv 2605.02735; released code
 zhangxin-xd/Unsilencing-Latent-Reasoning, MIT), and the diagnosis of silenced visual latents.
 
-Diagnosis: do a latent model's (an lvr.py export's) answer tokens use its latents? (a) attention of answer tokens to
-image vs latent tokens per layer; (b) cos(first latent, latent-end delimiter embedding); (c) the causal test:
-accuracy with the latents intact, zeroed, noised at their norm, shuffled across items, removed. Remedy (ULR): freeze
-the backbone; per test sample optimise only the K latent inputs H. Stage I pulls each latent toward the
-question-relevant image tokens (multi-positive InfoNCE, exact gradient, Adam); Stage II is a zeroth-order (NES)
-search on a confidence reward; then the answer is decoded greedily with H in place. Slots mode = the released code
-(K `<|endoftext|>` slots in a vanilla VLM prompt); latent mode = the paper's framing (H0 = an LVR model's latents).
+Diagnosis (`diagnose`): do a latent model's (an lvr.py export's) answer tokens use its latents? (a) attention of
+answer tokens to image vs latent tokens per layer (`attention_shares`); (b) cos(first latent, latent-end delimiter
+embedding); (c) the causal test (`ablate`): accuracy with the latents intact, zeroed, noised at their norm, shuffled
+across items, removed. Remedy (ULR, `optimise_latents`): freeze the backbone; per test sample optimise only the K
+latent inputs H. Stage I pulls each latent toward the question-relevant image tokens (multi-positive InfoNCE
+`infonce_loss`, exact gradient, Adam); Stage II is a zeroth-order (NES) search on a confidence reward
+(`confidence_reward`); then the answer is decoded greedily with H in place. Slots mode = the released code (K
+`<|endoftext|>` slots in a vanilla VLM prompt); latent mode = the paper's framing (H0 = an LVR model's latents).
 
 Launch (one process; ULR optimises one sample at a time, as released):
     python unsilence.py                          # CPU toy: LVR export (trained if missing), diagnosis, ULR, tables
@@ -37,8 +38,6 @@ Defaults are the released scripts'; on a toy model TOY_PRESET replaces the field
 | latent-model mode | H0 = lvr.latent_generate's decoded latents | `--modes latent` | P (not in R) |
 | noise eps | CPU generator seeded once per evaluation, drawn in item order | `--seed 42` | R (once per process) |
 """
-from __future__ import annotations
-
 import json
 import os
 import subprocess
@@ -421,7 +420,7 @@ def optimise_latents(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H0: t
     H = H0.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([H], lr=args.lr, maximize=True)                  # H is the only parameter
     best = BestStep(H0.float(), args.selection, args.best_init)
-    positives, negatives = ([], [])
+    positives, negatives = [], []
     if args.stage1_steps and prefix.relevance is not None:
         positives, negatives = select_pairs(prefix.relevance, len(H0), args.pos_k, args.neg_k)
     rewards, times = [], {}
