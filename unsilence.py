@@ -26,7 +26,7 @@ Defaults are the released scripts'; on a toy model TOY_PRESET replaces the field
 |---|---|---|---|
 | Stage-II reward | top-10 log-confidence + 0.05 x progression | `--reward paper` (entropy hinge) | R / P |
 | InfoNCE temperature, objective weight | tau 0.2, lam_align 1 | `--tau`, `--lam-align` | R scripts (code: 0.07, 0.1) |
-| positives / negatives per slot | 4 (index slicing of the top K·4) / 4 least relevant | `--pos-k 2`, `--neg-k 16` | R, P |
+| positives / negatives per slot | 4 (index slicing of top K·4) / 4 least relevant | `--pos-k 2` (P), `--neg-k 16` | R |
 | state stored at the best step | updated centre H | `--store candidate` (H + eps) | R, P Alg. 1 |
 | best-step rule | best starts at 0.0, strict > (Stage I logs -L <= 0: never chosen) | `--last` | R |
 | Stage-I trap | `--ablation stage1_only` returns the Stage-I result | `--stage1-trap`: the initial H | R (named here) |
@@ -159,8 +159,9 @@ def slots_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
 def lvr_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
     """eval.py's LVR protocol prompt (answer-tag, latent mode) with `<|lvr_start|>` forced at the end."""
     messages, _ = E.build_messages(it, SimpleNamespace(prompt="answer-tag", mode="latent", latent_force_span=False))
-    s = C.encode_chat(bb, messages, add_generation_prompt=True, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    return append_tokens(s, [bb.token_id(lvr.LVR_START)]), it["question"]
+    sample = C.encode_chat(bb, messages, add_generation_prompt=True, min_pixels=args.min_pixels,
+                           max_pixels=args.max_pixels)
+    return append_tokens(sample, [bb.token_id(lvr.LVR_START)]), it["question"]
 
 
 def append_tokens(sample: dict, ids: list[int]) -> dict:
@@ -356,8 +357,8 @@ def greedy_answer(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H: torch
     if len(embeds) > s:
         out = lm(inputs_embeds=embeds[None, s:], position_ids=positions[:, None, s:], cache=cache, use_cache=True)
         logits = bb.model.lm_head(out.last_hidden_state[0, -1]).float()
-    g = bb.model.generation_config.eos_token_id
-    eos = {bb.tokenizer.eos_token_id, *(g if isinstance(g, (list, tuple)) else [g])}
+    eos_ids = bb.model.generation_config.eos_token_id
+    eos = {bb.tokenizer.eos_token_id, *(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids])}
     banned = bb.tokenizer.encode("addCriterion", add_special_tokens=False)   # released bad_words_ids (Qwen2.5)
     next_pos = int(positions.max()) + 1
     tokens = []
@@ -487,11 +488,11 @@ def ulr_answers(bb: C.Backbone, items: list[dict], args: Args, mode: str, genera
 # ----------------------------------------------------------------------------------------------------------------
 def attention_shares(attentions, answer_rows, image_cols, latent_cols) -> torch.Tensor:
     """[layers, 2]: mean over heads and answer rows of the attention mass on image tokens and on latent tokens."""
-    out = []
+    shares = []
     for a in attentions:                                      # [1, heads, L, L]
         rows = a[0][:, answer_rows].float()                   # [heads, rows, L]
-        out.append(torch.stack([rows[..., image_cols].sum(-1).mean(), rows[..., latent_cols].sum(-1).mean()]))
-    return torch.stack(out)
+        shares.append(torch.stack([rows[..., image_cols].sum(-1).mean(), rows[..., latent_cols].sum(-1).mean()]))
+    return torch.stack(shares)
 
 
 def ablate(latents: list[torch.Tensor], kind: str, generator: torch.Generator) -> list[torch.Tensor]:
@@ -509,25 +510,25 @@ def ablate(latents: list[torch.Tensor], kind: str, generator: torch.Generator) -
 
 
 @torch.no_grad()
-def diagnose(bb: C.Backbone, items: dict, args: Args, generator: torch.Generator) -> dict:
-    """items: benchmark -> items. Attention shares and cosines over all items; the causal test per benchmark."""
+def diagnose(bb: C.Backbone, items_by_bench: dict, args: Args, generator: torch.Generator) -> dict:
+    """Attention shares and cosines over all items; the causal test per benchmark."""
     end_embedding = bb.model.get_input_embeddings().weight[bb.token_id(lvr.LVR_LATENT_END)].float()
     shares, cosines, accuracy = [], [], {}
-    for bench, its in items.items():
-        prompts = [latent_prompt(bb, it, args) for it in its]                 # (prompt, decoded latents H)
-        prefixes = [prefill(bb, p, with_relevance=False) for p, _ in prompts]
-        latents = [h for _, h in prompts]
+    for bench, its in items_by_bench.items():
+        decoded = [latent_prompt(bb, it, args) for it in its]                 # (prompt, decoded latents H)
+        prefixes = [prefill(bb, prompt, with_relevance=False) for prompt, _ in decoded]
+        latents = [h for _, h in decoded]
         accuracy[bench] = {}
         for kind in ["intact"] + [k for k in args.causal_ablations.split(",") if k]:            # (c)
-            answers = [greedy_answer(bb, p, prefix, h, args.max_new_tokens)
-                       for (p, _), prefix, h in zip(prompts, prefixes, ablate(latents, kind, generator))]
+            answers = [greedy_answer(bb, prompt, prefix, h, args.max_new_tokens)
+                       for (prompt, _), prefix, h in zip(decoded, prefixes, ablate(latents, kind, generator))]
             texts = {str(it["id"]): released_answer_span(decode(bb, a)) for it, a in zip(its, answers)}
             summary = E.score(bench, its, texts, eval_args(bench, args))
             if kind == "intact":
                 accuracy[bench]["chance"], intact = summary["chance"], answers
             accuracy[bench][kind] = summary["overall"]
         with attention_implementation(bb.model, "eager"):      # (a): one teacher-forced pass over prompt + answer
-            for (prompt, H), tokens in zip(prompts, intact):
+            for (prompt, H), tokens in zip(decoded, intact):
                 cosines.append(float(F.cosine_similarity(H[0].float(), end_embedding, dim=0)))   # (b)
                 embeds, positions = answer_inputs(prompt, H)
                 seq = torch.cat([embeds, bb.model.get_input_embeddings()(torch.tensor(tokens, device=embeds.device))])
@@ -616,11 +617,11 @@ def main(args: Args, explicit: set[str] | None = None):
     for m in models:
         ensure_toy_lvr(m)
     benchmarks = [b for b in args.benchmarks.split(",") if b]
-    items = {b: E.load_benchmark(b, args.data_dir, eval_args(b, args))[0] for b in benchmarks}
+    items_by_bench = {b: E.load_benchmark(b, args.data_dir, eval_args(b, args))[0] for b in benchmarks}
     report = {"args": asdict(args)}
     if args.stage in ("diagnose", "all"):
-        results = {m: diagnose(load_latent_model(m, args), items, args, torch.Generator().manual_seed(args.seed))
-                   for m in models}
+        results = {m: diagnose(load_latent_model(m, args), items_by_bench, args,
+                               torch.Generator().manual_seed(args.seed)) for m in models}
         plot_diagnosis(results, os.path.join(args.run_dir, "diagnosis.png"))
         report["diagnosis"] = results
         print_table(["checkpoint", "answer->image", "answer->latents", "per layer (image / latents)",
@@ -646,15 +647,15 @@ def main(args: Args, explicit: set[str] | None = None):
                 summary = E.evaluate(ea, backbone=bb, generate=lambda _bb, its, _ea, m=mode, g=generator:
                                      ulr_answers(bb, its, args, m, g))
                 records = [r for r in map(json.loads, preds.read_text().splitlines()) if "id" in r]  # not provenance
-                base = E.score(b, items[b], {str(r["id"]): r["prediction_no_ulr"] for r in records}, ea)
+                no_ulr = E.score(b, items_by_bench[b], {str(r["id"]): r["prediction_no_ulr"] for r in records}, ea)
                 row = table[b]
                 row.setdefault("chance", summary["chance"])
-                row[f"{mode}: no ULR"], row[f"{mode}: ULR"] = base["overall"], summary["overall"]
+                row[f"{mode}: no ULR"], row[f"{mode}: ULR"] = no_ulr["overall"], summary["overall"]
                 row[f"{mode}: |dH|"] = sum(r["delta_h_norm"] for r in records) / len(records)
                 row[f"{mode}: |H0|"] = sum(r["h0_norm"] for r in records) / len(records)
                 if b == "mmvp":
                     table["mmvp (per question)"].setdefault("chance", summary["question_chance"])
-                    table["mmvp (per question)"].update({f"{mode}: no ULR": base["question_accuracy"],
+                    table["mmvp (per question)"].update({f"{mode}: no ULR": no_ulr["question_accuracy"],
                                                          f"{mode}: ULR": summary["question_accuracy"]})
         report["ulr"] = table
         cols = list(table[benchmarks[0]])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common as C
 import eval as E
 import lvr
 import unsilence as U
@@ -64,6 +65,21 @@ def full_forward(bb, sample, prompt, H, **kw):
                         use_cache=False, **kw)
     finally:
         hook.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Args: the released defaults; the toy preset fills only the fields not given
+# ---------------------------------------------------------------------------------------------------------------
+def test_toy_preset_fills_only_fields_not_given():
+    released = U.resolve(U.Args(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    assert (released.modes, released.limit, released.max_new_tokens) == ("slots", 0, 2048)
+    assert (released.min_pixels, released.max_pixels) == (128 * 784, 256 * 784)
+    args, given = C.parse_args(U.Args, ["--model", "toy", "--limit", "0", "--max-new-tokens", "2048"])
+    U.resolve(args, given)
+    assert (args.modes, args.limit, args.max_new_tokens) == ("slots,latent", 0, 2048)
+    assert (args.min_pixels, args.max_pixels) == (16 * 784, 64 * 784)
+    assert U.resolve(U.Args(model="toy", last=True, ablation="no_progression")).selection == "last"
+    assert U.resolve(U.Args(model="toy", ablation="no_progression")).lam_progression == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +357,7 @@ def test_released_answer_span():
     assert U.released_answer_span(" (C) red ") == "(C) red"
 
 
-def test_eval_mode_unsilence_writes_diagnostics(tmp_path):
+def test_eval_mode_unsilence_writes_diagnostics(tmp_path, toy_world):
     out = tmp_path / "vstar.json"
     E.main(["--benchmark", "vstar", "--model", "toy", "--mode", "unsilence", "--limit", "2", "--max-new-tokens", "3",
             "--min-pixels", str(16 * 784), "--max-pixels", str(64 * 784), "--output", str(out)])
@@ -363,7 +379,7 @@ def test_chance_under_each_headline_rule():
     assert chance("mmvp")["question_chance"] == pytest.approx(100 * (1 / 4 + 3 / 2) / 4)   # per question
 
 
-def test_main_end_to_end_on_the_random_toy(tmp_path):
+def test_main_end_to_end_on_the_random_toy(tmp_path, toy_world):
     report = U.main(U.Args(model="toy", benchmarks="vstar", limit=2, run_dir=str(tmp_path), latent_steps=2,
                            max_new_tokens=3))
     assert set(report["diagnosis"]["toy"]["accuracy"]["vstar"]) == {"chance", "intact", "zeros", "noise", "shuffle",
