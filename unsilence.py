@@ -637,15 +637,15 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.stage in ("ulr", "all"):
         bb = load_latent_model(models[-1], args, lvr_tokens="latent" in args.modes)
         table = {b: {} for b in benchmarks} | ({"mmvp (per question)": {}} if "mmvp" in benchmarks else {})
-        for mode in [m for m in args.modes.split(",") if m]:
+        for mode in [x for x in args.modes.split(",") if x]:
             for b in benchmarks:
                 output = Path(args.run_dir, f"{b}_{mode}.json")
                 preds = output.with_suffix(".predictions.jsonl")
                 preds.unlink(missing_ok=True)    # eval.py's provenance does not record ULR's flags: never resume
                 ea = eval_args(b, args, output=str(output), predictions=str(preds), label=f"ULR {mode}", overwrite=True)
                 generator = torch.Generator().manual_seed(args.seed)
-                summary = E.evaluate(ea, backbone=bb, generate=lambda _bb, its, _ea, m=mode, g=generator:
-                                     ulr_answers(bb, its, args, m, g))
+                summary = E.evaluate(ea, backbone=bb, generate=lambda bb, its, _ea, mode=mode, generator=generator:
+                                     ulr_answers(bb, its, args, mode, generator))
                 records = [r for r in map(json.loads, preds.read_text().splitlines()) if "id" in r]  # not provenance
                 no_ulr = E.score(b, items_by_bench[b], {str(r["id"]): r["prediction_no_ulr"] for r in records}, ea)
                 row = table[b]
