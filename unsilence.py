@@ -641,8 +641,9 @@ def main(args: Args, explicit: set[str] | None = None):
             for b in benchmarks:
                 output = Path(args.run_dir, f"{b}_{mode}.json")
                 preds = output.with_suffix(".predictions.jsonl")
-                preds.unlink(missing_ok=True)    # eval.py's provenance does not record ULR's flags: never resume
-                ea = eval_args(b, args, output=str(output), predictions=str(preds), label=f"ULR {mode}", overwrite=True)
+                preds.unlink(missing_ok=True)    # a fresh run: one sampling generator over all items, never resumed
+                ea = eval_args(b, args, output=str(output), predictions=str(preds), label=f"ULR {mode}", overwrite=True,
+                               method_settings=json.dumps({**asdict(args), "modes": mode}, sort_keys=True))
                 generator = torch.Generator().manual_seed(args.seed)
                 summary = E.evaluate(ea, backbone=bb, generate=lambda bb, its, _ea, mode=mode, generator=generator:
                                      ulr_answers(bb, its, args, mode, generator))
