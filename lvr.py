@@ -32,14 +32,15 @@ run_config.json records what the run used. Every detail, with the paper's equati
 | stage-1 batches | padding-free packing | `--no-pack` (same loss and gradients) | this repo |
 | decoding | N = 8 fixed latent steps, greedy, KV cache | eval.py `--latent-steps`; `latent_generate(mode="token")` | paper |
 | invalid tokens | logit −inf in sampling and in the GRPO log-probs | — | this repo (released: none) |
-| GRPO latents | stored at rollout, written back at their recorded positions | — | spec (released: replay) |
+| GRPO latents | stored at rollout, written back at their recorded positions | — | this repo (released: replay) |
 | reference model | same images, latents, layout and temperature as the policy | — | fixes the released code |
 | stage-2 lr | 5e-6 (stage 1: 1e-5) | `--lr 1e-5` (paper) | released script |
 | rewards | format regex with DOTALL; accuracy = normalised exact match in `<answer>` | `--format-dotall false` | this repo |
 | advantages, rollouts | unbiased group std; rollouts seeded per global micro-batch | — | TRL; this repo |
-| batch | 3 per micro (8 × 8 × 3 ≈ released 200); GRPO 2 prompts × G 8 | `--per-micro`, `--num-generations` | spec leaves open |
+| batch | 3 per micro (8 × 8 × 3 ≈ released 200); GRPO 2 prompts × G 8 | `--per-micro`, `--num-generations` | this repo (paper: none) |
 | latent ablations | none | `--eval-ablations`, eval.py `--latent-ablation` | this repo |
 | precision | fp32 master weights, bf16 compute; reference and export in the compute dtype | `--dtype` | this repo |
+
 Qwen3-VL is not supported (deepstack features would need their own ROI taps).
 """
 from __future__ import annotations
@@ -363,16 +364,13 @@ def control_ids(bb: C.Backbone) -> torch.Tensor:
 
 @dataclass
 class SpanState:
-    """Where a completion stands w.r.t. a latent span. open: after `<|lvr_start|>`, before `<|lvr_end|>`;
-    latent_end: `<|lvr_latent_end|>` already emitted in this span. Latent slots do not change the state."""
+    """Where a completion stands w.r.t. a latent span (open: inside it; latent_end: `<|lvr_latent_end|>` seen)."""
     open: bool = False
     latent_end: bool = False
 
     def blocked(self) -> list[bool]:
-        """Which control_ids may not be sampled next: vision tokens never (a completion carries no image: a sampled
-        `<|image_pad|>` breaks the image-feature count); `<|lvr|>` never (latent slots are written by the decoder,
-        not sampled); `<|lvr_latent_end|>` only inside a span, once; `<|lvr_end|>` only to close a span;
-        `<|lvr_start|>` only outside a span (the model opens spans itself)."""
+        """Which control_ids may not be sampled next: vision tokens and `<|lvr|>` never (the decoder writes latent
+        slots); `<|lvr_latent_end|>` once inside a span; `<|lvr_end|>` only to close one; `<|lvr_start|>` outside."""
         return [True] * 5 + [True, not self.open or self.latent_end, not self.open, self.open]
 
     def step(self, k: int, t: dict) -> None:
@@ -734,9 +732,9 @@ def main(args: Args, explicit: set[str] | None = None):
     model.train()
     for step in range(start, args.steps):
         micro = sampler.next(d.rank, d.world, args.grad_accum)
-        batches, stats, t0 = [[data[j] for j in idx] for idx in micro], {}, time.perf_counter()
+        batches, stats = [[data[j] for j in idx] for idx in micro], {}
         if args.stage == "grpo":                  # GRPO_latent rollouts: G per prompt, latents recorded, R → A
-            G, batches = args.num_generations, []
+            t0, G, batches = time.perf_counter(), args.num_generations, []
             model.eval()
             for i, idx in enumerate(micro):
                 prompts = [data[j] for j in idx for _ in range(G)]
