@@ -87,8 +87,7 @@ class Args:
     min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image pixel budget, min (128 tokens)"})
     max_pixels: int = field(default=5120 * 28 * 28, metadata={"help": "image pixel budget, max (5120 tokens)"})
     max_tokens: int = field(default=16384, metadata={"help": "drop (count) samples longer than this"})
-    pack: bool = field(default=True, metadata={"help": "padding-free packing of stage-1 micro-batches (--no-pack: "
-                                                      "the padded baseline)"})
+    pack: bool = field(default=True, metadata={"help": "padding-free stage-1 batches (--no-pack: padded baseline)"})
     lam_lvr: float = field(default=0.1, metadata={"help": "λ in L = L_CE + λ·L_lvr (0 = vanilla SFT baseline)"})
     lvr_loss: str = field(default="mse", metadata={"help": "L_lvr: mse (all elements) | mse_token | mae | cosine",
                                                    "choices": ["mse", "mse_token", "mae", "cosine"]})
@@ -112,13 +111,11 @@ class Args:
     stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step (0 = never)"})
     activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations per block"})
     seed: int = field(default=0, metadata={"help": "seed of data order, init and rollouts"})
-    eval: bool = field(default=False, metadata={"help": "evaluate the export with latent decoding on the eval sets "
-                                                        "next to --data (toy world: data/toy/eval)"})
+    eval: bool = field(default=False, metadata={"help": "evaluate the export on the eval sets next to --data"})
     eval_steps: str = field(default="4,8", metadata={"help": "latent steps N to evaluate"})
     eval_benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "toy eval sets under data/toy/eval"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
-    eval_ablations: str = field(default="none", metadata={"help": "latent ablations to evaluate, comma-separated: "
-                                                                  "none | zeros | noise | shuffle | remove"})
+    eval_ablations: str = field(default="none", metadata={"help": "none | zeros | noise | shuffle | remove, ..."})
     dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
 
 
@@ -540,8 +537,7 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
 
 
 def generate_latent(bb: C.Backbone, items: list[dict], ea) -> list[str]:
-    """eval.py --mode latent: each item's prompt encoded once (eval.encode_item), decoded with latent steps; the
-    answers without special tokens."""
+    """eval.py's seam for --mode latent (`ea`: eval.Args): each prompt encoded once, the answers' text."""
     import eval as E
     samples = [E.encode_item(bb, it, ea) for it in items]
     res = latent_generate(bb, samples, num_latent_steps=ea.latent_steps,
