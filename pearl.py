@@ -10,27 +10,25 @@ The export is a plain Qwen-VL model: no special decoding, no tools (`eval.py --p
 
 Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
     python pearl.py                                     # CPU toy: toy world, train, export, eval beside the start model
-    python pearl.py --lam 0 --run-dir runs/pearl_sft    # the SFT baseline (λ = 0); `python pearl.py` then prints it
+    python pearl.py --lam 0 --run-dir runs/pearl_sft    # the SFT baseline (λ = 0); `python pearl.py` then evaluates it
     python pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR --grad-accum 16  # one GPU
     torchrun --nproc_per_node 8 pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR
-`--data` takes comma-separated files; the format of each (LVR / Visual-CoT JSON, PixelReasoner `message_list`,
-ThinkMorph parquet, canonical `{"messages": [...]}`) is detected per record. Defaults are the released recipe; on
-the toy backbone (or an export of it) TOY_PRESET replaces the fields not given and is printed; run_config.json
-records what a run used.
+Data (`--data`, comma-separated): LVR / Visual-CoT JSON, PixelReasoner `message_list`, ThinkMorph parquet, canonical
+`{"messages": [...]}`. Defaults: the released recipe; on a toy model TOY_PRESET fills the fields not given.
 
 Deviations and choices (details and the released code's behaviour: docs/pearl.md):
 
 | choice | default | flag | source |
 |---|---|---|---|
-| embedding of a view | `<|im_end|>` closing its last turn | `--embed-position last_predictor` | released code / paper text |
+| view embedding | `<|im_end|>` closing its last turn | `--embed-position last_predictor` | released code / paper |
 | D in L_JEPA | 1 − cos | `--jepa-metric smoothl1\|l2\|mse` | released README / paper text (SmoothL1) |
 | trajectory view | keeps I0 in the first user turn | `--traj-drop-i0` | released code / paper text |
-| NextLat token target | labels[t+1] (off by one, *inferred*) | `--nextlat-token shifted\|off` | released code / NextLat paper |
+| NextLat token target | labels[t+1] (off by one, *inferred*) | `--nextlat-token shifted\|off` | released / NextLat |
 | NextLat horizon | d = 1 | `--nextlat-horizon` | released code / NextLat paper |
-| predictor rows, dynamics head | trained (peft trainable tokens; head fully) | `--released-quirks` | this repo (released: *inferred* frozen) |
-| view layout | images encoded once, views packed, trajectory without autograd | `--naive-views` | this repo (tested equal) |
+| predictor rows, dynamics head | trained (rows by peft, head fully) | `--released-quirks` | this repo (released: frozen) |
+| view layout | images encoded once, views packed, trajectory no-grad | `--naive-views` | this repo (tested equal) |
 | LoRA | r 64, α 128, dropout 0.1, all linear layers but the LM head | `--lora-r 0` = full | released scripts |
-| optimiser | AdamW wd 0.1, lr 1e-5, cosine, warmup 0.05, seed 42 | `--warmup-ratio 0.3` (PixelReasoner) | released scripts |
+| optimiser | AdamW wd 0.1, lr 1e-5, cosine, warmup 0.05 | `--warmup-ratio 0.3` (PixelReasoner) | released scripts |
 | dropout RNG | reseeded per global micro-batch | — | this repo (world size / resume invariant) |
 | precision | fp32 trained weights, bf16 compute, bf16 export | `--dtype` | this repo / released |
 | data conversion | crop turns, tool prompt dropped, missing crops re-executed | — | *inferred* |
@@ -59,10 +57,10 @@ from common import IGNORE
 @dataclass
 class Args:
     model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | "
-                                                              "toy-qwen3vl | hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
-    data: str = field(default="toy", metadata={"help": "comma-separated data files, or 'toy' (the toy world's LVR JSON)"})
-    image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: the data file's)"})
-    run_dir: str = field(default="runs/pearl", metadata={"help": "output directory (checkpoints, metrics, export, eval)"})
+                                                              "toy-qwen3vl | hub id | local dir"})
+    data: str = field(default="toy", metadata={"help": "comma-separated data files, or 'toy' (the toy world's)"})
+    image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
+    run_dir: str = field(default="runs/pearl", metadata={"help": "output directory"})
     # Pearl
     lam: float = field(default=0.2, metadata={"help": "λ in L = L_VLM + λ(L_JEPA + L_NextLat); 0 = the SFT baseline"})
     no_jepa: bool = field(default=False, metadata={"help": "ablation: drop L_JEPA"})
@@ -77,7 +75,7 @@ class Args:
                                                              "choices": ["released", "shifted", "off"]})
     nextlat_horizon: int = field(default=1, metadata={"help": "d: roll the dynamics head forward d steps"})
     released_quirks: bool = field(default=False, metadata={"help": "untrained predictor rows, LoRA-only dynamics head"})
-    naive_views: bool = field(default=False, metadata={"help": "released layout: stacked padded views, images re-encoded"})
+    naive_views: bool = field(default=False, metadata={"help": "the released layout: stacked padded views"})
     # training
     steps: int = field(default=2500, metadata={"help": "optimizer steps (LVR data: 2500)"})
     per_micro: int = field(default=4, metadata={"help": "examples per micro-batch (each becomes three views)"})
@@ -285,7 +283,7 @@ def load_data(bb, args, skips: C.Skips) -> list[dict]:
 # Model surgery: predictor tokens, the NextLat dynamics head, a frozen LM-head copy, LoRA
 # ----------------------------------------------------------------------------------------------------------------
 class DynamicsHead(nn.Module):
-    """NextLat: ĥ_{t+1} = h_t + MLP(LayerNorm([h_t ; e_{t+1}])), MLP = Linear(2H→H) GELU Linear(H→H) GELU Linear(H→H)."""
+    """NextLat: ĥ_{t+1} = h_t + MLP(LayerNorm([h_t ; e_{t+1}])), MLP = Linear(2H→H) GELU Linear(H→H) GELU Linear."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -362,11 +360,8 @@ def encode_images_once(model, order: list[int], encoded: dict):
 
 def reuse_images(encoded: dict, order: list[int]) -> dict:
     """`mm_encoder_outputs` for a later forward: the embeddings `encode_images_once` computed, detached, in this
-    forward's placeholder order (no parameters run, so nothing for FSDP2 to unshard).
-
-    The one seam into transformers' internals: `mm_encoder_outputs` is a public forward keyword, but the object it
-    holds must be the class `get_image_features` returns (transformers 5.24 calls its `to_tuple`). It is rebuilt from
-    that same class, so an upgrade that changes the contract fails in tests/test_pearl.py::test_reuse_images_seam."""
+    forward's placeholder order (no parameters run, so nothing for FSDP2 to unshard). The one seam into transformers'
+    internals (the object must be the class `get_image_features` returns): tested by test_reuse_images_seam."""
     pick = lambda feats: tuple(feats[j].detach() for j in order)  # noqa: E731
     fields = {"pooler_output": pick(encoded["pooled"])}
     if encoded["deep"] is not None:  # Qwen3-VL: deepstack features, one tuple per injected layer
@@ -546,26 +541,21 @@ EVAL_DIRS = {"vstar": "eval/vstar", "mmvp": "eval/mmvp", "blink": "eval/blink", 
 
 def evaluate_export(args: Args, export_dir: str) -> dict:
     """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process),
-    beside the starting model (toy) and the scores of the SFT baseline run in --sft-dir (λ = 0), when it has them."""
+    beside the starting model (toy) and the SFT baseline's export in --sft-dir (λ = 0), when there is one."""
     import eval as E
     rows, models = {}, {"Pearl": export_dir, "start": args.model} if C.is_toy(args.model) else {"Pearl": export_dir}
-    sft_dir = args.sft_dir if Path(args.sft_dir).resolve() != Path(args.run_dir).resolve() else ""
+    if (sft := Path(args.sft_dir, "export")).is_dir() and sft.resolve() != Path(export_dir).resolve():
+        models["SFT"] = str(sft)
     for bench in [b for b in args.eval.split(",") if b]:
         for name, model in models.items():
             ea = E.Args(benchmark=bench, data_dir=str(Path(args.data.split(",")[0]).parent / EVAL_DIRS[bench]),
-                        model=model, prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")),
+                        prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")), model=model,
                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
             rows.setdefault(bench, {})[name] = E.evaluate(ea)
-        if sft_dir and (sft := Path(sft_dir, "eval", f"{bench}_Pearl.json")).exists():
-            rows[bench]["SFT (λ = 0)"] = json.loads(sft.read_text())
-    columns = {**models, **({"SFT (λ = 0)": f"{sft_dir}/export"} if any(len(r) > len(models) for r in rows.values())
-                            else {})}
-    print(f"| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in columns.items()) + " |")
+    print(f"| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
     for bench, r in rows.items():
-        print(f"| {bench} | {r['Pearl']['chance']:.1f} | " + " | ".join(
-            f"{r[n]['overall']:.1f} ± {r[n]['se']:.1f}" if n in r else "–" for n in columns) + " |")
-    if sft_dir and len(columns) == len(models):
-        print(f"(no SFT baseline scores in {sft_dir}/eval: `python pearl.py --lam 0 --run-dir {sft_dir}`)")
+        print(f"| {bench} | {r['Pearl']['chance']:.1f} | " +
+              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")
     return {bench: r["Pearl"]["overall"] for bench, r in rows.items()}
 
 
@@ -580,9 +570,7 @@ def main(args: Args, explicit: set[str] | None = None):
         args.model = ensure_toy_base()
     C.save_run_config(args.run_dir, args)
     C.seed_everything(args.seed)
-    # Trainable weights are fp32 masters. With LoRA the frozen base stays in the compute dtype (7B: 14 GB bf16 on
-    # one GPU). Full fine-tuning (--lora-r 0) holds fp32 everything: 7B = params 28 GB + AdamW states 56 GB + grads
-    # 28 GB = 112 GB, which no single 80 GB GPU holds; FSDP2 over 8 ranks: 14 GB per GPU (plus activations).
+    # trained weights: fp32 masters; LoRA's frozen base: the compute dtype (memory arithmetic: docs/pearl.md)
     bb = C.load_backbone(args.model, d.device,
                          dtype=torch.float32 if args.lora_r == 0 else C.compute_dtype(args.dtype, d.device))
     frozen_lm_head = setup_model(bb, args)
