@@ -324,11 +324,11 @@ def setup_model(bb, args):
 def capture(model):
     """Final-layer hidden states (after the final norm) and the text input embeddings, captured inside the model's
     own forward (so FSDP2 manages every parameter)."""
-    lm, out = model.model.language_model, {}
-    hooks = [lm.norm.register_forward_hook(lambda m, i, o: out.__setitem__("hidden", o)),
-             lm.embed_tokens.register_forward_hook(lambda m, i, o: out.__setitem__("embeds", o))]
+    lm, captured = model.model.language_model, {}
+    hooks = [lm.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("hidden", o)),
+             lm.embed_tokens.register_forward_hook(lambda m, i, o: captured.__setitem__("embeds", o))]
     try:
-        yield out
+        yield captured
     finally:
         for hook in hooks:
             hook.remove()
@@ -344,12 +344,13 @@ def encode_images_once(model, order: list[int], encoded: dict):
     original = inner.get_image_features
 
     def shared(pixel_values, image_grid_thw=None, **kw):
-        out = original(pixel_values, image_grid_thw, **kw)
-        encoded.update(pooled=out.pooler_output, deep=getattr(out, "deepstack_features", None), cls=type(out))
-        out.pooler_output = tuple(out.pooler_output[j] for j in order)
+        features = original(pixel_values, image_grid_thw, **kw)
+        encoded.update(pooled=features.pooler_output, deep=getattr(features, "deepstack_features", None),
+                       cls=type(features))
+        features.pooler_output = tuple(features.pooler_output[j] for j in order)
         if encoded["deep"] is not None:  # Qwen3-VL: per-layer features, same order
-            out.deepstack_features = [tuple(f[j] for j in order) for f in out.deepstack_features]
-        return out
+            features.deepstack_features = [tuple(f[j] for j in order) for f in features.deepstack_features]
+        return features
 
     inner.get_image_features = shared
     try:
@@ -389,11 +390,11 @@ def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive
         # packed: the full (+ input) views in one row with grad, then the trajectory views in their own row without
         grad_names, encoded = tuple(n for n in names if n != "traj"), {}
         hid, emb, full_logits = packed_forward(bb, model, cap, examples, grad_names, encoded)
-        out = {n: (hid[i::len(grad_names)], emb[i::len(grad_names)]) for i, n in enumerate(grad_names)}
+        per_view = {n: (hid[i::len(grad_names)], emb[i::len(grad_names)]) for i, n in enumerate(grad_names)}
         if "traj" in names:  # h_R is a stop-gradient target: no autograd graph, no backward
             with torch.no_grad():
-                out["traj"] = packed_forward(bb, model, cap, examples, ("traj",), encoded)[:2]
-    return out, full_logits
+                per_view["traj"] = packed_forward(bb, model, cap, examples, ("traj",), encoded)[:2]
+    return per_view, full_logits
 
 
 def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...], encoded: dict):
@@ -475,18 +476,18 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
     use_jepa = args.lam > 0 and not args.no_jepa
     use_nextlat = args.lam > 0 and not args.no_nextlat
     names = ("full", "input", "traj") if use_jepa else ("full",)
-    out, logits = forward_views(bb, model, examples, names, naive=naive)
+    per_view, logits = forward_views(bb, model, examples, names, naive=naive)
     labels = [ex["full"]["labels"] for ex in examples]
     flat = torch.cat([torch.cat([torch.tensor([IGNORE]), y[1:]]) for y in labels])  # no loss across view boundaries
     l_vlm = C.next_token_loss(logits[None], flat[None].to(logits.device))  # L_VLM
     terms, loss = {"loss_vlm": l_vlm}, l_vlm
     if use_jepa:
-        pred = torch.stack([h[ex["input"]["emb_pos"]] for h, ex in zip(out["input"][0], examples)])  # ĥ_R
-        target = torch.stack([h[ex["traj"]["emb_pos"]] for h, ex in zip(out["traj"][0], examples)])  # h_R
+        pred = torch.stack([h[ex["input"]["emb_pos"]] for h, ex in zip(per_view["input"][0], examples)])  # ĥ_R
+        target = torch.stack([h[ex["traj"]["emb_pos"]] for h, ex in zip(per_view["traj"][0], examples)])  # h_R
         terms["loss_jepa"] = jepa_loss(pred, target, args.jepa_metric)
         loss = loss + args.lam * terms["loss_jepa"]  # + λ·L_JEPA
     if use_nextlat:
-        state, token = nextlat_loss(model.pearl_dynamics, *out["full"], labels, frozen_lm_head,
+        state, token = nextlat_loss(model.pearl_dynamics, *per_view["full"], labels, frozen_lm_head,
                                     args.nextlat_horizon, args.nextlat_token)
         terms.update(loss_nextlat=state + token, loss_state=state, loss_token=token)
         loss = loss + args.lam * terms["loss_nextlat"]  # + λ·L_NextLat
@@ -500,7 +501,7 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
 def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
     """W = W0 + (α/r)·B·A for every LoRA layer; trainable-token rows written into their matrix; `pearl_dynamics.*`
     dropped. Keys come back as the plain model class names them."""
-    out = {}
+    merged = {}
     for k, v in sd.items():
         if k.startswith("pearl_dynamics.") or ".lora_" in k or ".trainable_tokens_delta" in k:
             continue
@@ -514,8 +515,8 @@ def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
                 lora_a, lora_b = sd[f"{prefix}.lora_A.default.weight"], sd[f"{prefix}.lora_B.default.weight"]
                 v = (v.float() + scale * lora_b.float() @ lora_a.float()).to(v.dtype)
             k = f"{prefix}.{name}"
-        out[k] = v
-    return out
+        merged[k] = v
+    return merged
 
 
 def export(bb, model, args: Args, d: C.Dist) -> str:
