@@ -101,8 +101,7 @@ class Args:
     eval: str = field(default="", metadata={"help": "benchmarks of the eval sets next to --data to evaluate the "
                                                     "export on (toy: vstar,mmvp,blink; '' = none)"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
-    sft_dir: str = field(default="runs/pearl_sft", metadata={"help": "an SFT baseline run (λ = 0) whose scores are "
-                                                                      "printed beside"})
+    sft_dir: str = field(default="runs/pearl_sft", metadata={"help": "an SFT run (λ = 0) whose export is scored beside"})
 
 
 # A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
@@ -520,8 +519,7 @@ def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
 
 
 def export(bb, model, args: Args, d: C.Dist) -> str:
-    """Call on every rank (gathering the state dict is collective); rank 0 writes run_dir/export in the compute
-    dtype."""
+    """On every rank (gathering the state dict is collective); rank 0 writes run_dir/export in the compute dtype."""
     sd = C.full_state_dict(model)
     export_dir = os.path.join(args.run_dir, "export")
     if d.main:
