@@ -115,6 +115,16 @@ def test_byte_level_round_trip(tok, text):
 
 
 # ---------------------------------------------------------------- the chat template
+def test_chat_template_is_the_published_string():
+    """Byte for byte: Yangjunjie-Lin/vlm-synergy-qualification (commit 9fb14f887e17248a234ea2421baa2a21193146fe),
+    artifacts/atomic_v2/renderer_snapshots/qwen2_5_vl_7b/*.json, records Qwen/Qwen2.5-VL-7B-Instruct's
+    "official_chat_template" and "official_chat_template_sha256": the sha256 of the template as a JSON string."""
+    import hashlib
+    import json
+    digest = hashlib.sha256(json.dumps(Q.CHAT_TEMPLATE).encode()).hexdigest()
+    assert digest == "4df95d05455c2a6f762616492bba63d0f9bef904ef47daabad35f5715d6d2e4e"
+
+
 def test_chat_template_is_published_rendering(tok):
     """Rendered and tokenised prompts of Qwen/Qwen2.5-VL-7B-Instruct (revision cc594898137f460bfe9f0759e9844b3ce807cfb5)
     from Yangjunjie-Lin/vlm-synergy-qualification (commit 9fb14f887e17248a234ea2421baa2a21193146fe),
@@ -330,3 +340,13 @@ def test_surgery_reuses_spare_rows_then_resizes():
     ids = C.add_special_tokens(bb, ["<|latent|>", "<|latent_end|>"])
     assert ids == [151936, 151937] and bb.model.get_input_embeddings().weight.shape[0] == 151938
     assert bb.model.lm_head.weight.shape[0] == 151938
+
+
+@pytest.mark.skipif(not hasattr(C, "RANDOM_PREFIX"), reason="common.load_backbone does not take random:<name> yet "
+                    "(the common.py change of issue 16)")
+def test_load_backbone_takes_random_names():
+    bb = C.load_backbone("random:qwen2.5-vl-7b", device="meta", num_layers=2)
+    assert bb.model.config.text_config.num_hidden_layers == 2 and bb.model.get_input_embeddings().weight.shape[0] == 152064
+    assert C.qwen_tokenizer().encode("<|im_start|>hello<|im_end|>") == [151644, 14990, 151645]
+    with pytest.raises(SystemExit, match="random:qwen2.5-vl-3b"):
+        C.check_model_name("random:qwen2.5-vl-72b")
