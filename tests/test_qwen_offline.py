@@ -227,6 +227,11 @@ def test_full_depth_parameter_counts_on_meta():
 def test_forward_on_an_image_chat_at_real_vocabulary(bb3):
     assert bb3.family == "qwen2_5_vl" and bb3.patch_factor == 28
     assert bb3.model.lm_head.weight is bb3.model.get_input_embeddings().weight       # 3B: tied
+    # built on the meta device, then initialised in place: the rotary buffers are recomputed, not left empty
+    inv = 1.0 / 1e6 ** (torch.arange(0, 128, 2).float() / 128)                        # head_dim 2048 / 16 = 128
+    torch.testing.assert_close(bb3.model.model.language_model.rotary_emb.inv_freq, inv)
+    inv = 1.0 / 1e4 ** (torch.arange(0, 40, 2).float() / 40)                          # vision: (1280 / 16) / 2
+    torch.testing.assert_close(bb3.model.model.visual.rotary_pos_emb.inv_freq, inv)
     msgs = [{"role": "user", "content": [{"type": "image", "image": image(84, 56)},
                                          {"type": "text", "text": "What colour is the square?"}]},
             {"role": "assistant", "content": "Red."}]
