@@ -1,59 +1,45 @@
 # Docs: docs/latent_pretrain.md
 """Latent prediction pretraining from image–caption pairs (the proposal "Data-Efficient Latent Reasoning Training").
 
-From the caption ALONE (no image in the context) the MLLM predicts the latent that its own frozen vision tower
-produces for the paired image: K learnable `<|latent_pad|>` queries are appended after the caption, a small head M_φ
-maps their hidden states to ẑ_k, which is pulled towards the frozen target z_k (L_inst) and, pooled, contrasted against
-the other images of the global batch (L_batch), next to the caption LM loss (L_NTP):
-
-    L = 1.0·L_NTP + 1.0·L_inst + 0.5·L_batch
-
-`--stage finetune` is the downstream step: sft.py (plain SFT, answer CE only) from the pretrained export or from the
-untouched backbone on GQA / ScienceQA, then eval.py on both. `--stage analyze` measures the latent space (text→image
-retrieval, cosine histograms, PCA by category); it also runs after pretraining when held-out pairs exist.
+From the caption ALONE (no image in the context) the MLLM predicts the latent its own frozen vision tower produces for
+the paired image: K learnable `<|latent_pad|>` queries follow the caption, a head M_φ maps their hidden states to ẑ_k,
+which is pulled towards the frozen target z_k (L_inst) and, pooled, contrasted against the other images of the global
+batch (L_batch), next to the caption LM loss (L_NTP):  L = 1.0·L_NTP + 1.0·L_inst + 0.5·L_batch.
+`--stage finetune` is the downstream step: sft.py from the pretrained export (or the untouched backbone, the baseline)
+on GQA / ScienceQA, then eval.py. `--stage analyze` (also run after pretraining when held-out pairs exist) measures
+the latent space: text→image retrieval, cosine histograms, PCA by category (latent_io.py).
 
 Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
     python latent_pretrain.py                              # CPU toy: extract targets, pretrain, export, analyze
     python latent_pretrain.py --stage finetune --init runs/latent_pretrain/export --run-dir runs/ft_latent
     python latent_pretrain.py --stage finetune --init toy-base --run-dir runs/ft_base     # the baseline of the pair
     python latent_pretrain.py --model Qwen/Qwen2.5-VL-3B-Instruct --data coco/annotations/captions_train2017.json \
-        --image-root coco/train2017 --per-micro 8 --grad-accum 4                        # one GPU
+        --image-root coco/train2017                                                     # one GPU
     torchrun --nproc_per_node 8 latent_pretrain.py --model Qwen/Qwen2.5-VL-7B-Instruct \
-        --data coco/annotations/captions_train2017.json --image-root coco/train2017 \
-        --val-data coco/annotations/captions_val2017.json --val-image-root coco/val2017   # batch 8 × 32 = 256
-    torchrun --nproc_per_node 8 latent_pretrain.py --model Qwen/Qwen2.5-VL-7B-Instruct \
-        --data "cc3m/cc3m-train-{0000..0575}.tar" --steps 10000                          # CC3M WebDataset shards
+        --data "cc3m/cc3m-train-{0000..0575}.tar" --steps 10000      # CC3M WebDataset shards, batch 8 × 32 = 256
     torchrun --nproc_per_node 8 latent_pretrain.py --stage finetune --init runs/latent_pretrain/export \
         --gqa-dir GQA --scienceqa-dir ScienceQA --steps 3000
-    for inst in cosine l2 l1 infonce; do for lb in 0 0.5 1; do python latent_pretrain.py --inst-loss $inst \
-        --lam-batch $lb --run-dir runs/sweep_${inst}_$lb; done; done            # the proposal's ablations, toy scale
 
-Deviations and choices (the proposal has no released code; docs/latent_pretrain.md has every detail):
+Deviations and choices (the proposal has no released code; details and precedents in docs/latent_pretrain.md):
 
 | choice | default | flag | source |
 |---|---|---|---|
-| targets | frozen tower + merger at 448 px, K = 4 by 2×2 adaptive average pooling; z_glob = mean token | `--image-size`, `--num-latents`, `--pool bands` | spec; Mirage (bands) |
-| target cache | fp16 safetensors, folder named by a fingerprint of tower weights, settings and image set | `--cache-dir` | this repo |
+| targets | frozen tower + merger, 448 px, 2×2 adaptive avg pool → K = 4; z_glob = mean token | `--pool bands` | spec; Mirage |
+| target cache | fp16 safetensors, named by a fingerprint of tower, settings, image set | `--cache-dir` | this repo |
 | centring | subtract the dataset mean if mean cos(random pair) > 0.5 | `--center` | spec |
-| template | caption-only chat, no system turn; L_NTP on the caption tokens only | — | spec; Mirage token names |
-| new token rows | own parameter at the head lr, written back into the embedding matrix on export | `--head-lr` | spec (1e-4) |
-| h_k | final-layer (normed) hidden state at pad k | `--latent-layer` | spec; VIRAL |
-| head M_φ | RMSNorm → Linear(D, D·4096/3584) → GELU → Linear | `--head none / attnpool` | spec; Mirage (none) |
-| L_inst | 1 − cos | `--inst-loss l2 / l1 / infonce` | Mirage, ILVR |
-| L_batch | symmetric InfoNCE, learnable τ (init 0.07, scale ≤ 100), same-image captions not negatives | `--batch-loss siglip`, `--mask-same-image` | CLIP, SigLIP |
-| global batch | one micro-step over all ranks (gradient-preserving all-gather); accumulation does not enlarge it | `--per-micro` | this repo |
+| h_k, head M_φ | final normed state; RMSNorm → Linear(D, D·4096/3584) → GELU → Linear | `--latent-layer`, `--head` | spec; VIRAL, Mirage |
+| new token rows | own parameter at the head lr, written back into the embeddings on export | `--head-lr` | spec |
+| L_inst | 1 − cos | `--inst-loss` | Mirage, ILVR |
+| L_batch | symmetric InfoNCE, τ 0.07 learnable, same-image captions not negatives | `--batch-loss siglip` | CLIP, SigLIP |
+| global batch | one micro-step on all ranks (gradient-preserving all-gather) | `--per-micro` | this repo |
 | loss weights | 1.0 / 1.0 / 0.5 | `--lam-ntp`, `--lam-inst`, `--lam-batch` | Mirage/ILVR; CoCa, VIRAL |
-| schedule | lr 1e-5 (head 1e-4), wd 0.01, 2000 steps, warm-up 0.05, cosine | `--lr`, `--head-lr`, `--steps` | spec; steps are a choice |
-| precision | fp32 master weights, bf16 compute, fp32 losses; export in the compute dtype | `--dtype` | this repo |
-| finetune | sft.py, vision tower frozen, eval.py's lmms prompts and image budget 256–2048·28² | `--min-pixels`, `--max-pixels` | spec |
-| toy preset | lr 1e-3 (head too), 60 steps, images 16–64·28², eval limit 48 | any flag overrides | this repo |
+| schedule | lr 1e-5 (head 1e-4), wd 0.01, 2000 steps, warm-up 0.05 | `--lr`, `--head-lr`, `--steps` | spec; steps a choice |
+| finetune | sft.py, tower frozen, eval.py's lmms prompts and budget 256–2048·28² | `--min-pixels` | spec |
+| toy preset | lr 1e-3 (head too), 60 steps, images 16–64·28², eval limit 48 | any flag | this repo |
 """
-import glob
 import json
 import math
 import os
-import re
-import tarfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -64,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+from latent_io import iter_wds, latent_report, read_pairs, write_finetune_records
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
 CAPTION_PROMPT = "Describe an image."
@@ -149,7 +136,7 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: image–caption pairs (COCO JSON, Karpathy parquet, WebDataset shards)
+# Data: image–caption pairs (COCO JSON, Karpathy parquet, WebDataset shards: the readers are in latent_io.py)
 # ----------------------------------------------------------------------------------------------------------------
 def toy_paths():
     from toy_world import ensure_toy_world
@@ -159,75 +146,6 @@ def toy_paths():
             "val_data": str(coco / "annotations/captions_val2017.json"), "val_image_root": str(coco / "val2017"),
             "categories": str(coco / "annotations/categories_val2017.json"),
             "gqa_dir": str(root / "gqa"), "scienceqa_dir": str(root / "scienceqa")}
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """'dir/cc3m-{0000..0099}.tar' (WebDataset brace notation) or a glob → sorted shard paths."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if m:
-        a, b = m.group(1), m.group(2)
-        return [pattern[:m.start()] + str(i).zfill(len(a)) + pattern[m.end():] for i in range(int(a), int(b) + 1)]
-    return sorted(glob.glob(pattern))
-
-
-def iter_wds(shard: str):
-    """Stream one WebDataset tar: consecutive members sharing a key (path up to the first dot) form a sample."""
-    sample = {}
-    with tarfile.open(shard, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = os.path.basename(member.name).partition(".")
-            key = os.path.join(os.path.dirname(member.name), stem)
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext.lower()] = tar.extractfile(member).read()
-    if sample:
-        yield sample
-
-
-def read_pairs(path: str, image_root: str, skips: C.Skips):
-    """→ (pairs [(caption, image_key)], images {image_key: path}). COCO official JSON (images + annotations),
-    Karpathy parquet (filename / filepath, sentences), or WebDataset shards: (None, {"__wds__": shard paths}), the
-    captions then come back from the target cache (they are read while extracting)."""
-    pairs, images = [], {}
-    if path.endswith(".json"):
-        data = json.load(open(path))
-        files = {}
-        for im in data.get("images") or []:
-            if isinstance(im, dict) and isinstance(im.get("file_name"), str) and "id" in im:
-                files[im["id"]] = im["file_name"]
-            else:
-                skips.add("image entry without id or file_name")
-        for a in data.get("annotations") or []:
-            if not isinstance(a, dict):
-                skips.add("annotation is not an object")
-                continue
-            caption = a.get("caption").strip() if isinstance(a.get("caption"), str) else ""
-            if a.get("image_id") not in files or not caption:
-                skips.add("caption without image or text", f"annotation {a.get('id')}")
-                continue
-            images[str(a["image_id"])] = os.path.join(image_root, files[a["image_id"]])
-            pairs.append((caption, str(a["image_id"])))
-    elif path.endswith(".parquet"):
-        for r in C.read_records(path):
-            if not isinstance(r.get("filename"), str) or not r["filename"]:
-                skips.add("row without filename")
-                continue
-            rel = os.path.join(r.get("filepath") or "", r["filename"])
-            for s in r.get("sentences") or []:
-                caption = s.get("raw") if isinstance(s, dict) else s
-                caption = caption.strip() if isinstance(caption, str) else ""  # a list or number is no caption
-                if not caption:
-                    skips.add("caption without image or text", rel)
-                    continue
-                images[rel] = os.path.join(image_root, rel)
-                pairs.append((caption, rel))
-    else:
-        return None, {"__wds__": expand_shards(path)}
-    return pairs, images
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -601,29 +519,6 @@ def save_head(args: Args, sd: dict, cache: TargetCache, export_dir: str):
                         "center": json.dumps(bool(cache.center)), "cache_dir": cache.dir})
 
 
-def retrieval_recall(sim: torch.Tensor, gt: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """sim [queries, gallery], gt [queries] = index of the right gallery item. rank = #items scored strictly
-    higher than the right one (ties count in the query's favour); R@k = fraction with rank < k (percent)."""
-    rank = (sim > sim.gather(1, gt[:, None])).sum(1)
-    return {f"R@{k}": 100.0 * float((rank < k).float().mean()) for k in ks}
-
-
-def kmeans_nmi(x: np.ndarray, labels: list, seed: int = 0, iters: int = 50) -> float:
-    """k-means (k = number of categories, Lloyd's algorithm) then normalised mutual information with the labels."""
-    classes = sorted(set(labels))
-    y = np.array([classes.index(v) for v in labels])
-    centres = x[np.random.default_rng(seed).choice(len(x), len(classes), replace=False)]
-    for _ in range(iters):
-        assign = ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-        centres = np.stack([x[assign == c].mean(0) if (assign == c).any() else centres[c] for c in range(len(classes))])
-    joint = np.histogram2d(assign, y, bins=(len(classes), len(classes)))[0] / len(y)
-    pa, pb = joint.sum(1), joint.sum(0)
-    nz = joint > 0
-    mi = (joint[nz] * np.log(joint[nz] / (pa[:, None] * pb[None])[nz])).sum()
-    h = lambda q: -(q[q > 0] * np.log(q[q > 0])).sum()  # noqa: E731
-    return float(2 * mi / max(h(pa) + h(pb), 1e-12))
-
-
 @torch.no_grad()
 def analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None = None):
     """--stage analyze (and after pretraining): retrieval R@k of ẑ against z on held-out pairs, matched vs random
@@ -653,104 +548,16 @@ def analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None = N
     for i in range(0, len(pairs), 32):
         batch = C.pack(bb, [encode_caption(bb, c, args.num_latents) for c, _ in pairs[i:i + 32]], ("caption_mask",))
         pred_tok.append(model(*(batch[k].to(d.device) for k in ("input_ids", "position_ids", "caption_mask")),
-                               batch["seq_lens"])[1].float().cpu())
-    pred_tok = torch.cat(pred_tok)
-    pred = pred_tok.mean(1)
+                              batch["seq_lens"])[1].float().cpu())                              # ẑ [B, K, D_z]
     gt = torch.tensor([keys.index(k) for _, k in pairs])
-    res = {**retrieval_recall(F.normalize(pred, dim=-1) @ F.normalize(z_glob, dim=-1).T, gt),
-           "chance_R@1": 100.0 / len(keys)}
-    shuffled = gt[torch.randperm(len(gt), generator=torch.Generator().manual_seed(0))]
-    other = torch.where(shuffled == gt, (gt + 1) % len(keys), shuffled)   # a random OTHER image per query
-    matched = F.cosine_similarity(pred_tok, z_tok[gt], dim=-1).flatten()
-    random_ = F.cosine_similarity(pred_tok, z_tok[other], dim=-1).flatten()
-    res.update(cos_matched=float(matched.mean()), cos_random=float(random_.mean()), n_queries=len(pairs),
-               n_images=len(keys))
     cats = json.load(open(args.categories)) if args.categories and os.path.exists(args.categories) else {}
     labels = [cats.get(k, "?") for _, k in pairs] + [cats.get(k, "?") for k in keys]   # queries, then gallery
-    if len(set(labels)) > 1:
-        res["nmi_pred"] = kmeans_nmi(F.normalize(pred, dim=-1).numpy(), labels[:len(pred)])
-        res["nmi_target"] = kmeans_nmi(F.normalize(z_glob, dim=-1).numpy(), labels[len(pred):])
-    out = Path(args.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4.5))
-        for values, name in ((matched, "matched"), (random_, "random")):
-            ax[0].hist(values.numpy(), 40, alpha=0.6, label=name)
-        ax[0].set_xlabel("cos(ẑ_k, z_k)"), ax[0].legend(), ax[0].set_title("matched vs random pairs")
-        both = torch.cat([F.normalize(pred, dim=-1), F.normalize(z_glob, dim=-1)])
-        both = both - both.mean(0)
-        xy = (both @ torch.linalg.svd(both, full_matrices=False).Vh[:2].T).numpy()
-        for c in sorted(set(labels)):
-            for lo, hi, marker, name in ((0, len(pred), ".", "ẑ"), (len(pred), len(xy), "x", "z")):
-                sel = [i for i in range(lo, hi) if labels[i] == c]
-                ax[1].scatter(xy[sel, 0], xy[sel, 1], marker=marker, s=12, label=f"{c} {name}",
-                              color=c if c in matplotlib.colors.CSS4_COLORS else None)
-        ax[1].set_title("PCA of ẑ (.) and z (x) by category"), ax[1].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "analysis.png", dpi=100)
-        plt.close(fig)
-    except ImportError:
-        pass
-    (out / "analysis.json").write_text(json.dumps(res, indent=2))
-    print("analysis: " + " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
-    return res
+    return latent_report(torch.cat(pred_tok), z_tok, z_glob, gt, labels, Path(args.run_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Downstream stage: GQA / ScienceQA as sft.py chats → sft.py from --init → eval.py on their test splits
+# Downstream stage: GQA / ScienceQA as sft.py records (latent_io.py) → sft.py from --init → eval.py on their tests
 # ----------------------------------------------------------------------------------------------------------------
-def write_finetune_records(args: Args, out: Path, skips: C.Skips):
-    """The lmms-lab parquet layouts of GQA (instructions joined with images on imageId) and ScienceQA-IMG (answer =
-    option index → letter) → sft.py's canonical {"messages": [...]} records (JSONL), each image's bytes written once
-    beside them. The prompts are eval.py's lmms presets, so train and test match."""
-    import pandas as pd
-    from eval import LMMS_MC_SUFFIX, LMMS_OPEN_SUFFIX
-
-    def parquets(folder, *patterns):
-        return next((hits for p in patterns if (hits := sorted(glob.glob(os.path.join(folder, p))))), [])
-
-    (out.parent / "images").mkdir(parents=True, exist_ok=True)
-    records, written = [], set()
-
-    def add(image, name, prompt, answer):
-        raw = image.get("bytes") if isinstance(image, dict) else image
-        if not raw:
-            return skips.add("image without bytes", name)
-        if name not in written:                                      # the parquet's bytes as they are: no re-encoding
-            (out.parent / "images" / name).write_bytes(raw)
-            written.add(name)
-        records.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"images/{name}"},
-                                                                  {"type": "text", "text": prompt}]},
-                                     {"role": "assistant", "content": answer}]})
-    if args.gqa_dir:
-        qs = parquets(args.gqa_dir, "train_balanced_instructions/*.parquet", "*train_balanced_instructions*.parquet")
-        ims = parquets(args.gqa_dir, "train_balanced_images/*.parquet", "*train_balanced_images*.parquet")
-        if qs and ims:
-            images = {k: v for p in ims for k, v in pd.read_parquet(p)[["id", "image"]].itertuples(index=False)}
-            for r in pd.concat([pd.read_parquet(p) for p in qs]).to_dict("records"):
-                if r["imageId"] not in images or not str(r.get("answer") or "").strip():
-                    skips.add("gqa: missing image or answer", str(r.get("id")))
-                    continue
-                add(images[r["imageId"]], f"gqa_{r['imageId']}", f"{r['question']}\n{LMMS_OPEN_SUFFIX}",
-                    str(r["answer"]))
-    if args.scienceqa_dir:
-        for f, p in enumerate(parquets(args.scienceqa_dir, "ScienceQA-IMG/train-*.parquet", "train-*.parquet",
-                                       "train.parquet")):
-            for row, r in enumerate(pd.read_parquet(p).to_dict("records")):
-                if r.get("image") is None:
-                    skips.add("scienceqa: no image", p)
-                    continue
-                hint = str(r.get("hint") or "").strip()
-                q = (f"Context: {hint}\n" if hint else "") + r["question"]
-                opts = "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(r["choices"]))
-                add(r["image"], f"scienceqa_{f}_{row}", f"{q}{opts}\n{LMMS_MC_SUFFIX}", chr(65 + int(r["answer"])))
-    out.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(out.with_suffix(".tmp"), out)
-
-
 def finetune(args: Args, d: C.Dist, skips: C.Skips):
     """--stage finetune: plain SFT (sft.py: answer CE only, vision tower frozen) from --init on GQA / ScienceQA, then
     eval.py on their test splits. The baseline of the comparison is the same command from the untouched backbone."""
