@@ -43,14 +43,13 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
-from latent_io import iter_wds, latent_report, read_pairs, write_finetune_records
+from latent_io import TargetCache, latent_report, read_pairs, write_finetune_records, write_target_cache
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
 CAPTION_PROMPT = "Describe an image."
@@ -190,97 +189,18 @@ def cache_fingerprint(bb: C.Backbone, args: Args, images: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def build_target_cache(bb, args, d: C.Dist, images: dict, cache_dir: Path, skips: C.Skips) -> Path:
-    """One fp16 safetensors shard per `shard_size` images (or per WebDataset tar), written atomically, with the
-    sums needed for the dataset mean / std; rank r extracts shards r, r+W, ...; existing shards are reused."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    keys = sorted(k for k in images if k != "__wds__")
-    jobs = images.get("__wds__") or [keys[j:j + args.shard_size] for j in range(0, len(keys), args.shard_size)]
-    for i in range(d.rank, len(jobs), d.world):
-        path = cache_dir / f"targets-{i:05d}.safetensors"
-        if path.exists():
-            continue
-        wds = isinstance(jobs[i], str)
-        names, caps, z_tok, z_glob, pil, skipped = [], [], [], [], [], {}
-
-        def flush():
-            if pil:
-                t, g = encode_images(bb, pil, args.image_size, args.num_latents, args.pool)
-                z_tok.append(t), z_glob.append(g), pil.clear()
-
-        source = iter_wds(jobs[i]) if wds else ({"__key__": k, "file": images[k]} for k in jobs[i])
-        for s in tqdm(source, desc=f"targets {i}", disable=not d.main, leave=False):
-            try:
-                pil.append(C.open_image((s.get("jpg") or s.get("png") or b"") if wds else s["file"]))
-            except C.SkipSample as e:   # kept in the shard, so a reused cache reports it too (load_targets)
-                skipped[str(s["__key__"])] = str(e)
-                continue
-            names.append(str(s["__key__"]))
-            caps.append(s["txt"].decode("utf-8", "replace").strip() if "txt" in s else "")
-            if len(pil) == 16:
-                flush()
-        flush()
-        z_tok = torch.cat(z_tok) if z_tok else torch.zeros(0, args.num_latents, 1)
-        z_glob = torch.cat(z_glob) if z_glob else torch.zeros(0, 1)
-        save_file({"z_tok": z_tok.half().contiguous(), "z_glob": z_glob.half().contiguous(),
-                   "tok_sum": z_tok.double().sum((0, 1)), "tok_sqsum": (z_tok.double() ** 2).sum((0, 1)),
-                   "glob_sum": z_glob.double().sum(0)}, str(path) + ".tmp",
-                  metadata={"keys": json.dumps(names), "captions": json.dumps(caps if wds else []),
-                            "skipped": json.dumps(skipped)})
-        os.replace(str(path) + ".tmp", path)
-    if d.world > 1:  # every rank's shards are on disk before anyone reads the cache
-        dist.barrier()
-    return cache_dir
-
-
-class TargetCache:
-    """Reads cached targets by image key lazily (safe_open slices: a web-scale cache never sits in memory) and holds
-    the dataset mean / std used for centring and standardising."""
-
-    def __init__(self, cache_dir: Path):
-        from safetensors import safe_open
-        self.dir, self.files, self.index, self.captions, self.center = str(cache_dir), [], {}, [], False
-        self.skipped = {}                                   # image key → why it has no target
-        sums, n = {}, 0
-        for f, path in enumerate(sorted(Path(cache_dir).glob("targets-*.safetensors"))):
-            h = safe_open(str(path), framework="pt")
-            self.files.append(h)
-            keys, caps = json.loads(h.metadata()["keys"]), json.loads(h.metadata()["captions"])
-            self.index.update({key: (f, row) for row, key in enumerate(keys)})
-            self.captions += [(c, key) for c, key in zip(caps, keys) if c]
-            self.skipped.update(json.loads(h.metadata().get("skipped", "{}")))
-            if keys:
-                sums = {k: sums.get(k, 0) + h.get_tensor(k) for k in ("tok_sum", "tok_sqsum", "glob_sum")}
-                n += len(keys)
-        assert n, f"empty target cache {cache_dir}"
-        nk = n * self.files[0].get_slice("z_tok").get_shape()[1]
-        self.tok_mean, self.glob_mean = (sums["tok_sum"] / nk).float(), (sums["glob_sum"] / n).float()
-        self.tok_std = (sums["tok_sqsum"] / nk - (sums["tok_sum"] / nk) ** 2).clamp(min=1e-12).sqrt().float()
-
-    def get(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.index[k] for k in keys]
-        z_tok = torch.stack([self.files[f].get_slice("z_tok")[r] for f, r in rows]).float()
-        z_glob = torch.stack([self.files[f].get_slice("z_glob")[r] for f, r in rows]).float()
-        return (z_tok - self.tok_mean, z_glob - self.glob_mean) if self.center else (z_tok, z_glob)
-
-    def random_pair_cosine(self, n_pairs: int = 2000, seed: int = 0) -> float:
-        keys = sorted(self.index)
-        a, b = np.random.default_rng(seed).integers(len(keys), size=(2, n_pairs))
-        a, b = a[a != b], b[a != b]
-        if not len(a):
-            return float("nan")
-        za, zb = self.get([keys[i] for i in a])[1], self.get([keys[i] for i in b])[1]
-        return float(F.cosine_similarity(za, zb, dim=-1).mean())
+def extract_targets(bb: C.Backbone, args: Args, d: C.Dist, images: dict, cache_dir: Path) -> Path:
+    """(z_tok, z_glob) of every image, computed once into `cache_dir` (latent_io.write_target_cache: fp16 safetensors
+    shards with the sums for the dataset mean / std; rank r extracts shards r, r+W, ...; existing shards are reused)."""
+    encode = lambda pil: encode_images(bb, pil, args.image_size, args.num_latents, args.pool)  # noqa: E731
+    return write_target_cache(encode, images, cache_dir, d, args.shard_size, args.num_latents)
 
 
 def load_targets(bb, args, d, data: str, image_root: str, skips, root: Path, prefix: str = ""):
     """→ (pairs, cache) of one caption set: its targets in root/<prefix><fingerprint>, extracted where missing, and
     centred per --center."""
     pairs, images = read_pairs(data, image_root, skips)
-    cache = TargetCache(build_target_cache(bb, args, d, images, root / (prefix + cache_fingerprint(bb, args, images)),
-                                           skips))
+    cache = TargetCache(extract_targets(bb, args, d, images, root / (prefix + cache_fingerprint(bb, args, images))))
     if pairs is None:             # WebDataset: captions come from the cache; a skipped sample lost its caption
         for key, reason in cache.skipped.items():
             skips.add(reason, key)

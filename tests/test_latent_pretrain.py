@@ -62,8 +62,7 @@ def test_cache_round_trip_and_tower_not_rerun(bb, tmp_path, monkeypatch):
     images = _tiny_images(tmp_path / "img", 5)
     images["missing"] = str(tmp_path / "img" / "nope.png")
     args = L.Args(image_size=56, shard_size=2)                   # 56 px → 2×2 merged tokens: K = 4 is the identity
-    skips = C.Skips()
-    L.build_target_cache(bb, args, C.Dist(), images, tmp_path / "cache", skips)
+    L.extract_targets(bb, args, C.Dist(), images, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("targets-*.safetensors"))) == 3
     cache = L.TargetCache(tmp_path / "cache")
     assert cache.skipped == {"missing": "missing image"}       # counted per caption by load_targets, every run
@@ -84,7 +83,7 @@ def test_cache_round_trip_and_tower_not_rerun(bb, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("vision tower ran although the cache exists")
     monkeypatch.setattr(bb.model.model, "get_image_features", boom)
-    L.build_target_cache(bb, args, C.Dist(), images, tmp_path / "cache", C.Skips())
+    L.extract_targets(bb, args, C.Dist(), images, tmp_path / "cache")
     torch.testing.assert_close(L.TargetCache(tmp_path / "cache").get(keys)[0], z_tok)
 
 
@@ -311,7 +310,7 @@ def test_kmeans_nmi_separated_clusters():
 
 # ---------------------------------------------------------------- 2-process smoke runs
 def _tiny_coco(root: Path, n_images=8):
-    images = _tiny_images(root / "img", n_images)
+    _tiny_images(root / "img", n_images)
     ann = [{"id": 10 * i + j, "image_id": i, "caption": f"{c} shape number {i} at the left"}
            for i in range(n_images) for j, c in enumerate(("a red", "a blue"))]
     data = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(n_images)], "annotations": ann}
@@ -368,8 +367,7 @@ def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
                     tar.addfile(info, io.BytesIO(data))
     pairs, images = L.read_pairs(str(tmp_path / "cc-{00..01}.tar"), "", C.Skips())
     assert pairs is None and len(images["__wds__"]) == 2
-    skips = C.Skips()
-    L.build_target_cache(bb, L.Args(image_size=56), C.Dist(), images, tmp_path / "cache", skips)
+    L.extract_targets(bb, L.Args(image_size=56), C.Dist(), images, tmp_path / "cache")
     cache = L.TargetCache(tmp_path / "cache")
     assert cache.skipped == {"010002": "unreadable image"}         # kept in the shard for every later run
     assert sorted(cache.captions) == sorted((f"caption {s} {i}", f"{s:02d}{i:04d}")
