@@ -25,8 +25,8 @@ def expand_shards(pattern: str) -> list[str]:
     """'dir/cc3m-{0000..0099}.tar' (WebDataset brace notation) or a glob → sorted shard paths."""
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
     if m:
-        a, b = m.group(1), m.group(2)
-        return [pattern[:m.start()] + str(i).zfill(len(a)) + pattern[m.end():] for i in range(int(a), int(b) + 1)]
+        lo, hi = m.group(1), m.group(2)
+        return [pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():] for i in range(int(lo), int(hi) + 1)]
     return sorted(glob.glob(pattern))
 
 
@@ -61,16 +61,16 @@ def read_pairs(path: str, image_root: str, skips: C.Skips):
                 files[im["id"]] = im["file_name"]
             else:
                 skips.add("image entry without id or file_name")
-        for a in data.get("annotations") or []:
-            if not isinstance(a, dict):
+        for ann in data.get("annotations") or []:
+            if not isinstance(ann, dict):
                 skips.add("annotation is not an object")
                 continue
-            caption = a.get("caption").strip() if isinstance(a.get("caption"), str) else ""
-            if a.get("image_id") not in files or not caption:
-                skips.add("caption without image or text", f"annotation {a.get('id')}")
+            caption = ann.get("caption").strip() if isinstance(ann.get("caption"), str) else ""
+            if ann.get("image_id") not in files or not caption:
+                skips.add("caption without image or text", f"annotation {ann.get('id')}")
                 continue
-            images[str(a["image_id"])] = os.path.join(image_root, files[a["image_id"]])
-            pairs.append((caption, str(a["image_id"])))
+            images[str(ann["image_id"])] = os.path.join(image_root, files[ann["image_id"]])
+            pairs.append((caption, str(ann["image_id"])))
     elif path.endswith(".parquet"):
         for r in C.read_records(path):
             if not isinstance(r.get("filename"), str) or not r["filename"]:

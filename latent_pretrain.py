@@ -20,21 +20,22 @@ Launch (the same file runs under python and torchrun; FSDP2 shards under torchru
     torchrun --nproc_per_node 8 latent_pretrain.py --stage finetune --init runs/latent_pretrain/export \
         --gqa-dir GQA --scienceqa-dir ScienceQA --steps 3000
 
-Deviations and choices (the proposal has no released code; details and precedents in docs/latent_pretrain.md):
+Deviations and choices (no released code exists; "design" = this repo's choice where the proposal is silent, with
+its precedent; details in docs/latent_pretrain.md):
 
 | choice | default | flag | source |
 |---|---|---|---|
-| targets | frozen tower + merger, 448 px, 2×2 adaptive avg pool → K = 4; z_glob = mean token | `--pool bands` | spec; Mirage |
+| targets | frozen tower + merger, 448 px, 2×2 adaptive avg pool → K = 4; z_glob = mean token | `--pool bands` | design; Mirage |
 | target cache | fp16 safetensors, named by a fingerprint of tower, settings, image set | `--cache-dir` | this repo |
-| centring | subtract the dataset mean if mean cos(random pair) > 0.5 | `--center` | spec |
-| h_k, head M_φ | final normed state; RMSNorm → Linear(D, D·4096/3584) → GELU → Linear | `--latent-layer`, `--head` | spec; VIRAL, Mirage |
-| new token rows | own parameter at the head lr, written back into the embeddings on export | `--head-lr` | spec |
+| centring | subtract the dataset mean if mean cos(random pair) > 0.5 | `--center` | design |
+| h_k, head M_φ | final normed state; RMSNorm → Linear(D, D·4096/3584) → GELU → Linear | `--latent-layer`, `--head` | design; VIRAL, Mirage |
+| new token rows | own parameter at the head lr, written back into the embeddings on export | `--head-lr` | design |
 | L_inst | 1 − cos | `--inst-loss` | Mirage, ILVR |
 | L_batch | symmetric InfoNCE, τ 0.07 learnable, same-image captions not negatives | `--batch-loss siglip` | CLIP, SigLIP |
 | global batch | one micro-step on all ranks (gradient-preserving all-gather) | `--per-micro` | this repo |
 | loss weights | 1.0 / 1.0 / 0.5 | `--lam-ntp`, `--lam-inst`, `--lam-batch` | Mirage/ILVR; CoCa, VIRAL |
-| schedule | lr 1e-5 (head 1e-4), wd 0.01, 2000 steps, warm-up 0.05 | `--lr`, `--head-lr`, `--steps` | spec; steps a choice |
-| finetune | sft.py, tower frozen, eval.py's lmms prompts and budget 256–2048·28² | `--min-pixels` | spec |
+| schedule | lr 1e-5 (head 1e-4), wd 0.01, 2000 steps, warm-up 0.05 | `--lr`, `--head-lr`, `--steps` | design; steps a choice |
+| finetune | sft.py, tower frozen, eval.py's lmms prompts and budget 256–2048·28² | `--min-pixels` | proposal |
 | toy preset | lr 1e-3 (head too), 60 steps, images 16–64·28², eval limit 48 | any flag | this repo |
 """
 import json
@@ -537,6 +538,8 @@ def main(args: Args, explicit: set[str] | None = None):
     data = C.build_dataset(pairs, lambda pair: {**encode_caption(bb, pair[0], args.num_latents), "image_key": pair[1],
                                                 "image_id": image_number[pair[1]]}, skips, args.max_tokens, "pretrain")
     C.print0(f"pretrain: {len(data)} captions of {len(image_number)} images; {skips.summary()}")
+    if not data:
+        raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
     if args.activation_checkpointing:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
