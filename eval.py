@@ -670,7 +670,7 @@ def model_fingerprint(model: str) -> str:
     import hashlib
     from pathlib import Path
     from common import check_model_name
-    if check_model_name(model) in ("toy", "toy-qwen3vl"):
+    if check_model_name(model) in ("toy", "toy-qwen3vl") or model.startswith("random:"):
         return f"{model} (random init, seed 0)"
     path = Path(model)
     if not path.is_dir():
