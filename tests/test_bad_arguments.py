@@ -43,3 +43,12 @@ def test_empty_model_directory_is_named(tmp_path):
     with pytest.raises(SystemExit, match="has no config.json"):
         C.check_model_name(str(tmp_path / "empty"))
     assert C.check_model_name("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"   # a hub id passes
+
+
+@pytest.mark.parametrize("config,message", [("not json", "is not a JSON object"), ("[1, 2]", "is not a JSON object"),
+                                            ('{"model_type": "llama"}', "model_type 'llama' is not Qwen2.5-VL")])
+def test_garbage_model_directory_is_one_line(tmp_path, config, message):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(config)
+    r = run_script("sft.py", "--model", tmp_path / "model", "--run-dir", tmp_path / "run", timeout=120, check=False)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -71,7 +71,7 @@ def run_lvr(records, run_dir, **kw):
 def run_pearl(records, run_dir, **kw):
     a = pearl.Args(model="toy", data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, lora_r=0, dtype="bf16",
                    eval="", **kw)
-    pearl.train(a, explicit=C.changed_fields(a) | LR | {"eval"})
+    pearl.main(a, explicit=C.changed_fields(a) | LR | {"eval"})
 
 
 def test_lvr_sft_step_bf16_compute_moves_fp32_masters(records, steps, tmp_path):
@@ -124,7 +124,7 @@ def test_pearl_lora_keeps_frozen_base_in_compute_dtype(records, steps, tmp_path)
     """Default LoRA: base weights frozen in bf16, everything trained (adapters, predictor rows, head) fp32."""
     a = pearl.Args(model="toy", data=records, run_dir=str(tmp_path), steps=1, per_micro=2, dtype="bf16", eval="",
                    export=False)
-    bb = pearl.train(a, explicit=C.changed_fields(a) | {"eval"})
+    bb = pearl.main(a, explicit=C.changed_fields(a) | {"eval"})
     frozen = {p.dtype for p in bb.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and steps[0]["dtypes"] == {torch.float32}
 

@@ -22,7 +22,7 @@ PAPER = {
     # gradient checkpointing, image tokens per image 128–5120, 8 devices × 8 accumulation; "Stage 1 loss": λ = 0.1;
     # "Stage 2": N = 8, temperature 0.9, G = 8, max 512 completion tokens, ε = 0.2, β = 0.04.
     "lvr.py": dict(lr=1e-5, warmup_ratio=0.03, weight_decay=0.1, steps=2500, activation_checkpointing=True,
-                   min_pixels=128 * 28 * 28, max_pixels=5120 * 28 * 28, grad_accum=8, lvr_lambda=0.1,
+                   min_pixels=128 * 28 * 28, max_pixels=5120 * 28 * 28, grad_accum=8, lam_lvr=0.1,
                    num_latent_steps=8, temperature=0.9, num_generations=8, max_new_tokens=512, epsilon=0.2,
                    beta=0.04),
     # pearl.md "Training defaults (released scripts)": LoRA r 64, α 128, dropout 0.1; lr 1e-5, warmup 0.05, weight
@@ -34,7 +34,7 @@ PAPER = {
     # latent_pretrain.md "Training": LLM lr 1e-5, head and new token embeddings 1e-4, weight decay 0.01, gradient
     # checkpointing, global batch ≥ 256 (8 × 32); "Target latent": 448 px, K = 4; "Losses": 1.0 / 1.0 / 0.5, τ 0.07.
     "latent_pretrain.py": dict(lr=1e-5, head_lr=1e-4, weight_decay=0.01, activation_checkpointing=True, per_micro=32,
-                               image_size=448, num_latents=4, w_ntp=1.0, w_inst=1.0, w_batch=0.5, temperature=0.07),
+                               image_size=448, num_latents=4, lam_ntp=1.0, lam_inst=1.0, lam_batch=0.5, temperature=0.07),
 }
 # lvr.md "Stage 2": "Paper: lr 1e-5 (script 5e-6), ~1500 steps" — the script's value produced the 3B numbers.
 PAPER_GRPO = dict(lr=5e-6, steps=1500, max_new_tokens=512, num_generations=8, temperature=0.9)
