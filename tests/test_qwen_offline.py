@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import common as C
+from helpers import token_logprobs
 import qwen_offline as Q
 
 try:
@@ -313,11 +314,11 @@ def test_packed_equals_per_sample_at_real_vocabulary(bb3):
     for s in samples:
         b = C.pack(bb3, [s])
         logits = bb3.model(**C.model_inputs(b, "cpu")).logits
-        ref_lp.append(C.token_logprobs(logits, s["input_ids"][None])[0][0])
+        ref_lp.append(token_logprobs(logits, s["input_ids"][None])[0][0])
         ref_loss.append((C.next_token_loss(logits, b["labels"]), int((b["labels"][0, 1:] != C.IGNORE).sum())))
     batch = C.pack(bb3, samples)
     logits = bb3.model(**C.model_inputs(batch, "cpu")).logits
-    lp, _ = C.token_logprobs(logits, batch["input_ids"])
+    lp, _ = token_logprobs(logits, batch["input_ids"])
     off = 0
     for s, r in zip(samples, ref_lp):
         n = len(s["input_ids"])
@@ -328,7 +329,7 @@ def test_packed_equals_per_sample_at_real_vocabulary(bb3):
     torch.testing.assert_close(C.next_token_loss(logits, batch["labels"]), per_sample, atol=1e-5, rtol=1e-5)
     bad = dict(batch, position_ids=batch["position_ids"].clone())
     bad["position_ids"][0, 0] = torch.arange(batch["input_ids"].shape[1])
-    lp_bad, _ = C.token_logprobs(bb3.model(**C.model_inputs(bad, "cpu")).logits, batch["input_ids"])
+    lp_bad, _ = token_logprobs(bb3.model(**C.model_inputs(bad, "cpu")).logits, batch["input_ids"])
     n0, n1 = len(samples[0]["input_ids"]), len(samples[1]["input_ids"])
     assert (lp_bad[0, n0:n0 + n1 - 1] - ref_lp[1]).abs().max() > 1e-2
 
