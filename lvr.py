@@ -1,73 +1,47 @@
-# Docs: README.md and ../shared/spec/lvr.md
+# Docs: docs/lvr.md
 """LVR — Latent Visual Reasoning (Li et al., arXiv 2509.24251; released code VincentLeebang/lvr).
 
 After `<|lvr_start|>` the language model "thinks" in the visual embedding space: its final hidden state is fed back
 as the next input embedding for a few steps (the latent span), trained (stage 1, SFT) to reconstruct the
-post-merger visual tokens of the question's region of interest (ROI bbox), L = L_CE + λ·L_lvr. Then text decoding
+post-merger visual tokens of the question's region of interest (ROI bbox): L = L_CE + λ·L_lvr. Then text decoding
 gives the answer. Stage 2 (GRPO_latent) runs GRPO on the text tokens with the latent span as context: rollouts
 decode latents with the KV cache, store them, and write them back in one teacher-forced pass.
 
 Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
     python lvr.py                                   # CPU toy: stage 1 on data/toy, export runs/lvr/export, eval N=4/8
     python lvr.py --stage grpo                      # CPU toy: GRPO_latent from runs/lvr/export
+    python lvr.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VisualCoT/lvr_train.json --image-root VisualCoT \\
+        --grad-accum 64 --run-dir runs/lvr3b                                      # 1 GPU, the paper's batch (slow)
     torchrun --nproc_per_node 8 lvr.py --model Qwen/Qwen2.5-VL-7B-Instruct --data VisualCoT/lvr_train.json \\
         --image-root VisualCoT --run-dir runs/lvr7b --save-every 250              # 8 GPUs: the paper's stage 1
-    python lvr.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VisualCoT/lvr_train.json --image-root VisualCoT \\
-        --grad-accum 64 --run-dir runs/lvr3b                                      # 1 GPU, same batch (slow)
     torchrun --nproc_per_node 8 lvr.py --stage grpo --model runs/lvr3b/export --data ViRL39K/lvr_grpo.json \\
         --run-dir runs/lvr3b_grpo                                                 # stage 2 (GRPO_DEFAULTS)
     python eval.py --benchmark vstar --data-dir data/vstar_bench --model runs/lvr7b/export --mode latent --prompt answer-tag
 
-Defaults are the paper's recipe (lvr.md): Args holds stage 1 (lr 1e-5, 2500 steps, 8 GPUs × 8 accumulation × 3
-samples, images 128·28²–5120·28², activation checkpointing), GRPO_DEFAULTS the fields where stage 2 differs (lr 5e-6,
-1500 steps; G 8, temperature 0.9, 512 new tokens are Args defaults). On the toy backbone (or an export of it)
-TOY_PRESET replaces the fields not given on the command line, printed at start-up; run_config.json records the run.
+Defaults are the paper's recipe: Args holds stage 1, GRPO_DEFAULTS the fields where stage 2 differs. On the toy
+backbone (or an export of it) TOY_PRESET replaces the fields not given on the command line, printed at start-up;
+run_config.json records what the run used. Every detail, with the paper's equations, is in docs/lvr.md.
 
-Deviations and choices (default first; the alternative is one flag away):
-- Latent-end quirk: the released data code always inserts `<|lvr_latent_end|>` before `<|lvr_end|>` (a
-  `False is not None` check) and the released model was trained so; default = released layout,
-  `--latent-end-token false` = the paper's layout.
-- L_lvr reduction: MSE averaged over all T·D elements in fp32 (released); the paper's per-token squared norm is
-  `--lvr-loss mse_token` (D times larger); `mae` and `cosine` are options. Head variants none (default) | simple | glu;
-  a head is saved next to the export as lvr_head.safetensors (HF from_pretrained ignores it).
-- Targets are taken inside the model's own forward (a pre-hook on the language model copies the image features
-  from the `<|image_pad|>` positions to the `<|lvr|>` positions), so the frozen tower runs once per micro-batch and
-  everything stays inside the FSDP2 root forward. `--max-roi-tokens K` (default 0 = all, released) keeps K evenly
-  spaced ROI tokens (answer to the train/inference length mismatch of repo issue #7).
-- Stage-1 micro-batches are packed padding-free (ROI positions are (row, col) pairs in the packed row); `--no-pack`
-  is the right-padded baseline, with the same loss and gradients (tested).
-- Decoding: fixed N latent steps after the model emits `<|lvr_start|>` (default N=8), or token-driven until it emits
-  `<|lvr_latent_end|>`/`<|lvr_end|>` (cap 16 per span); `force_end` forces the end tokens. Greedy by default.
-- GRPO_latent stores the latent vectors used during the rollout and writes them back in one teacher-forced pass
-  (exact, tested against a replay); the released code replays the latent chain token by token.
-- Latent slots are tracked by position: a rollout returns the completion indices where latents were fed
-  (`latent_positions`) and the GRPO forward writes the latents there, never where a `<|lvr|>` id happens to be.
-- Invalid tokens are never sampled: the vision tokens always, `<|lvr|>` always (the decoder writes latent slots),
-  `<|lvr_latent_end|>`/`<|lvr_end|>` outside a span (or a second `<|lvr_latent_end|>`), `<|lvr_start|>` inside
-  one get logit −inf (rollouts, greedy eval). The GRPO log-probs (policy, old, reference) use the same masked
-  softmax, so ρ and the KL compare the distribution the rollout actually drew from; an unmasked π in the loss
-  would put mass on tokens the sampler can never emit and bias ρ. The released code masks nothing (a sampled
-  `<|image_pad|>` crashes the image-feature count).
-- Test-time latent ablations (`latent_generate(ablate=…)`, `--eval-ablations`, eval.py `--latent-ablation`):
-  zeros | noise (norm-matched) | shuffle (another item's intact latents) | remove (the span closes at once).
-- Reference model fixes: the frozen reference sees the same images, the same stored latents, the same packed
-  attention layout and the same temperature as the policy (the released code drops the images for the reference
-  pass and mixes temperatures).
-- Learning rate: stage 1 1e-5 (paper and script agree); stage 2 default 5e-6 (released script, which produced the
-  3B numbers) where the paper says 1e-5 (`--lr 1e-5`). The toy preset uses 3e-3 / 1e-4 (random init must move fast).
-- Format reward: `<|lvr_start|>…<|lvr_end|>` then `<answer>…</answer>` with re.DOTALL so multi-line answers pass;
-  the released regex lacks DOTALL (`--format-dotall false` reproduces it). Accuracy: normalised exact match of the
-  text inside `<answer>` (the released math verifier is not used: answers here are option letters / short strings).
-- Advantages use the unbiased group std (torch.std, as TRL). Rollout sampling is seeded per global micro-batch,
-  so 2 processes × k accumulation draw the same rollouts as 1 process × 2k.
-- Choices the spec leaves open: per-micro 3 (8 × 8 × 3 = 192 samples per step for the released ≈ 200 = 8 × 8 ×
-  ≈ 3.2, not an integer); GRPO batch 2 prompts × G per micro-batch; `--max-tokens` 16384 so a
-  5120-token image plus its ROI span is never dropped; `--eval` off (the eval sets are the toy world's; real
-  benchmarks go through eval.py). The toy preset (pixels 16–64·28², 60/6 steps, 48 new tokens) keeps the
-  no-argument runs in minutes. Qwen3-VL is not supported (deepstack features would need their own ROI taps).
-- Precision (`--dtype`, default bf16 on CUDA / fp32 on CPU): trainable weights and AdamW state are fp32 master
-  weights, compute is bf16 (autocast; FSDP2 MixedPrecisionPolicy under torchrun), losses in fp32; the frozen
-  reference model is held in the compute dtype; the export is written in the compute dtype (bf16, as released).
+| choice | default | flag | source |
+|---|---|---|---|
+| latent span layout | `<|lvr_latent_end|>` before `<|lvr_end|>` | `--latent-end-token false` (paper) | released data code |
+| L_lvr reduction | MSE over all T·D elements, fp32 | `--lvr-loss mse_token` (paper's ‖·‖², ×D), `mae`, `cosine` | released |
+| head on H[p−1] | none | `--lvr-head simple`, `glu` (saved as lvr_head.safetensors) | paper's ablation |
+| ROI targets | copied from the `<|image_pad|>` inputs inside the model's forward | — | this repo |
+| ROI length | all T tokens | `--max-roi-tokens K` (evenly spaced) | released; repo issue #7 |
+| stage-1 batches | padding-free packing | `--no-pack` (same loss and gradients) | this repo |
+| decoding | N = 8 fixed latent steps, greedy, KV cache | eval.py `--latent-steps`; `latent_generate(mode="token")` | paper |
+| invalid tokens | logit −inf in sampling and in the GRPO log-probs | — | this repo (released: none) |
+| GRPO latents | stored at rollout, written back at their recorded positions | — | this repo (released: replay) |
+| reference model | same images, latents, layout and temperature as the policy | — | fixes the released code |
+| stage-2 lr | 5e-6 (stage 1: 1e-5) | `--lr 1e-5` (paper) | released script |
+| rewards | format regex with DOTALL; accuracy = normalised exact match in `<answer>` | `--format-dotall false` | this repo |
+| advantages, rollouts | unbiased group std; rollouts seeded per global micro-batch | — | TRL; this repo |
+| batch | 3 per micro (8 × 8 × 3 ≈ released 200); GRPO 2 prompts × G 8 | `--per-micro`, `--num-generations` | this repo (paper: none) |
+| latent ablations | none | `--eval-ablations`, eval.py `--latent-ablation` | this repo |
+| precision | fp32 master weights, bf16 compute; reference and export in the compute dtype | `--dtype` | this repo |
+
+Qwen3-VL is not supported (deepstack features would need their own ROI taps).
 """
 from __future__ import annotations
 
@@ -92,6 +66,9 @@ LVR_START, LVR, LVR_LATENT_END, LVR_END = "<|lvr_start|>", "<|lvr|>", "<|lvr_lat
 LVR_TOKENS = [LVR_START, LVR, LVR_LATENT_END, LVR_END]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
     stage: str = field(default="sft", metadata={"help": "sft (stage 1, ROI reconstruction) | grpo (stage 2)",
@@ -103,18 +80,16 @@ class Args:
     run_dir: str = field(default="runs/lvr", metadata={"help": "output directory (grpo: runs/lvr_grpo)"})
     steps: int = field(default=2500, metadata={"help": "optimizer steps (grpo: 1500)"})
     grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step (grpo: 1)"})
-    per_micro: int = field(default=3, metadata={"help": "samples (sft) or prompts (grpo: 2) per micro-batch; "
-                                                        "8 GPUs × 8 × 3 ≈ the released 200 samples per step"})
-    lr: float = field(default=1e-5, metadata={"help": "peak lr (grpo: 5e-6, the released script)"})
+    per_micro: int = field(default=3, metadata={"help": "samples (sft) or prompts (grpo: 2) per micro-batch"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (grpo: 5e-6)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image pixel budget, min (128 tokens)"})
     max_pixels: int = field(default=5120 * 28 * 28, metadata={"help": "image pixel budget, max (5120 tokens)"})
     max_tokens: int = field(default=16384, metadata={"help": "drop (count) samples longer than this"})
-    pack: bool = field(default=True, metadata={"help": "padding-free packing of stage-1 micro-batches (--no-pack or "
-                                                      "--pack false: the padded baseline; same loss)"})
-    lvr_lambda: float = field(default=0.1, metadata={"help": "λ in L = L_CE + λ·L_lvr (0 = vanilla SFT baseline)"})
-    lvr_loss: str = field(default="mse", metadata={"help": "mse (all elements) | mse_token | mae | cosine",
+    pack: bool = field(default=True, metadata={"help": "padding-free stage-1 batches (--no-pack: padded baseline)"})
+    lam_lvr: float = field(default=0.1, metadata={"help": "λ in L = L_CE + λ·L_lvr (0 = vanilla SFT baseline)"})
+    lvr_loss: str = field(default="mse", metadata={"help": "L_lvr: mse (all elements) | mse_token | mae | cosine",
                                                    "choices": ["mse", "mse_token", "mae", "cosine"]})
     lvr_head: str = field(default="none", metadata={"help": "none | simple | glu head on H[p-1]",
                                                     "choices": ["none", "simple", "glu"]})
@@ -133,49 +108,44 @@ class Args:
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
-    stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step, simulating a kill "
-                                                         "(0 = never)"})
+    stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step (0 = never)"})
     activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations per block"})
     seed: int = field(default=0, metadata={"help": "seed of data order, init and rollouts"})
-    eval: bool = field(default=False, metadata={"help": "evaluate the export with latent decoding on the eval sets "
-                                                        "next to --data (toy world: data/toy/eval)"})
+    eval: bool = field(default=False, metadata={"help": "evaluate the export on the eval sets next to --data"})
     eval_steps: str = field(default="4,8", metadata={"help": "latent steps N to evaluate"})
     eval_benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "toy eval sets under data/toy/eval"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
-    eval_ablations: str = field(default="none", metadata={"help": "latent ablations to evaluate, comma-separated: "
-                                                                  "none | zeros | noise | shuffle | remove"})
+    eval_ablations: str = field(default="none", metadata={"help": "none | zeros | noise | shuffle | remove, ..."})
     dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
 
 
-# Args defaults are stage 1's recipe (lvr.md "Defaults"); stage 2 (GRPO_latent) differs in these fields. lr: the
-# released script's 5e-6 produced the 3B numbers (the paper text says 1e-5); the spec gives no GRPO batch (2 prompts ×
-# G 8 rollouts per micro-batch is this file's choice).
+# Stage 2 (GRPO_latent) differs from stage 1's recipe in these fields (lr: the released script's).
 GRPO_DEFAULTS = dict(model="runs/lvr/export", run_dir="runs/lvr_grpo", lr=5e-6, steps=1500, per_micro=2, grad_accum=1)
 
-# The toy backbone (random init, hidden 64) needs a large lr, small images, few steps and short rollouts to move at
-# all in a CPU minute. Applied at start-up (and printed) only when the model is the toy or an export of it, and only
-# to the fields not given on the command line.
+# A tiny model needs a large lr, small images, few steps and short rollouts to move in a CPU minute: applied (and
+# printed) only when the model is the toy backbone or an export of it, and only to the fields not given.
 _TOY = dict(grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28, activation_checkpointing=False, eval=True,
             eval_limit=100)
 TOY_PRESET = {"sft": dict(lr=1e-3, steps=60, per_micro=8, **_TOY),
               "grpo": dict(lr=1e-4, steps=6, per_micro=2, max_new_tokens=48, **_TOY)}
 
 
-def resolve(a: Args, explicit: set[str] | None = None) -> Args:
+def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     """Stage-2 defaults, then the toy preset (toy backbone only), each on the fields not in `explicit` (default: the
     fields still at their dataclass default); `--data toy` → the toy world. No model is loaded."""
-    if a.stage not in TOY_PRESET:
-        C.arg_error(f"--stage {a.stage!r}: choose from sft, grpo")
-    explicit = C.changed_fields(a) if explicit is None else explicit
-    if a.stage == "grpo":
-        C.apply_preset(a, GRPO_DEFAULTS, explicit, "grpo defaults", "stage 2 recipe")
-    if C.is_toy(a.model):
-        C.apply_preset(a, TOY_PRESET[a.stage], explicit, "toy preset", "model is the toy backbone")
-    if a.data == "toy":
+    if args.stage not in TOY_PRESET:
+        C.arg_error(f"--stage {args.stage!r}: choose from sft, grpo")
+    explicit = C.changed_fields(args) if explicit is None else explicit
+    if args.stage == "grpo":
+        C.apply_preset(args, GRPO_DEFAULTS, explicit, "grpo defaults", "stage 2 recipe")
+    if C.is_toy(args.model):
+        C.apply_preset(args, TOY_PRESET[args.stage], explicit, "toy preset", "model is the toy backbone")
+    if args.data == "toy":
         from toy_world import ensure_toy_world
-        a.data = str(Path(ensure_toy_world("data/toy", seed=0)) / f"lvr_{'train' if a.stage == 'sft' else 'grpo'}.json")
-    a.image_root = a.image_root or os.path.dirname(a.data)
-    return C.check_args(a)
+        split = "train" if args.stage == "sft" else "grpo"
+        args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / f"lvr_{split}.json")
+    args.image_root = args.image_root or os.path.dirname(args.data)
+    return C.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,7 +161,7 @@ def roi_token_indices(bbox, grid_thw, merge: int = 2) -> list[int]:
     return [yy * (w // merge) + xx for yy in range(lo(y0, h), hi(y1, h)) for xx in range(lo(x0, w), hi(x1, w))]
 
 
-def _read(rec, a: Args):
+def read_record(rec, args: Args):
     """LLaVA-style record → (user message, answer text, its one image); malformed records are counted skips."""
     if not isinstance(rec, dict):
         raise C.SkipSample("record is not a JSON object")
@@ -203,27 +173,27 @@ def _read(rec, a: Args):
     if img is None or isinstance(img, (bool, int, float, list, tuple)) or not img:  # a path, bytes or PIL image
         raise C.SkipSample("not exactly one image")
     q = C.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "").strip()
-    img = C.open_image(img, a.image_root)
+    img = C.open_image(img, args.image_root)
     user = {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}
     return user, C.text_field(conv[1].get("value"), "answer"), img
 
 
-def convert_sft(rec, bb: C.Backbone, a: Args, with_span: bool = True) -> dict:
+def convert_sft(rec, bb: C.Backbone, args: Args, with_span: bool = True) -> dict:
     """A Visual-CoT / LVR record → an encoded chat whose `<lvr>` became `<|lvr_start|><|lvr|>×T…<|lvr_end|>`,
     with `roi` = the T merged-token indices (labels: −100 on the prompt and on every `<|lvr|>`).
     `with_span=False` drops the span (the plain-SFT comparison of the benchmark)."""
-    user, answer, image = _read(rec, a)
+    user, answer, image = read_record(rec, args)
     if "<lvr>" not in answer or not re.sub(r"<lvr>|<answer>|</answer>|\s", "", answer):
         raise C.SkipSample("answer without <lvr> or empty")
     bbox = C.check_bbox((rec.get("bboxes") or [None])[0])
     patch = bb.model.config.vision_config.patch_size
-    rh, rw = C.smart_resize(image.height, image.width, bb.patch_factor, a.min_pixels, a.max_pixels)
+    rh, rw = C.smart_resize(image.height, image.width, bb.patch_factor, args.min_pixels, args.max_pixels)
     roi = roi_token_indices(bbox, (1, rh // patch, rw // patch))
-    if a.max_roi_tokens and len(roi) > a.max_roi_tokens:
-        roi = [roi[round(i)] for i in torch.linspace(0, len(roi) - 1, a.max_roi_tokens).tolist()]
-    span = LVR_START + LVR * len(roi) + LVR_LATENT_END * a.latent_end_token + LVR_END if with_span else ""
+    if args.max_roi_tokens and len(roi) > args.max_roi_tokens:
+        roi = [roi[round(i)] for i in torch.linspace(0, len(roi) - 1, args.max_roi_tokens).tolist()]
+    span = LVR_START + LVR * len(roi) + LVR_LATENT_END * args.latent_end_token + LVR_END if with_span else ""
     messages = [user, {"role": "assistant", "content": answer.replace("<lvr>\n" if not with_span else "<lvr>", span)}]
-    s = C.encode_chat(bb, messages, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    s = C.encode_chat(bb, messages, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     assert tuple(s["image_grid_thw"][0].tolist()) == (1, rh // patch, rw // patch), "grid != smart_resize grid"
     s["labels"][s["input_ids"] == bb.token_id(LVR)] = C.IGNORE
     s["roi"] = torch.tensor(roi if with_span else [], dtype=torch.long)
@@ -233,15 +203,21 @@ def convert_sft(rec, bb: C.Backbone, a: Args, with_span: bool = True) -> dict:
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def convert_grpo(rec, bb: C.Backbone, a: Args) -> dict:
+def convert_grpo(rec, bb: C.Backbone, args: Args) -> dict:
     """A ViRL39K-style record → the encoded prompt (generation prompt open) plus its ground-truth answer."""
-    user, answer, _ = _read(rec, a)
+    user, answer, _ = read_record(rec, args)
     truth = (m.group(1) if (m := ANSWER_RE.search(answer)) else answer).strip()
     if not truth:
         raise C.SkipSample("empty answer")
-    s = C.encode_chat(bb, [user], add_generation_prompt=True, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    s = C.encode_chat(bb, [user], add_generation_prompt=True, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     s["answer"] = truth
     return s
+
+
+def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> list[dict]:
+    convert = convert_sft if args.stage == "sft" else convert_grpo
+    return C.build_dataset(C.read_records(args.data, skips), lambda rec: convert(rec, bb, args), skips,
+                           args.max_tokens, desc=args.stage)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,13 +226,14 @@ def convert_grpo(rec, bb: C.Backbone, a: Args) -> dict:
 class LatentHead(nn.Module):
     """Ablation heads on H[p−1]: simple = LayerNorm → Linear → GELU → Linear; glu = SwiGLU MLP (LLM's width)."""
 
-    def __init__(self, kind: str, d: int, d_ff: int):
+    def __init__(self, kind: str, dim: int, dim_ff: int):
         super().__init__()
         self.kind = kind
         if kind == "simple":
-            self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+            self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
         elif kind == "glu":
-            self.gate, self.up, self.down = (nn.Linear(i, o, bias=False) for i, o in ((d, d_ff), (d, d_ff), (d_ff, d)))
+            self.gate, self.up, self.down = (nn.Linear(i, o, bias=False)
+                                             for i, o in ((dim, dim_ff), (dim, dim_ff), (dim_ff, dim)))
         else:
             raise ValueError(f"unknown head {kind!r}")
 
@@ -288,6 +265,10 @@ def attach_saved_head(bb: C.Backbone):
                                        load_file(str(path / "lvr_head.safetensors")).items()})
 
 
+def shard(model, d: C.Dist, ac: bool, dtype: str = "auto"):   # a head is its own FSDP unit: called outside the root
+    return C.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else (), dtype=dtype)
+
+
 @contextmanager
 def latent_inputs(model, dst: torch.Tensor, src: torch.Tensor | None = None, values: torch.Tensor | None = None):
     """Inside this context the language model's input embeddings at `dst` ([n, 2] = (row, col)) are replaced by
@@ -295,22 +276,22 @@ def latent_inputs(model, dst: torch.Tensor, src: torch.Tensor | None = None, val
     `<|image_pad|>` positions (teacher forcing of the ROI). The yielded dict receives `targets` (what was written,
     detached: constants) and `hidden` (the final-layer hidden states after the final norm, H)."""
     lm = model.model.language_model
-    box = {}
+    tap = {}
 
     def pre(_mod, args, kwargs):
         if dst.numel():
             e = kwargs["inputs_embeds"]
             v = e[src[:, 0], src[:, 1]].detach() if src is not None else values.to(e.dtype)
             kwargs["inputs_embeds"] = e.index_put((dst[:, 0], dst[:, 1]), v)
-            box["targets"] = v
+            tap["targets"] = v
         return args, kwargs
 
     def post(_mod, _args, _kwargs, out):
-        box["hidden"] = out.last_hidden_state
+        tap["hidden"] = out.last_hidden_state
 
     hooks = [lm.register_forward_pre_hook(pre, with_kwargs=True), lm.register_forward_hook(post, with_kwargs=True)]
     try:
-        yield box
+        yield tap
     finally:
         for h in hooks:
             h.remove()
@@ -333,7 +314,7 @@ def roi_positions(bb: C.Backbone, samples: list[dict], packed: bool = True) -> t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 1 loss: L = L_CE + λ·L_lvr, with H[p_i − 1] ↦ v_i
+# Loss (stage 1): L = L_CE + λ·L_lvr, with H[p_i − 1] ↦ v_i
 # ----------------------------------------------------------------------------------------------------------------
 def lvr_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """L_lvr in fp32. mse: mean over all T·D elements (released); mse_token: mean_i ||ĥ_i − v_i||² (paper's text)."""
@@ -349,18 +330,18 @@ def lvr_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> tor
     raise ValueError(f"unknown lvr loss {kind!r}")
 
 
-def sft_loss(bb: C.Backbone, model, samples: list[dict], a: Args, device) -> tuple[torch.Tensor, dict]:
+def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> tuple[torch.Tensor, dict]:
     """One micro-batch (packed, or padded with --no-pack): ROI features teacher-forced at the `<|lvr|>` positions;
     CE on text (not `<|lvr|>`); L_lvr between head(H[p_i − 1]) and v_i."""
-    batch = C.pack(bb, samples) if a.pack else C.pad_batch(bb, samples)
-    src, dst = (x.to(device) for x in roi_positions(bb, samples, packed=a.pack))
-    with latent_inputs(model, dst, src=src) as box:
+    batch = C.pack(bb, samples) if args.pack else C.pad_batch(bb, samples)
+    src, dst = (x.to(device) for x in roi_positions(bb, samples, packed=args.pack))
+    with latent_inputs(model, dst, src=src) as tap:
         logits = model(**C.model_inputs(batch, device)).logits
-    ce = C.next_token_loss(logits, batch["labels"].to(device))                       # L_CE
-    pred = apply_head(model, box["hidden"][dst[:, 0], dst[:, 1] - 1])                # H[p_i − 1] (→ head)
-    rec = lvr_loss(pred, box["targets"], a.lvr_loss) if dst.numel() else pred.sum() * 0.0   # L_lvr
-    loss = ce + a.lvr_lambda * rec
-    return loss, {"loss_ce": ce.item(), "loss_lvr": rec.item(), "roi_tokens": dst.shape[0] / len(samples)}
+    l_ce = C.next_token_loss(logits, batch["labels"].to(device))                      # L_CE
+    pred = apply_head(model, tap["hidden"][dst[:, 0], dst[:, 1] - 1])                # H[p_i − 1] (→ head)
+    l_lvr = lvr_loss(pred, tap["targets"], args.lvr_loss) if dst.numel() else pred.sum() * 0.0   # L_lvr
+    loss = l_ce + args.lam_lvr * l_lvr                                                # L = L_CE + λ·L_lvr
+    return loss, {"loss_ce": l_ce.item(), "loss_lvr": l_lvr.item(), "roi_tokens": dst.shape[0] / len(samples)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,16 +361,13 @@ def control_ids(bb: C.Backbone) -> torch.Tensor:
 
 @dataclass
 class SpanState:
-    """Where a completion stands w.r.t. a latent span. open: after `<|lvr_start|>`, before `<|lvr_end|>`;
-    latent_end: `<|lvr_latent_end|>` already emitted in this span. Latent slots do not change the state."""
+    """Where a completion stands w.r.t. a latent span (open: inside it; latent_end: `<|lvr_latent_end|>` seen)."""
     open: bool = False
     latent_end: bool = False
 
     def blocked(self) -> list[bool]:
-        """Which control_ids may not be sampled next: vision tokens never (a completion carries no image: a sampled
-        `<|image_pad|>` breaks the image-feature count); `<|lvr|>` never (latent slots are written by the decoder,
-        not sampled); `<|lvr_latent_end|>` only inside a span, once; `<|lvr_end|>` only to close a span;
-        `<|lvr_start|>` only outside a span (the model opens spans itself)."""
+        """Which control_ids may not be sampled next: vision tokens and `<|lvr|>` never (the decoder writes latent
+        slots); `<|lvr_latent_end|>` once inside a span; `<|lvr_end|>` only to close one; `<|lvr_start|>` outside."""
         return [True] * 5 + [True, not self.open or self.latent_end, not self.open, self.open]
 
     def step(self, k: int, t: dict) -> None:
@@ -431,21 +409,17 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
     (at most `max_latent_steps` per span). `force_end` forces `<|lvr_latent_end|><|lvr_end|>` after the span.
     `use_cache=False` recomputes the full sequence every step (reference/benchmark). `sync`: all-reduce "all rows
     done" so every FSDP rank makes the same number of forward calls. `prefix_tokens[b]`: tokens forced before free
-    decoding (log-prob 0); a prompt or prefix ending in `<|lvr_start|>` starts latent mode.
-    Sampling and argmax never pick a token that is invalid at its place (SpanState: vision tokens, `<|lvr|>`, and
-    the span tokens outside their place get logit −inf); the log-probs are those of this masked distribution.
+    decoding (log-prob 0); a prompt or prefix ending in `<|lvr_start|>` starts latent mode. Invalid tokens
+    (SpanState) are never picked; the log-probs are those of this masked distribution.
 
-    `ablate` (test-time ablations for "do the latents matter?"; the token sequence is unchanged except for remove):
-    none; zeros = zero vectors in the latent slots; noise = Gaussian noise rescaled to the L2 norm of the latent it
-    replaces (seeded by `ablate_seed`); shuffle = item b is fed the i-th latent of item derangement(B, seed)[b]
-    from an intact first pass with the same sampling state (cyclically when that item has fewer; zeros when it has
-    none; a batch of 1 has no other item and falls back to noise, with a warning); remove = no latent slot at all:
-    `<|lvr_start|>` is followed directly by forced `<|lvr_latent_end|><|lvr_end|>` (the span layout is kept so
-    the answer's position in the format stays the same).
+    `ablate` (test-time, "do the latents matter?"; the tokens are unchanged except for remove): zeros; noise =
+    Gaussian at the norm of the latent it replaces (seeded by `ablate_seed`); shuffle = item b gets the i-th latent
+    of item derangement(B, seed)[b] from an intact first pass with the same sampling state (cyclically; zeros when
+    it has none; a batch of 1 falls back to noise, with a warning); remove = `<|lvr_start|>` is followed directly
+    by forced `<|lvr_latent_end|><|lvr_end|>`.
     Returns per row {"token_ids" (latent inputs appear as `<|lvr|>`, EOS kept), "latents" [n, D] (the vectors fed),
-    "latent_positions" [n] (completion indices of the latent slots: where "latents" go, never inferred from ids),
-    "states" [n, D] (head(H) at those steps, = latents unless ablated), "logprobs" [len(token_ids)] (0 at latent
-    inputs and forced tokens), "text" (special tokens kept, EOS dropped)}."""
+    "latent_positions" [n] (completion indices of the latent slots), "states" [n, D] (head(H) there, = latents
+    unless ablated), "logprobs" [len(token_ids)] (0 at latent inputs and forced tokens), "text" (EOS dropped)}."""
     if ablate not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablate!r}: choose from {ABLATIONS}")
     model = model or bb.model
@@ -495,9 +469,9 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
     toks, lps, n_tok, done = [[] for _ in range(B)], [[] for _ in range(B)], [0] * B, [False] * B
 
     def forward(inputs, dst, values):
-        with latent_inputs(model, torch.tensor(dst, dtype=torch.long, device=dev).view(-1, 2), values=values) as box:
+        with latent_inputs(model, torch.tensor(dst, dtype=torch.long, device=dev).view(-1, 2), values=values) as tap:
             out = model(**{**inputs, "use_cache": use_cache})
-        return out.cache if use_cache else None, out.logits[:, -1], box["hidden"][:, -1]
+        return out.cache if use_cache else None, out.logits[:, -1], tap["hidden"][:, -1]
 
     cache, logits, hidden = forward(C.model_inputs(prompt, dev), [], None)
     while True:
@@ -563,8 +537,7 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
 
 
 def generate_latent(bb: C.Backbone, items: list[dict], ea) -> list[str]:
-    """eval.py --mode latent: each item's prompt encoded once (eval.encode_item), decoded with latent steps; the
-    answers without special tokens."""
+    """eval.py's seam for --mode latent (`ea`: eval.Args): each prompt encoded once, the answers' text."""
     import eval as E
     samples = [E.encode_item(bb, it, ea) for it in items]
     res = latent_generate(bb, samples, num_latent_steps=ea.latent_steps,
@@ -574,7 +547,7 @@ def generate_latent(bb: C.Backbone, items: list[dict], ea) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 2: GRPO_latent — rewards, advantages, teacher-forced log-probs with stored latents, clipped loss + k3 KL
+# RL (stage 2): GRPO_latent — rewards, advantages, teacher-forced log-probs with stored latents, clipped loss + k3 KL
 # ----------------------------------------------------------------------------------------------------------------
 def _normalise(s: str) -> str:
     return re.sub(r"\s+", " ", s.strip().strip("().").strip()).lower()
@@ -601,13 +574,10 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
 def completion_logprobs(bb: C.Backbone, model, prompts: list[dict], outs: list[dict], temperature: float,
                         device) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(o_t | q, o_<t) for every completion token, π = softmax(logits / temperature) over the tokens valid at
-    that place (SpanState — the masked distribution latent_generate sampled from, so the importance ratio ρ and the
-    k3 KL compare the same distributions), from ONE packed teacher-forced forward in which the stored latents are
-    written back at the recorded `latent_positions` (constants). Positions, never token ids, decide where latents
-    go: the input id at a latent slot is set to `<|lvr|>` (its embedding is overwritten), and a completion token
-    that the sampler could not have produced at its place (a stray `<|lvr|>` or `<|image_pad|>`, …) is a
-    ValueError, not a shape error or a silently misplaced latent. Returns (logp [B, T], loss mask [B, T]):
-    completion tokens up to EOS, excluding `<|lvr_start|>` and the latent slots."""
+    that place (SpanState, as latent_generate sampled), from ONE packed teacher-forced forward in which the stored
+    latents are written back at the recorded `latent_positions` (constants; never where a `<|lvr|>` id happens to
+    be). A token the sampler could not have produced at its place is a ValueError. Returns (logp [B, T], loss mask
+    [B, T]): completion tokens up to EOS, excluding `<|lvr_start|>` and the latent slots."""
     t = {k: bb.token_id(k) for k in LVR_TOKENS}
     ctrl = control_ids(bb)
     where = {k: i for i, k in enumerate(ctrl.tolist())}
@@ -658,9 +628,9 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon: float = 0.2, beta: f
     per-sequence means; dr_grpo = Σ / (B · max_len)."""
     m = mask.float()
     ratio = torch.exp(logp - old_logp)
-    a = adv[:, None]
-    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if beta else torch.zeros_like(logp)
-    per_tok = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a) + beta * kl
+    A = adv[:, None]
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if beta else torch.zeros_like(logp)   # KL_k3
+    per_tok = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * A) + beta * kl  # clipped + β·KL
     if loss_type == "bnpo":
         loss = (per_tok * m).sum() / m.sum().clamp(min=1)
     elif loss_type == "grpo":
@@ -669,216 +639,183 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon: float = 0.2, beta: f
         loss = (per_tok * m).sum() / (logp.shape[0] * (max_len or logp.shape[1]))
     else:
         raise ValueError(f"unknown loss type {loss_type!r}")
-    clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon) & (a > 0))
+    clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon) & (A > 0))
     n = m.sum().clamp(min=1)
     return loss, {"kl": float((kl.detach() * m).sum() / n), "clip_ratio": float((clipped.float() * m).sum() / n)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training loops (the shape of tests/train_sft.py), save/export, evaluation
+# Evaluation of the export (called at the end of main): eval.py's one seam, in process
 # ----------------------------------------------------------------------------------------------------------------
-def shard(model, d: C.Dist, ac: bool, dtype: str = "auto"):   # a head is its own FSDP unit: called outside the root
-    return C.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else (), dtype=dtype)
-
-
-def export(bb: C.Backbone, model, out_dir: str, a: Args):
-    """A standard HF directory (the head, if any, in lvr_head.safetensors beside it)."""
-    sd = C.full_state_dict(model)
-    head = {k: v for k, v in sd.items() if k.startswith("lvr_head.")}
-    C.export_hf(bb, out_dir, state_dict={k: v for k, v in sd.items() if not k.startswith("lvr_head.")}, model=model,
-                dtype=C.compute_dtype(a.dtype, next(model.parameters()).device))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        Path(out_dir, "lvr_config.json").write_text(json.dumps(
-            {"head": model.lvr_head.kind if head else "none", "latent_end_token": a.latent_end_token, "tokens": LVR_TOKENS}))
-        if head:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in head.items()}, str(Path(out_dir, "lvr_head.safetensors")))
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def evaluate_export(a: Args, export_dir: str, device) -> dict:
+def evaluate_export(args: Args, export_dir: str, device) -> dict:
     """Latent decoding (N in --eval-steps, each latent ablation in --eval-ablations) on the toy eval sets through
     eval.py (answer-tag protocol). Files: eval/<bench>_N<n>.json (intact), eval/<bench>_N<n>_<ablation>.json."""
     import eval as E
     bb = C.load_backbone(export_dir, device)
     attach_saved_head(bb)
-    root = Path(a.data).parent / "eval"
-    scores, summaries = {}, {}
-    ablations = [x for x in a.eval_ablations.split(",") if x] or ["none"]
+    root = Path(args.data).parent / "eval"
+    ablations = [x for x in args.eval_ablations.split(",") if x] or ["none"]
     for bad in set(ablations) - set(ABLATIONS):
         raise ValueError(f"--eval-ablations: unknown {bad!r}, choose from {ABLATIONS}")
-    grid = [(n, abl, bench) for n in [int(x) for x in a.eval_steps.split(",") if x] for abl in ablations
-            for bench in [b for b in a.eval_benchmarks.split(",") if b]]
+    grid = [(n, abl, bench) for n in [int(x) for x in args.eval_steps.split(",") if x] for abl in ablations
+            for bench in [b for b in args.eval_benchmarks.split(",") if b]]
+    summaries = {}
     for n, abl, bench in grid:
-        out = Path(a.run_dir, "eval", f"{bench}_N{n}" + (f"_{abl}" if abl != "none" else "") + ".json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        preds = out.with_suffix(".predictions.jsonl")
-        preds.unlink(missing_ok=True)                               # a new model: never resume old predictions
-        ea = E.Args(benchmark=bench, data_dir=str(root / bench), model=export_dir, mode="latent",
-                    prompt="answer-tag", latent_steps=n, latent_ablation=abl, output=str(out),
-                    predictions=str(preds), max_new_tokens=32, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
-                    limit=a.eval_limit)
-        s = E.evaluate(ea, backbone=bb, generate=generate_latent)
-        scores[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s["overall"]
-        summaries[f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")] = s
-    for k, v in scores.items():
-        print(f"eval {k}: {v:.1f}")
-    if C.is_toy(a.model) and Path(a.model).is_dir():               # the toy: the model it started from, beside
-        print_beside_base(a, export_dir, root, {k: v for k, v in summaries.items() if k.count("/") == 1})
-    return scores
+        key = f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")
+        ea = E.Args(benchmark=bench, data_dir=str(root / bench), model=export_dir, mode="latent", prompt="answer-tag",
+                    latent_steps=n, latent_ablation=abl, max_new_tokens=32, min_pixels=args.min_pixels,
+                    max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True,
+                    output=str(Path(args.run_dir, "eval", key.replace("/", "_") + ".json")))
+        summaries[key] = E.evaluate(ea, backbone=bb, generate=generate_latent)
+    for k, s in summaries.items():
+        print(f"eval {k}: {s['overall']:.1f}")
+    if C.is_toy(args.model) and Path(args.model).is_dir():           # the toy: the model it started from, beside
+        print_beside_base(args, root, {k: v for k, v in summaries.items() if k.count("/") == 1})
+    return {k: s["overall"] for k, s in summaries.items()}
 
 
-def print_beside_base(a: Args, export_dir: str, root: Path, summaries: dict):
+def print_beside_base(args: Args, root: Path, summaries: dict):
     """The starting model's plain answers (answer-tag protocol) on the same items, a row per benchmark with chance
     and the binomial SE: does LVR move the score?"""
     import eval as E
     steps = list(dict.fromkeys(k.split("/", 1)[1] for k in summaries))
-    print(f"| benchmark (first {a.eval_limit or 'all'} items) | chance | start: {a.model} | " +
+    print(f"| benchmark (first {args.eval_limit or 'all'} items) | chance | start: {args.model} | " +
           " | ".join(f"LVR {n}" for n in steps) + " |")
-    for bench in [b for b in a.eval_benchmarks.split(",") if b]:
-        out = Path(a.run_dir, "eval", f"{bench}_start.json")
-        s = E.evaluate(E.Args(benchmark=bench, data_dir=str(root / bench), model=a.model, prompt="answer-tag",
-                              output=str(out), min_pixels=a.min_pixels, max_pixels=a.max_pixels, limit=a.eval_limit,
-                              overwrite=True))
+    for bench in [b for b in args.eval_benchmarks.split(",") if b]:
+        s = E.evaluate(E.Args(benchmark=bench, data_dir=str(root / bench), model=args.model, prompt="answer-tag",
+                              output=str(Path(args.run_dir, "eval", f"{bench}_start.json")), min_pixels=args.min_pixels,
+                              max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True))
         cells = [f"{v['overall']:.1f} ± {v['se']:.1f}" for k, v in summaries.items() if k.startswith(bench + "/")]
         print(f"| {bench} | {s['chance']:.1f} | {s['overall']:.1f} ± {s['se']:.1f} | " + " | ".join(cells) + " |")
 
 
-def main(a: Args, explicit: set[str] | None = None):
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
-    a = resolve(a, explicit)
-    if a.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
+    resolve(args, explicit)
+    if args.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
         from toy_base import ensure_toy_base
-        a.model = ensure_toy_base()
-    C.save_run_config(a.run_dir, a)
-    C.seed_everything(a.seed)
-    bb = C.load_backbone(a.model, d.device, dtype=torch.float32)   # fp32 master weights; compute: --dtype
-    prepare_model(bb, a.lvr_head if a.stage == "sft" else "none")
+        args.model = ensure_toy_base()
+    C.save_run_config(args.run_dir, args)
+    C.seed_everything(args.seed)
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
+    prepare_model(bb, args.lvr_head if args.stage == "sft" else "none")  # model surgery: the LVR tokens (+ head)
     attach_saved_head(bb)
-    for p in bb.model.model.visual.parameters():                    # vision tower + merger frozen
-        p.requires_grad_(False)
+    for p in bb.model.model.visual.parameters():
+        p.requires_grad_(False)                                          # vision tower + merger frozen
     skips = C.Skips()
-    convert = (lambda r: convert_sft(r, bb, a)) if a.stage == "sft" else (lambda r: convert_grpo(r, bb, a))
-    data = C.build_dataset(C.read_records(a.data, skips), convert, skips, a.max_tokens, desc=a.stage)
-    C.print0(f"{len(data)} samples from {a.data}; {skips.summary()}")
-    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=a.per_micro, seed=a.seed)
+    data = load_data(bb, args, skips)
+    C.print0(f"{len(data)} samples from {args.data}; {skips.summary()}")
+    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
     ref = None
-    if a.stage == "grpo" and a.beta:
-        # frozen stage-1 model, no optimizer: held in the compute dtype (7B: 14 GB in bf16 instead of 28 GB in fp32)
-        ref = copy.deepcopy(bb.model).requires_grad_(False).to(C.compute_dtype(a.dtype, d.device))
-        ref = shard(ref, d, False, a.dtype)
-    model = shard(bb.model, d, a.activation_checkpointing, a.dtype)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=a.weight_decay)
+    if args.stage == "grpo" and args.beta:        # the frozen stage-1 model of the k3 KL, no optimizer: compute dtype
+        ref = copy.deepcopy(bb.model).requires_grad_(False).to(C.compute_dtype(args.dtype, d.device))
+        ref = shard(ref, d, False, args.dtype)
+    model = shard(bb.model, d, args.activation_checkpointing, args.dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     start = 0
-    if a.resume and (ckpt := C.latest_checkpoint(a.run_dir)):
+    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
         meta = C.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
-    elif a.resume:
-        C.print0(f"--resume: no complete checkpoint in {a.run_dir}; training from step 0")
-    total_updates = a.steps * (a.num_iterations if a.stage == "grpo" else 1)
-    log = C.RunLogger(a.run_dir, a.steps, d, desc=f"lvr-{a.stage}", start_step=start)
+    elif args.resume:
+        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    log = C.RunLogger(args.run_dir, args.steps, d, desc=f"lvr-{args.stage}", start_step=start)
+    mu = args.num_iterations if args.stage == "grpo" else 1          # GRPO: μ optimizer passes per rollout batch
     model.train()
-    for step in range(start, a.steps):
-        micro = sampler.next(d.rank, d.world, a.grad_accum)
-        if a.stage == "sft":
-            metrics, tokens, flops = sft_step(bb, model, opt, data, micro, a, d, step)
+    for step in range(start, args.steps):
+        micro = sampler.next(d.rank, d.world, args.grad_accum)
+        batches, stats = [[data[j] for j in idx] for idx in micro], {}
+        if args.stage == "grpo":                  # GRPO_latent rollouts: G per prompt, latents recorded, R → A
+            t0, G, batches = time.perf_counter(), args.num_generations, []
+            model.eval()
+            for i, idx in enumerate(micro):
+                prompts = [data[j] for j in idx for _ in range(G)]
+                gen = torch.Generator(d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + i * d.world + d.rank)
+                with C.compute_context(args.dtype, d.device):
+                    outs = latent_generate(bb, prompts, args.num_latent_steps, args.max_new_tokens, "fixed",
+                                           args.temperature, generator=gen, model=model, sync=True)
+                acc = torch.tensor([accuracy_reward(o["text"], p["answer"]) for o, p in zip(outs, prompts)])
+                fmt = torch.tensor([format_reward(o["text"], args.format_dotall) for o in outs])
+                adv = group_advantages(acc + fmt, G).to(d.device)                      # R = accuracy + format
+                with torch.no_grad(), C.compute_context(args.dtype, d.device):
+                    ref_lp = completion_logprobs(bb, ref, prompts, outs, args.temperature, d.device)[0] if ref else None
+                    old_lp = (completion_logprobs(bb, model, prompts, outs, args.temperature, d.device)[0]
+                              if mu > 1 else None)
+                batches.append((prompts, outs, adv, ref_lp, old_lp))
+                for k, v in (("reward", (acc + fmt).mean()), ("reward_accuracy", acc.mean()), ("reward_format",
+                             fmt.mean()), ("latent_len", sum(len(o["latents"]) for o in outs) / len(outs)),
+                             ("completion_len", sum(len(o["token_ids"]) for o in outs) / len(outs))):
+                    stats[k] = stats.get(k, 0.0) + float(v) / len(micro)
+            gen_s, t0 = time.perf_counter() - t0, time.perf_counter()
+            model.train()
+        sums = {}
+        for it in range(mu):
+            for g in opt.param_groups:
+                g["lr"] = C.cosine_lr(step * mu + it, args.steps * mu, args.lr, args.warmup_ratio)
+            for i, batch in enumerate(batches):
+                with C.grad_sync(model, i == len(batches) - 1):
+                    if args.stage == "sft":
+                        with C.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
+                            loss, terms = sft_loss(model, batch, bb, args, d.device)        # L_CE + λ·L_lvr
+                    else:
+                        prompts, outs, adv, ref_lp, old_lp = batch
+                        with C.compute_context(args.dtype, d.device):
+                            logp, mask = completion_logprobs(bb, model, prompts, outs, args.temperature, d.device)
+                        old = old_lp if old_lp is not None else logp.detach()           # μ = 1 ⇒ ρ ≡ 1
+                        loss, terms = grpo_loss(logp, old, ref_lp if ref_lp is not None else logp.detach(), adv, mask,
+                                                args.epsilon, args.beta if ref is not None else 0.0, args.loss_type,
+                                                args.max_new_tokens)                     # clipped ρ·A + β·KL_k3
+                    C.check_finite(loss, step, terms)
+                    (loss / len(batches)).backward()
+                for k, v in {"loss": loss.item(), **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + v / len(batches) / mu
+            gnorm = C.clip_grad_norm(model, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        # model FLOPs: stage 1, forward + backward; GRPO adds the rollout (KV-cached decoding ≈ one forward over prompt
+        # + completion) and the reference and old-policy forwards, and makes μ forward + backward passes
+        if args.stage == "grpo":
+            lens = [len(p["input_ids"]) + len(o["token_ids"]) for b in batches for p, o in zip(b[0], b[1])]
+            forwards, timing = 1 + (ref is not None) + (mu > 1), {"gen_s": gen_s, "train_s": time.perf_counter() - t0}
         else:
-            metrics, tokens, flops = grpo_step(bb, model, ref, opt, data, micro, a, d, step, total_updates)
-        log.log(step + 1, metrics, tokens, flops)
-        if a.save_every and (step + 1) % a.save_every == 0:
-            C.save_checkpoint(os.path.join(a.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()}, keep=a.keep_checkpoints)
-        if step + 1 == a.stop_after:
+            lens, forwards, timing = [len(s["input_ids"]) for b in batches for s in b], 0, {}
+        flops = forwards * C.step_flops(bb.model, lens, backward=False) + mu * C.step_flops(bb.model, lens)
+        log.log(step + 1, {**{k: C.all_reduce_mean(v, d) for k, v in {**sums, **stats}.items()},
+                           "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, **timing}, sum(lens), flops)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
+                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+        if step + 1 == args.stop_after:
             break
     log.close()
     C.print0(skips.summary())
-    export_dir = os.path.join(a.run_dir, "export")
-    export(bb, model, export_dir, a)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Save and evaluate
+    # ------------------------------------------------------------------------------------------------------------
+    export_dir = os.path.join(args.run_dir, "export")
+    state = C.full_state_dict(model)
+    head = {k: state.pop(k) for k in [k for k in state if k.startswith("lvr_head.")]}   # the head, if any, beside it
+    C.export_hf(bb, export_dir, state_dict=state, model=model,
+                dtype=C.compute_dtype(args.dtype, d.device))
+    if d.main:                                    # a standard HF directory; from_pretrained ignores the LVR files
+        Path(export_dir, "lvr_config.json").write_text(json.dumps({"head": model.lvr_head.kind if head else "none",
+                                                                   "latent_end_token": args.latent_end_token,
+                                                                   "tokens": LVR_TOKENS}))
+        if head:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in head.items()}, str(Path(export_dir, "lvr_head.safetensors")))
     C.print0(f"exported {export_dir}")
-    if a.eval and d.main:
-        evaluate_export(a, export_dir, d.device)
+    if args.eval and d.main:
+        evaluate_export(args, export_dir, d.device)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def sft_step(bb, model, opt, data, micro, a: Args, d: C.Dist, step: int):
-    for g in opt.param_groups:
-        g["lr"] = C.cosine_lr(step, a.steps, a.lr, a.warmup_ratio)
-    sums, tokens = {"loss": 0.0, "loss_ce": 0.0, "loss_lvr": 0.0, "roi_tokens": 0.0}, 0
-    for i, idx in enumerate(micro):
-        samples = [data[j] for j in idx]
-        with C.grad_sync(model, i == len(micro) - 1):
-            with C.compute_context(a.dtype, d.device):                 # bf16 compute over fp32 weights
-                loss, terms = sft_loss(bb, model, samples, a, d.device)
-            C.check_finite(loss, step, terms)
-            (loss / len(micro)).backward()
-        for k, v in {"loss": loss.item(), **terms}.items():
-            sums[k] += v / len(micro)
-        tokens += sum(len(s["input_ids"]) for s in samples)
-    gnorm = C.clip_grad_norm(model, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    flops = C.step_flops(bb.model, [len(data[j]["input_ids"]) for idx in micro for j in idx])
-    return {**{k: C.all_reduce_mean(v, d) for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
-            "grad_norm": gnorm}, tokens, flops
-
-
-def grpo_step(bb, model, ref, opt, data, micro, a: Args, d: C.Dist, step: int, total_updates: int):
-    G = a.num_generations
-    t0 = time.perf_counter()
-    rollouts, stats = [], {}
-    model.eval()
-    for i, idx in enumerate(micro):                                   # rollouts: G per prompt, latents recorded
-        prompts = [data[j] for j in idx for _ in range(G)]
-        gen = torch.Generator(d.device).manual_seed(a.seed * 1_000_003 + step * 1009 + i * d.world + d.rank)
-        with C.compute_context(a.dtype, d.device):
-            outs = latent_generate(bb, prompts, a.num_latent_steps, a.max_new_tokens, "fixed", a.temperature,
-                                   generator=gen, model=model, sync=True)
-        acc = torch.tensor([accuracy_reward(o["text"], p["answer"]) for o, p in zip(outs, prompts)])
-        fmt = torch.tensor([format_reward(o["text"], a.format_dotall) for o in outs])
-        adv = group_advantages(acc + fmt, G).to(d.device)
-        with torch.no_grad(), C.compute_context(a.dtype, d.device):
-            ref_lp = completion_logprobs(bb, ref, prompts, outs, a.temperature, d.device)[0] if ref else None
-            old_lp = (completion_logprobs(bb, model, prompts, outs, a.temperature, d.device)[0]
-                      if a.num_iterations > 1 else None)
-        rollouts.append((prompts, outs, adv, ref_lp, old_lp))
-        for k, v in (("reward", (acc + fmt).mean()), ("reward_accuracy", acc.mean()), ("reward_format", fmt.mean()),
-                     ("latent_len", sum(len(o["latents"]) for o in outs) / len(outs)),
-                     ("completion_len", sum(len(o["token_ids"]) for o in outs) / len(outs))):
-            stats[k] = stats.get(k, 0.0) + float(v) / len(micro)
-    gen_s = time.perf_counter() - t0
-    model.train()
-    t1 = time.perf_counter()
-    sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0}
-    for it in range(a.num_iterations):
-        for g in opt.param_groups:
-            g["lr"] = C.cosine_lr(step * a.num_iterations + it, total_updates, a.lr, a.warmup_ratio)
-        for i, (prompts, outs, adv, ref_lp, old_lp) in enumerate(rollouts):
-            with C.grad_sync(model, i == len(rollouts) - 1):
-                with C.compute_context(a.dtype, d.device):
-                    logp, mask = completion_logprobs(bb, model, prompts, outs, a.temperature, d.device)
-                old = old_lp if old_lp is not None else logp.detach()           # μ = 1 ⇒ ρ ≡ 1
-                loss, s = grpo_loss(logp, old, ref_lp if ref_lp is not None else logp.detach(), adv, mask,
-                                    a.epsilon, a.beta if ref is not None else 0.0, a.loss_type, a.max_new_tokens)
-                C.check_finite(loss, step, s)
-                (loss / len(rollouts)).backward()
-            for k, v in {"loss": loss.item(), **s}.items():
-                sums[k] += v / len(rollouts) / a.num_iterations
-        gnorm = C.clip_grad_norm(model, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    lens = [len(p["input_ids"]) + len(o["token_ids"]) for r in rollouts for p, o in zip(r[0], r[1])]
-    # model FLOPs: the rollout (KV-cached decoding ≈ one forward over prompt + completion), the reference and old
-    # policy forwards, and μ forward + backward passes of the policy
-    forwards = 1 + (ref is not None) + (a.num_iterations > 1)
-    flops = (forwards * C.step_flops(bb.model, lens, backward=False) +
-             a.num_iterations * C.step_flops(bb.model, lens))
-    metrics = {k: C.all_reduce_mean(v, d) for k, v in {**sums, **stats}.items()}
-    return {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, "gen_s": gen_s,
-            "train_s": time.perf_counter() - t1}, sum(lens), flops
+    return bb
 
 
 if __name__ == "__main__":

@@ -1,145 +1,116 @@
-# Docs: README.md and ../shared/spec/pearl.md
+# Docs: docs/pearl.md
 """Pearl — Predictive Embedding Alignment for Reasoning in Latent space (Adhikari & Lapata, arXiv 2604.08065).
 
 A VLM learns from expert tool-use trajectories (crops, marked images, multi-step zooms) without calling tools at
 inference. Each example is seen in three views by the same weights: the *full* conversation carries the ordinary
-next-token loss; the *input* view ⟨I0, Q, K predictor tokens⟩ must predict (JEPA) the embedding of the *trajectory*
-view (the conversation with the question removed), held under stop-gradient; a NextLat dynamics head regularises the
-full view's hidden states toward belief states. The exported checkpoint is a plain Qwen-VL model: no special decoding,
-no tools, evaluated with `eval.py --mode plain`.
+next-token loss (L_VLM); the *input* view ⟨I0, Q, K predictor tokens⟩ must predict (L_JEPA) the embedding of the
+*trajectory* view (the conversation with the question removed), held under stop-gradient; a NextLat dynamics head
+regularises the full view's hidden states toward belief states (L_NextLat). L = L_VLM + λ·(L_JEPA + L_NextLat).
+The export is a plain Qwen-VL model: no special decoding, no tools (`eval.py --prompt answer-tag`).
 
-Launch:
-    python pearl.py                                               # CPU toy: toy world, train, export, eval (minutes)
-    python pearl.py --lam 0 --run-dir runs/pearl_sft              # the SFT baseline (then `python pearl.py` compares)
+Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
+    python pearl.py                                     # CPU toy: toy world, train, export, eval beside the start model
+    python pearl.py --lam 0 --run-dir runs/pearl_sft    # the SFT baseline (λ = 0); `python pearl.py` then evaluates it
     python pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR --grad-accum 16  # one GPU
-    torchrun --nproc_per_node 8 pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR  # 8 GPUs
-    python pearl.py --model toy-qwen3vl                           # model-agnostic: the Qwen3-VL classes
-Defaults are the released recipe (pearl.md): LoRA r 64 / α 128, lr 1e-5, 2500 steps, effective batch 64 at 8 GPUs,
-images 128·28²–5120·28², activation checkpointing. On the toy backbone (or an export of it) TOY_PRESET replaces the
-fields not given on the command line, and is printed at start-up; run_config.json records what a run used.
-Data: `--data` takes comma-separated files; the format of each (LVR / Visual-CoT JSON, PixelReasoner `message_list`,
-ThinkMorph parquet, canonical `{"messages": [...]}`) is detected from its first record.
+    torchrun --nproc_per_node 8 pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR
+Data (`--data`, comma-separated): LVR / Visual-CoT JSON, PixelReasoner `message_list`, ThinkMorph parquet, canonical
+`{"messages": [...]}`. Defaults: the released recipe; on a toy model TOY_PRESET fills the fields not given.
 
-Deviations and choices (default first):
-- Embedding position: the `<|im_end|>` closing the relevant turn (released code, "unpadded length − 2");
-  `--embed-position last_predictor` takes the final predictor token (paper text) for the input view.
-- D in L_JEPA: 1 − cos (released README: the paper's numbers used cosine; the paper text says SmoothL1);
-  `--jepa-metric smoothl1|l2|mse`.
-- Trajectory view keeps I0 in the first user turn (released code); `--traj-drop-i0` follows the paper text (I1..N only).
-- NextLat token term: released code scores the frozen-LM-head decoding of ĥ_{t+1} against labels[t+1] (the token
-  whose embedding was an input to the head — an off-by-one, *inferred*); `--nextlat-token shifted` decodes the
-  next-next token (NextLat paper), `--nextlat-token off` drops the term (paper text lists only the state term).
-- Horizon d = 1 (released); `--nextlat-horizon d` rolls the head forward d steps (NextLat paper), averaging over steps.
-- Released-code quirks (*inferred*): predictor-token embeddings never trained and the dynamics head's base weights
-  frozen at random init with LoRA on them. Default = clean (predictor rows trained through peft
-  `trainable_token_indices`, head trained fully); `--released-quirks` reproduces both (LoRA runs only).
-- Efficiency (this file, not the released code): each distinct image is encoded once per step and its embeddings are
-  reused in every view that contains it; the full and input views of all samples are packed into one row (positions
-  restart per view, so views never attend to each other). The trajectory views (packed in a second row, same weights,
-  same dropout, the image embeddings reused detached) run without autograd: h_R is a stop-gradient target, so no
-  backward is needed (the released code runs them with grad and detaches). `--naive-views` runs the released layout
-  (views stacked along the batch, padded, every view re-encoding its images, trajectory with grad) — same numbers,
-  more FLOPs (tests/test_pearl.py checks equality of losses and gradients).
-  Logits are computed only at full-view positions (input/trajectory views need hidden states, not logits).
-- LoRA r = 64, α = 128, dropout 0.1 on all linear layers but the LM head (peft "all-linear", which includes the
-  vision tower); the toy preset uses r = 8, α = 16. `--lora-r 0` = full fine-tuning.
-  Optimiser: AdamW, weight decay 0.1, cosine with warmup 0.05 (the released scripts; 0.3 for PixelReasoner data is
-  `--warmup-ratio 0.3`); lr 1e-5 (toy preset: 2e-3, a random tiny model learns nothing at 1e-5).
-  The RNG (LoRA dropout) is reseeded per global micro-batch from (seed, step, index), so 2 processes × k
-  accumulation, 1 × 2k and a resumed run draw the same masks and log the same losses (tests/test_pearl.py).
-- Precision (`--dtype`, default bf16 on CUDA / fp32 on CPU): every trained weight (LoRA adapters, predictor rows,
-  dynamics head; all weights with `--lora-r 0`) and the AdamW state are fp32 master weights, compute is bf16
-  (autocast; FSDP2 MixedPrecisionPolicy under torchrun), losses in fp32. LoRA's frozen base weights (and the frozen
-  LM-head copy taken from them) stay in the compute dtype. The export is written in the compute dtype (bf16, as
-  released).
-- Data conversion choices (*inferred*, the released converters are not public in detail): LVR trajectory text is
-  "Focus on the region [x0, y0, x1, y1]." → user [crop, "Here is the relevant cropped part of the image."] → answer
-  (the `<lvr>` marker removed); ThinkMorph reasoning images come back in a user turn with "Here is the reasoning
-  image."; PixelReasoner's tool-description system prompt is replaced by the default one (no tools at inference),
-  the shipped crop files are used and a missing one is re-executed from its `bbox_2d` on its `target_image`.
-- Preprocessing is eager (all examples encoded in memory at start, as in tests/train_sft.py); only the full view keeps
-  pixel values, the other views reference them. Image budget 128·28²–5120·28² pixels (pearl.md gives none: the LVR
-  data's recipe, lvr.md); toy preset 16·28²–64·28². `--max-tokens` 16384 (*choice*) keeps full views with large
-  images.
+Deviations and choices (details and the released code's behaviour: docs/pearl.md):
+
+| choice | default | flag | source |
+|---|---|---|---|
+| view embedding | `<|im_end|>` closing its last turn | `--embed-position last_predictor` | released code / paper |
+| D in L_JEPA | 1 − cos | `--jepa-metric smoothl1\|l2\|mse` | released README / paper text (SmoothL1) |
+| trajectory view | keeps I0 in the first user turn | `--traj-drop-i0` | released code / paper text |
+| NextLat token target | labels[t+1] (off by one, *inferred*) | `--nextlat-token shifted\|off` | released / NextLat |
+| NextLat horizon | d = 1 | `--nextlat-horizon` | released code / NextLat paper |
+| predictor rows, dynamics head | trained (rows by peft, head fully) | `--released-quirks` | this repo (released: frozen) |
+| view layout | images encoded once, views packed, trajectory no-grad | `--naive-views` | this repo (tested equal) |
+| LoRA | r 64, α 128, dropout 0.1, all linear layers but the LM head | `--lora-r 0` = full | released scripts |
+| optimiser | AdamW wd 0.1, lr 1e-5, cosine, warmup 0.05 | `--warmup-ratio 0.3` (PixelReasoner) | released scripts |
+| dropout RNG | reseeded per global micro-batch | — | this repo (world size / resume invariant) |
+| precision | fp32 trained weights, bf16 compute, bf16 export | `--dtype` | this repo / released |
+| data conversion | crop turns, tool prompt dropped, missing crops re-executed | — | *inferred* |
+| image budget | 128·28²–5120·28² pixels | `--min-pixels`, `--max-pixels` | LVR data recipe |
 """
 import json
 import math
 import os
 import re
-import subprocess
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common as C  # noqa: E402
-from common import IGNORE  # noqa: E402
+import common as C
+from common import IGNORE
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
     model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | "
-                                                              "toy-qwen3vl | hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
-    data: str = field(default="toy", metadata={"help": "comma-separated data files, or 'toy' (the toy world's LVR JSON)"})
-    image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: the data file's)"})
-    run_dir: str = field(default="runs/pearl", metadata={"help": "output directory (checkpoints, metrics, export, eval)"})
+                                                              "toy-qwen3vl | hub id | local dir"})
+    data: str = field(default="toy", metadata={"help": "comma-separated data files, or 'toy' (the toy world's)"})
+    image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
+    run_dir: str = field(default="runs/pearl", metadata={"help": "output directory"})
     # Pearl
     lam: float = field(default=0.2, metadata={"help": "λ in L = L_VLM + λ(L_JEPA + L_NextLat); 0 = the SFT baseline"})
     no_jepa: bool = field(default=False, metadata={"help": "ablation: drop L_JEPA"})
     no_nextlat: bool = field(default=False, metadata={"help": "ablation: drop L_NextLat"})
-    jepa_metric: str = field(default="cosine", metadata={"help": "D in L_JEPA: cosine (released) | smoothl1 (paper) | l2 | mse",
+    jepa_metric: str = field(default="cosine", metadata={"help": "D in L_JEPA",
                                                          "choices": ["cosine", "smoothl1", "l2", "mse"]})
     num_predictors: int = field(default=4, metadata={"help": "K predictor tokens appended to the input view"})
-    embed_position: str = field(default="im_end", metadata={"help": "im_end (released) | last_predictor (paper text)",
+    embed_position: str = field(default="im_end", metadata={"help": "the position that represents a view",
                                                             "choices": ["im_end", "last_predictor"]})
-    traj_drop_i0: bool = field(default=False, metadata={"help": "drop I0 from the trajectory view (paper text)"})
-    nextlat_token: str = field(default="released", metadata={"help": "NextLat token-CE target: released | shifted | off",
+    traj_drop_i0: bool = field(default=False, metadata={"help": "drop I0 from the trajectory view"})
+    nextlat_token: str = field(default="released", metadata={"help": "NextLat token-CE target",
                                                              "choices": ["released", "shifted", "off"]})
     nextlat_horizon: int = field(default=1, metadata={"help": "d: roll the dynamics head forward d steps"})
     released_quirks: bool = field(default=False, metadata={"help": "untrained predictor rows, LoRA-only dynamics head"})
-    naive_views: bool = field(default=False, metadata={"help": "released layout: stacked padded views, images re-encoded"})
-    # training (defaults: the released scripts, pearl.md "Training defaults")
+    naive_views: bool = field(default=False, metadata={"help": "the released layout: stacked padded views"})
+    # training
     steps: int = field(default=2500, metadata={"help": "optimizer steps (LVR data: 2500)"})
     per_micro: int = field(default=4, metadata={"help": "examples per micro-batch (each becomes three views)"})
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per rank per step (8 GPUs × 4 × 2 = 64)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "linear warmup fraction (0.3 for PixelReasoner data)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank (0 = full fine-tuning)"})
     lora_alpha: int = field(default=128, metadata={"help": "LoRA α"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
-    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image budget, min pixels (LVR data: 128·28²)"})
-    max_pixels: int = field(default=5120 * 28 * 28, metadata={"help": "image budget, max pixels (LVR data: 5120·28²)"})
+    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image pixel budget, min"})
+    max_pixels: int = field(default=5120 * 28 * 28, metadata={"help": "image pixel budget, max"})
     max_tokens: int = field(default=16384, metadata={"help": "drop (count) examples whose full view is longer"})
     max_examples: int = field(default=0, metadata={"help": "use only the first N records per file (0 = all)"})
-    activation_checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing per block"})
-    seed: int = field(default=42, metadata={"help": "seed (released: 42)"})
-    save_every: int = field(default=0, metadata={"help": "resume checkpoint every N steps (0 = never)"})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations per block"})
+    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
+    seed: int = field(default=42, metadata={"help": "seed of data order, init and dropout"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
-    stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step, simulating a kill (0 = never)"})
+    stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step (0 = never)"})
     export: bool = field(default=True, metadata={"help": "merge LoRA, drop the dynamics head, save a plain HF model"})
-    eval: str = field(default="", metadata={"help": "toy benchmarks (data/toy) for eval.py after export ('' = none)"})
+    eval: str = field(default="", metadata={"help": "benchmarks of the eval sets next to --data to evaluate the "
+                                                    "export on (toy: vstar,mmvp,blink; '' = none)"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
-    sft_dir: str = field(default="runs/pearl_sft", metadata={"help": "an SFT baseline run whose scores are printed beside"})
-    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
+    sft_dir: str = field(default="runs/pearl_sft", metadata={"help": "an SFT run (λ = 0) whose export is scored beside"})
 
 
-# The toy backbone (random init, hidden 64) learns nothing at the paper's lr in 2500 steps on 5120-token images: it
-# needs a large lr, small images and a short run. Applied at start-up (and printed) only when the model is the toy or
-# an export of it, and only to the fields not given on the command line.
+# A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
+# the model is the toy backbone or an export of it, and only to the fields not given on the command line.
 TOY_PRESET = dict(lr=2e-3, steps=40, grad_accum=1, lora_r=8, lora_alpha=16, min_pixels=16 * 28 * 28,
                   max_pixels=64 * 28 * 28, activation_checkpointing=False, eval="vstar,mmvp,blink")
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
-    """The toy preset (toy backbone only) on the fields not in `explicit` (default: those still at their default);
-    `--data toy` → the toy world's LVR JSON. No model is loaded."""
     if C.is_toy(args.model):
         C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
                        "toy preset", "model is the toy backbone")
@@ -149,14 +120,9 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     return C.check_args(args)
 
 
-def predictor_tokens(k: int) -> list[str]:
-    """`<|predictor_K|>…<|predictor_1|>` in descending order, as released."""
-    return [f"<|predictor_{i}|>" for i in range(k, 0, -1)]
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Data: the published trajectory formats → one trajectory example
-#   {"system": str|None, "images0": [PIL], "question": str, "steps": [{"role", "text", "images", "train"}]}
+# Data: a published trajectory record → one episode {"system", "images0", "question", "steps": [{"role", "text",
+# "images", "train"}]} → its three views (full, input, trajectory), tokenised
 # ----------------------------------------------------------------------------------------------------------------
 TOOL_CALL = re.compile(r"\s*<tool_call>.*?</tool_call>\s*", re.S)
 
@@ -208,8 +174,8 @@ def from_messages(messages, root):
             except C.SkipSample:
                 if pending_call is None:
                     raise
-                args = pending_call["arguments"]
-                images.append(crop_normalised(all_images[int(args["target_image"]) - 1], args["bbox_2d"]))
+                call_args = pending_call["arguments"]
+                images.append(crop_normalised(all_images[int(call_args["target_image"]) - 1], call_args["bbox_2d"]))
         all_images += images
         if m["role"] == "assistant":
             call = re.search(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", text, re.S)
@@ -254,30 +220,33 @@ def convert_record(rec, root):
             return from_thinkmorph(rec, root)
         if "message_list" in rec or "messages" in rec:
             return from_messages(rec.get("message_list") or rec["messages"], root)
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # malformed shape, bad tool-call JSON
-        raise C.SkipSample(f"malformed record ({type(e).__name__})") from e
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:  # malformed shape, bad tool-call JSON
+        raise C.SkipSample(f"malformed record ({type(err).__name__})") from err
     raise C.SkipSample("unknown record format")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Views: full (L_VLM), input (+K predictor tokens), trajectory (question removed)
-# ----------------------------------------------------------------------------------------------------------------
-def encode_example(bb, ex, args) -> dict:
-    """Tokenise the three views of one example. Only the full view keeps pixel values; the input / trajectory views
+def predictor_tokens(k: int) -> list[str]:
+    """`<|predictor_K|>…<|predictor_1|>` in descending order, as released."""
+    return [f"<|predictor_{i}|>" for i in range(k, 0, -1)]
+
+
+def encode_example(bb, episode, args) -> dict:
+    """Tokenise the three views of one episode. Only the full view keeps pixel values; the input / trajectory views
     keep their grids (for M-RoPE) and `image_index` into the full view's images, so each distinct image is encoded
-    once. `emb_pos` = the position whose final hidden state represents a view: the `<|im_end|>` closing its last turn
-    (released, "unpadded length − 2"), or with `--embed-position last_predictor` the input view's last predictor."""
+    once. `emb_pos` = the position whose final hidden state represents a view (--embed-position)."""
     img = lambda ims: [{"type": "image", "image": im} for im in ims]  # noqa: E731
-    head = [{"role": "system", "content": ex["system"]}] if ex["system"] else []
+    system = [{"role": "system", "content": episode["system"]}] if episode["system"] else []
     rest = [{"role": "assistant", "content": s["text"], "train": s["train"]} if s["role"] == "assistant" else
-            {"role": "user", "content": img(s["images"]) + [{"type": "text", "text": s["text"]}]} for s in ex["steps"]]
-    q, preds = [{"type": "text", "text": ex["question"]}], predictor_tokens(args.num_predictors)
-    n0, n = len(ex["images0"]), len(ex["images0"]) + sum(len(s.get("images", [])) for s in ex["steps"])
-    chats = {"full": (head + [{"role": "user", "content": img(ex["images0"]) + q}] + rest, range(n)),
-             "input": (head + [{"role": "user", "content": img(ex["images0"]) + q + [{"type": "text",
-                                                                                      "text": "".join(preds)}]}],
+            {"role": "user", "content": img(s["images"]) + [{"type": "text", "text": s["text"]}]}
+            for s in episode["steps"]]
+    images0, preds = episode["images0"], predictor_tokens(args.num_predictors)
+    q = [{"type": "text", "text": episode["question"]}]
+    n0, n = len(images0), len(images0) + sum(len(s.get("images", [])) for s in episode["steps"])
+    chats = {"full": (system + [{"role": "user", "content": img(images0) + q}] + rest, range(n)),
+             "input": (system + [{"role": "user", "content": img(images0) + q + [{"type": "text",
+                                                                                  "text": "".join(preds)}]}],
                        range(n0)),
-             "traj": (head + ([] if args.traj_drop_i0 else [{"role": "user", "content": img(ex["images0"])}]) + rest,
+             "traj": (system + ([] if args.traj_drop_i0 else [{"role": "user", "content": img(images0)}]) + rest,
                       range(n0 if args.traj_drop_i0 else 0, n))}
     views = {}
     for name, (chat, idx) in chats.items():
@@ -287,7 +256,7 @@ def encode_example(bb, ex, args) -> dict:
             grid = v["image_grid_thw"] if v["image_grid_thw"] is not None else torch.zeros(0, 3, dtype=torch.long)
             assert torch.equal(grid, views["full"]["image_grid_thw"][v["image_index"]]), "view images differ"
             v["labels"], v["pixel_values"] = torch.full_like(v["input_ids"], IGNORE), None  # labels: full view only
-        v["emb_pos"] = int((v["input_ids"] == bb.token_id("<|im_end|>")).nonzero()[-1])
+        v["emb_pos"] = int((v["input_ids"] == bb.token_id("<|im_end|>")).nonzero()[-1])  # "unpadded length − 2"
         views[name] = v
     if not (views["full"]["labels"] != IGNORE).any():
         raise C.SkipSample("no supervised tokens")
@@ -313,7 +282,7 @@ def load_data(bb, args, skips: C.Skips) -> list[dict]:
 # Model surgery: predictor tokens, the NextLat dynamics head, a frozen LM-head copy, LoRA
 # ----------------------------------------------------------------------------------------------------------------
 class DynamicsHead(nn.Module):
-    """NextLat: ĥ_{t+1} = h_t + MLP(LayerNorm([h_t ; e_{t+1}])), MLP = Linear(2H→H) GELU Linear(H→H) GELU Linear(H→H)."""
+    """NextLat: ĥ_{t+1} = h_t + MLP(LayerNorm([h_t ; e_{t+1}])), MLP = Linear(2H→H) GELU Linear(H→H) GELU Linear."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -354,14 +323,14 @@ def setup_model(bb, args):
 def capture(model):
     """Final-layer hidden states (after the final norm) and the text input embeddings, captured inside the model's
     own forward (so FSDP2 manages every parameter)."""
-    lm, out = model.model.language_model, {}
-    hooks = [lm.norm.register_forward_hook(lambda m, i, o: out.__setitem__("hidden", o)),
-             lm.embed_tokens.register_forward_hook(lambda m, i, o: out.__setitem__("embeds", o))]
+    lm, captured = model.model.language_model, {}
+    hooks = [lm.norm.register_forward_hook(lambda m, i, o: captured.__setitem__("hidden", o)),
+             lm.embed_tokens.register_forward_hook(lambda m, i, o: captured.__setitem__("embeds", o))]
     try:
-        yield out
+        yield captured
     finally:
-        for h in hooks:
-            h.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 @contextmanager
@@ -374,12 +343,13 @@ def encode_images_once(model, order: list[int], encoded: dict):
     original = inner.get_image_features
 
     def shared(pixel_values, image_grid_thw=None, **kw):
-        out = original(pixel_values, image_grid_thw, **kw)
-        encoded.update(pooled=out.pooler_output, deep=getattr(out, "deepstack_features", None), cls=type(out))
-        out.pooler_output = tuple(out.pooler_output[j] for j in order)
+        features = original(pixel_values, image_grid_thw, **kw)
+        encoded.update(pooled=features.pooler_output, deep=getattr(features, "deepstack_features", None),
+                       cls=type(features))
+        features.pooler_output = tuple(features.pooler_output[j] for j in order)
         if encoded["deep"] is not None:  # Qwen3-VL: per-layer features, same order
-            out.deepstack_features = [tuple(f[j] for j in order) for f in out.deepstack_features]
-        return out
+            features.deepstack_features = [tuple(f[j] for j in order) for f in features.deepstack_features]
+        return features
 
     inner.get_image_features = shared
     try:
@@ -390,11 +360,8 @@ def encode_images_once(model, order: list[int], encoded: dict):
 
 def reuse_images(encoded: dict, order: list[int]) -> dict:
     """`mm_encoder_outputs` for a later forward: the embeddings `encode_images_once` computed, detached, in this
-    forward's placeholder order (no parameters run, so nothing for FSDP2 to unshard).
-
-    The one seam into transformers' internals: `mm_encoder_outputs` is a public forward keyword, but the object it
-    holds must be the class `get_image_features` returns (transformers 5.24 calls its `to_tuple`). It is rebuilt from
-    that same class, so an upgrade that changes the contract fails in tests/test_pearl.py::test_reuse_images_seam."""
+    forward's placeholder order (no parameters run, so nothing for FSDP2 to unshard). The one seam into transformers'
+    internals (the object must be the class `get_image_features` returns): tested by test_reuse_images_seam."""
     pick = lambda feats: tuple(feats[j].detach() for j in order)  # noqa: E731
     fields = {"pooler_output": pick(encoded["pooled"])}
     if encoded["deep"] is not None:  # Qwen3-VL: deepstack features, one tuple per injected layer
@@ -408,8 +375,8 @@ def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive
     view holds all of its distinct images."""
     with capture(model) as cap:
         if naive:  # released layout: views stacked along the batch, padded, every view re-encoding its images
-            dev, k = next(model.parameters()).device, len(names)
-            views = [ex[n] for ex in examples for n in names]  # example-major: view j of example i is row i·k + j
+            dev, n_views = next(model.parameters()).device, len(names)
+            views = [ex[n] for ex in examples for n in names]  # example-major: row i·n_views + j = view j of ex i
             stacked = []
             for ex in examples:
                 chunks = ex["full"]["pixel_values"].split(ex["full"]["image_grid_thw"].prod(-1).tolist())
@@ -418,22 +385,22 @@ def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive
             logits = model(**C.model_inputs(C.pad_batch(bb, stacked), dev)).logits
             lens = [len(v["input_ids"]) for v in views]
             hid, emb, logits = ([t[i, :n] for i, n in enumerate(lens)] for t in (cap["hidden"], cap["embeds"], logits))
-            return {n: (hid[i::k], emb[i::k]) for i, n in enumerate(names)}, torch.cat(logits[::k])
+            return {n: (hid[i::n_views], emb[i::n_views]) for i, n in enumerate(names)}, torch.cat(logits[::n_views])
         # packed: the full (+ input) views in one row with grad, then the trajectory views in their own row without
         grad_names, encoded = tuple(n for n in names if n != "traj"), {}
         hid, emb, full_logits = packed_forward(bb, model, cap, examples, grad_names, encoded)
-        out = {n: (hid[i::len(grad_names)], emb[i::len(grad_names)]) for i, n in enumerate(grad_names)}
+        per_view = {n: (hid[i::len(grad_names)], emb[i::len(grad_names)]) for i, n in enumerate(grad_names)}
         if "traj" in names:  # h_R is a stop-gradient target: no autograd graph, no backward
             with torch.no_grad():
-                out["traj"] = packed_forward(bb, model, cap, examples, ("traj",), encoded)[:2]
-    return out, full_logits
+                per_view["traj"] = packed_forward(bb, model, cap, examples, ("traj",), encoded)[:2]
+    return per_view, full_logits
 
 
 def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...], encoded: dict):
     """One packed row holding the views `names` of every example (example-major). With the full view among them the
     distinct images are encoded here (into `encoded`) and the full views' logits returned; otherwise the embeddings
     already in `encoded` are reused and no logits are computed. Returns (hidden, embeds) split per view, logits."""
-    dev, k = next(model.parameters()).device, len(names)
+    dev, n_views = next(model.parameters()).device, len(names)
     views = [ex[n] for ex in examples for n in names]
     batch = C.pack(bb, views)
     inputs = C.model_inputs(batch, dev)
@@ -447,7 +414,7 @@ def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...],
         inputs["pixel_values"] = torch.cat([ex["full"]["pixel_values"] for ex in examples]).to(dev)
         inputs["image_grid_thw"] = torch.cat([ex["full"]["image_grid_thw"] for ex in examples]).to(dev)
         starts = [sum(lens[:i]) for i in range(len(lens))]
-        keep = torch.cat([torch.arange(starts[i], starts[i] + lens[i]) for i in range(0, len(views), k)])
+        keep = torch.cat([torch.arange(starts[i], starts[i] + lens[i]) for i in range(0, len(views), n_views)])
         with encode_images_once(model, order, encoded):
             full_logits = model(**inputs, logits_to_keep=keep.to(dev)).logits[0]
     else:
@@ -456,22 +423,22 @@ def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...],
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Losses
+# Losses: L = L_VLM + λ·(L_JEPA + L_NextLat)
 # ----------------------------------------------------------------------------------------------------------------
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
     """L_JEPA = D(ĥ_R, sg[h_R]) per example, averaged over the batch. pred, target: [B, H]."""
     pred, target = pred.float(), target.detach().float()
     if metric == "cosine":
-        d = 1 - F.cosine_similarity(pred, target, dim=-1)
+        distance = 1 - F.cosine_similarity(pred, target, dim=-1)
     elif metric == "smoothl1":
-        d = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
+        distance = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
     elif metric == "l2":
-        d = (pred - target).norm(dim=-1)
+        distance = (pred - target).norm(dim=-1)
     elif metric == "mse":
-        d = ((pred - target) ** 2).mean(-1)
+        distance = ((pred - target) ** 2).mean(-1)
     else:
         raise ValueError(f"unknown --jepa-metric {metric!r}")
-    return d.mean()
+    return distance.mean()
 
 
 def nextlat_loss(head, hidden: list, embeds: list, labels: list, frozen_lm_head, horizon: int = 1,
@@ -508,29 +475,93 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
     use_jepa = args.lam > 0 and not args.no_jepa
     use_nextlat = args.lam > 0 and not args.no_nextlat
     names = ("full", "input", "traj") if use_jepa else ("full",)
-    out, logits = forward_views(bb, model, examples, names, naive=naive)
+    per_view, logits = forward_views(bb, model, examples, names, naive=naive)
     labels = [ex["full"]["labels"] for ex in examples]
     flat = torch.cat([torch.cat([torch.tensor([IGNORE]), y[1:]]) for y in labels])  # no loss across view boundaries
     l_vlm = C.next_token_loss(logits[None], flat[None].to(logits.device))  # L_VLM
     terms, loss = {"loss_vlm": l_vlm}, l_vlm
     if use_jepa:
-        pred = torch.stack([h[ex["input"]["emb_pos"]] for h, ex in zip(out["input"][0], examples)])  # ĥ_R
-        target = torch.stack([h[ex["traj"]["emb_pos"]] for h, ex in zip(out["traj"][0], examples)])  # h_R
+        pred = torch.stack([h[ex["input"]["emb_pos"]] for h, ex in zip(per_view["input"][0], examples)])  # ĥ_R
+        target = torch.stack([h[ex["traj"]["emb_pos"]] for h, ex in zip(per_view["traj"][0], examples)])  # h_R
         terms["loss_jepa"] = jepa_loss(pred, target, args.jepa_metric)
-        loss = loss + args.lam * terms["loss_jepa"]
+        loss = loss + args.lam * terms["loss_jepa"]  # + λ·L_JEPA
     if use_nextlat:
-        state, token = nextlat_loss(model.pearl_dynamics, *out["full"], labels, frozen_lm_head,
+        state, token = nextlat_loss(model.pearl_dynamics, *per_view["full"], labels, frozen_lm_head,
                                     args.nextlat_horizon, args.nextlat_token)
         terms.update(loss_nextlat=state + token, loss_state=state, loss_token=token)
-        loss = loss + args.lam * terms["loss_nextlat"]
+        loss = loss + args.lam * terms["loss_nextlat"]  # + λ·L_NextLat
     terms["loss"] = loss
     return loss, terms
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training loop (the shape of tests/train_sft.py)
+# Export (merge LoRA, drop the dynamics head: a plain HF checkpoint) and evaluate (a plain VLM, eval.py in process)
 # ----------------------------------------------------------------------------------------------------------------
-def train(args: Args, explicit: set[str] | None = None):
+def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
+    """W = W0 + (α/r)·B·A for every LoRA layer; trainable-token rows written into their matrix; `pearl_dynamics.*`
+    dropped. Keys come back as the plain model class names them."""
+    merged = {}
+    for k, v in sd.items():
+        if k.startswith("pearl_dynamics.") or ".lora_" in k or ".trainable_tokens_delta" in k:
+            continue
+        if ".token_adapter.base_layer." in k:  # an embedding matrix with trainable predictor rows
+            prefix = k.split(".token_adapter.")[0]
+            delta = sd[f"{prefix}.token_adapter.trainable_tokens_delta.default"]
+            k, v = f"{prefix}.weight", v.index_copy(0, torch.tensor(token_ids), delta.to(v.dtype))
+        elif ".base_layer." in k:
+            prefix, name = k.split(".base_layer.")
+            if name == "weight" and f"{prefix}.lora_A.default.weight" in sd:
+                lora_a, lora_b = sd[f"{prefix}.lora_A.default.weight"], sd[f"{prefix}.lora_B.default.weight"]
+                v = (v.float() + scale * lora_b.float() @ lora_a.float()).to(v.dtype)
+            k = f"{prefix}.{name}"
+        merged[k] = v
+    return merged
+
+
+def export(bb, model, args: Args, d: C.Dist) -> str:
+    """On every rank (gathering the state dict is collective); rank 0 writes run_dir/export in the compute dtype."""
+    sd = C.full_state_dict(model)
+    export_dir = os.path.join(args.run_dir, "export")
+    if d.main:
+        token_ids = [bb.token_id(t) for t in predictor_tokens(args.num_predictors)]
+        merged = merge_lora_state_dict(sd, args.lora_alpha / max(args.lora_r, 1), token_ids)
+        with torch.device("meta"):
+            plain = type(bb.model)(bb.model.config)
+        plain.load_state_dict(merged, strict=False, assign=True)
+        missing = [n for n, p in plain.named_parameters() if p.is_meta]
+        assert not missing, f"export: parameters missing from the merged state dict: {missing[:5]}"
+        C.export_hf(bb, export_dir, state_dict=merged, model=plain, dtype=C.compute_dtype(args.dtype, d.device))
+        C.print0(f"exported a plain {type(plain).__name__} to {export_dir}")
+    return export_dir
+
+
+EVAL_DIRS = {"vstar": "eval/vstar", "mmvp": "eval/mmvp", "blink": "eval/blink", "gqa": "gqa", "scienceqa": "scienceqa"}
+
+
+def evaluate_export(args: Args, export_dir: str) -> dict:
+    """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process),
+    beside the starting model (toy) and the SFT baseline's export in --sft-dir (λ = 0), when there is one."""
+    import eval as E
+    rows, models = {}, {"Pearl": export_dir, "start": args.model} if C.is_toy(args.model) else {"Pearl": export_dir}
+    if (sft := Path(args.sft_dir, "export")).is_dir() and sft.resolve() != Path(export_dir).resolve():
+        models["SFT"] = str(sft)
+    for bench in [b for b in args.eval.split(",") if b]:
+        for name, model in models.items():
+            ea = E.Args(benchmark=bench, data_dir=str(Path(args.data.split(",")[0]).parent / EVAL_DIRS[bench]),
+                        prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")), model=model,
+                        min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
+            rows.setdefault(bench, {})[name] = E.evaluate(ea)
+    print(f"| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
+    for bench, r in rows.items():
+        print(f"| {bench} | {r['Pearl']['chance']:.1f} | " +
+              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")
+    return {bench: r["Pearl"]["overall"] for bench, r in rows.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: Args, explicit: set[str] | None = None):
     d = C.init_distributed()
     resolve(args, explicit)
     if args.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
@@ -538,19 +569,18 @@ def train(args: Args, explicit: set[str] | None = None):
         args.model = ensure_toy_base()
     C.save_run_config(args.run_dir, args)
     C.seed_everything(args.seed)
-    # Trainable weights are fp32 masters. With LoRA the frozen base stays in the compute dtype (7B: 14 GB bf16 on
-    # one GPU). Full fine-tuning (--lora-r 0) holds fp32 everything: 7B = params 28 GB + AdamW states 56 GB + grads
-    # 28 GB = 112 GB, which no single 80 GB GPU holds; FSDP2 over 8 ranks: 14 GB per GPU (plus activations).
-    dtype = C.compute_dtype(args.dtype, d.device)
-    bb = C.load_backbone(args.model, d.device, dtype=torch.float32 if args.lora_r == 0 else dtype)
+    # trained weights: fp32 masters; LoRA's frozen base: the compute dtype (memory arithmetic: docs/pearl.md)
+    bb = C.load_backbone(args.model, d.device,
+                         dtype=torch.float32 if args.lora_r == 0 else C.compute_dtype(args.dtype, d.device))
     frozen_lm_head = setup_model(bb, args)
     skips = C.Skips()
     data = load_data(bb, args, skips)
-    C.print0(f"{len(data)} examples; {skips.summary()}")
-    assert data, "no usable training examples"
+    C.print0(f"{len(data)} examples from {args.data}; {skips.summary()}")
+    if not data:
+        raise SystemExit(f"{args.data}: no usable examples ({skips.summary()})")
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
     model = C.shard_model(bb.model, d, args.activation_checkpointing, extra_units=(bb.model.pearl_dynamics,),
-                          dtype=dtype)
+                          dtype=args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     start = 0
@@ -566,25 +596,25 @@ def train(args: Args, explicit: set[str] | None = None):
         for g in opt.param_groups:
             g["lr"] = C.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
         micro = sampler.next(d.rank, d.world, args.grad_accum)
-        sums, tokens, flops = {}, 0, 0.0
+        loss_sum, tokens, flops = {}, 0, 0.0                               # loss_sum: every logged term
         for i, idx in enumerate(micro):
             examples = [data[j] for j in idx]
             torch.manual_seed((args.seed * 100_003 + step) * 1_009 + i * d.world + d.rank)  # dropout per global micro
             with C.grad_sync(model, i == len(micro) - 1):
-                with C.compute_context(dtype, d.device):                      # bf16 compute over fp32 weights
+                with C.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
                     loss, terms = pearl_loss(bb, model, frozen_lm_head, examples, args, naive=args.naive_views)
-                C.check_finite(loss, step, terms)
                 (loss / len(micro)).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / len(micro)
+            for name, value in terms.items():                              # no host sync before backward
+                loss_sum[name] = loss_sum.get(name, 0.0) + value.detach() / len(micro)
             tokens += sum(len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input", "traj"))
             flops += C.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input")])
             flops += C.step_flops(bb.model, [len(ex["traj"]["input_ids"]) for ex in examples], backward=False)
+        C.check_finite(loss_sum["loss"], step, loss_sum)
         gnorm = C.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        metrics = {k: C.all_reduce_mean(v, d) for k, v in sums.items()}
-        log.log(step + 1, {**metrics, "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
+        log.log(step + 1, {**{name: C.all_reduce_mean(value.item(), d) for name, value in loss_sum.items()},
+                           "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()}, keep=args.keep_checkpoints)
@@ -592,91 +622,18 @@ def train(args: Args, explicit: set[str] | None = None):
             break
     log.close()
     C.print0(skips.summary())
-    if args.export:
-        export(bb, model, args, d, dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Save and evaluate
+    # ------------------------------------------------------------------------------------------------------------
+    export_dir = export(bb, model, args, d) if args.export else None
     if d.world > 1:
-        torch.distributed.destroy_process_group()
+        dist.barrier()
+        dist.destroy_process_group()
+    if args.eval and export_dir and d.main:            # after the process group: no rank waits on a timeout
+        evaluate_export(args, export_dir)
     return bb
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Export: merge LoRA, drop the dynamics head, a plain HF checkpoint
-# ----------------------------------------------------------------------------------------------------------------
-def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
-    """W = W0 + (α/r)·B·A for every LoRA layer; trainable-token rows written into their matrix; `pearl_dynamics.*`
-    dropped. Keys come back as the plain model class names them."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("pearl_dynamics.") or ".lora_" in k or ".trainable_tokens_delta" in k:
-            continue
-        if ".token_adapter.base_layer." in k:  # an embedding matrix with trainable predictor rows
-            prefix = k.split(".token_adapter.")[0]
-            delta = sd[f"{prefix}.token_adapter.trainable_tokens_delta.default"]
-            k, v = f"{prefix}.weight", v.index_copy(0, torch.tensor(token_ids), delta.to(v.dtype))
-        elif ".base_layer." in k:
-            prefix, name = k.split(".base_layer.")
-            if name == "weight" and f"{prefix}.lora_A.default.weight" in sd:
-                a, b = sd[f"{prefix}.lora_A.default.weight"], sd[f"{prefix}.lora_B.default.weight"]
-                v = (v.float() + scale * b.float() @ a.float()).to(v.dtype)
-            k = f"{prefix}.{name}"
-        out[k] = v
-    return out
-
-
-def export(bb, model, args, d, dtype: torch.dtype | None = None):
-    """Call on every rank (gathering the state dict is collective); rank 0 writes runs/.../export."""
-    sd = C.full_state_dict(model)
-    out_dir = os.path.join(args.run_dir, "export")
-    if d.main:
-        token_ids = [bb.token_id(t) for t in predictor_tokens(args.num_predictors)]
-        merged = merge_lora_state_dict(sd, args.lora_alpha / max(args.lora_r, 1), token_ids)
-        with torch.device("meta"):
-            plain = type(bb.model)(bb.model.config)
-        plain.load_state_dict(merged, strict=False, assign=True)
-        missing = [n for n, p in plain.named_parameters() if p.is_meta]
-        assert not missing, f"export: parameters missing from the merged state dict: {missing[:5]}"
-        C.export_hf(bb, out_dir, state_dict=merged, model=plain, dtype=dtype)
-        C.print0(f"exported a plain {type(plain).__name__} to {out_dir}")
-    return out_dir
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluate: the exported model is a plain VLM (eval.py --mode plain, Pearl's answer-tag protocol)
-# ----------------------------------------------------------------------------------------------------------------
-EVAL_DIRS = {"vstar": "eval/vstar", "mmvp": "eval/mmvp", "blink": "eval/blink", "gqa": "gqa", "scienceqa": "scienceqa"}
-
-
-def evaluate(args, model_dir: str, out_dir: str) -> dict:
-    scores = {}
-    os.makedirs(out_dir, exist_ok=True)
-    for bench in [b for b in args.eval.split(",") if b]:
-        summary, preds = os.path.join(out_dir, f"{bench}.json"), os.path.join(out_dir, f"{bench}.predictions.jsonl")
-        if os.path.exists(preds):
-            os.remove(preds)  # predictions of an earlier model must not be resumed
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval.py"),
-               "--benchmark", bench, "--data-dir", os.path.join("data/toy", EVAL_DIRS[bench]), "--model", model_dir,
-               "--mode", "plain", "--prompt", "answer-tag", "--predictions", preds, "--output", summary,
-               "--min-pixels", str(args.min_pixels), "--max-pixels", str(args.max_pixels)]
-        if args.eval_limit:
-            cmd += ["--limit", str(args.eval_limit)]
-        subprocess.run(cmd, check=True)
-        scores[bench] = json.loads(Path(summary).read_text())["overall"]
-    return scores
-
-
-def main(args: Args, explicit: set[str] | None = None):
-    train(args, explicit)
-    if not args.eval or not args.export or ("RANK" in os.environ and int(os.environ["RANK"]) != 0):
-        return
-    scores = evaluate(args, os.path.join(args.run_dir, "export"), os.path.join(args.run_dir, "eval"))
-    sft = {b: json.loads(p.read_text())["overall"] for b in scores
-           if (p := Path(args.sft_dir, "eval", f"{b}.json")).exists() and Path(args.sft_dir) != Path(args.run_dir)}
-    print(f"{'benchmark':10s} {'this run':>9s}" + (f" {'SFT':>7s}" if sft else ""))
-    for b, s in scores.items():
-        print(f"{b:10s} {s:9.1f}" + (f" {sft[b]:7.1f}" if b in sft else ""))
-    if not sft:
-        print(f"(no SFT baseline scores in {args.sft_dir}/eval: `python pearl.py --lam 0 --run-dir {args.sft_dir}`)")
-
-
 if __name__ == "__main__":
-    main(*C.parse_args(Args))              # (args, the fields given on the command line)
+    main(*C.parse_args(Args))

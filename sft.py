@@ -147,7 +147,7 @@ def main(args: Args, explicit: set[str] | None = None):
         args.model = ensure_toy_base()
     C.save_run_config(args.run_dir, args)
     C.seed_everything(args.seed)
-    bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed)  # fp32 masters; compute: --dtype
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     skips = C.Skips()

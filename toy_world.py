@@ -1,5 +1,7 @@
-# Docs: README.md ("The toy world") and /spec/engineering.md. Generates the offline default data of every script.
-"""The toy world: a deterministic, offline stand-in for every data set the four methods and eval.py read.
+# Docs: README.md ("The toy world"). Generates the offline default data of every script, and builds the toy model.
+"""The offline toy world: data and a tiny model. A deterministic stand-in for every data set the four methods and
+eval.py read, and (`toy_model_parts`, loaded by `common.load_backbone("toy" | "toy-qwen3vl")`) the tokenizer and
+tiny configs of the real Qwen2.5-VL / Qwen3-VL classes that the tests and toy defaults train.
 
 The task. Each image (width and height drawn from 112..196, so token counts vary from 16 to 49 at the scripts' toy
 pixel budget, at native resolution) shows one to three LARGE coloured shapes (44-64 px) and one SMALL one (24-40 px)
@@ -70,6 +72,11 @@ Files written under `root` (paths inside records are relative to the folder of t
                                    choices." + options), image_1..image_4 (HF Image struct, null when unused),
                                    explanation, isReal
 
+The tiny model (`toy_model_parts`): a byte-level BPE tokenizer trained in memory on a fixed corpus (deterministic)
+that carries Qwen's special tokens and chat template; LLM 64 wide x 2 layers, vision 64 x 2 blocks. The Qwen2.5-VL
+toy keeps 32 spare embedding rows (like the 7B's 152064 rows for ~151665 tokens); the Qwen3-VL toy has none and ties
+its embeddings, so both surgery paths of `common.add_special_tokens` (reuse / resize) get exercised.
+
 Usage: `ensure_toy_world()` from any script (idempotent; regenerates when seed, sizes or FORMAT_VERSION change),
 or `python toy_world.py --root data/toy --seed 0 [--n-train 400 --n-eval 48 --n-bench 400]`.
 
@@ -87,6 +94,7 @@ import io
 import json
 import os
 import pathlib
+import random
 import shutil
 
 import numpy as np
@@ -702,6 +710,96 @@ def _write_blink(root, seed, n_eval):
         _write_parquet(columns, fields, root / "eval" / "blink" / subtask / "val-00000-of-00001.parquet")
         written[subtask] = n
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny model: tokenizer and configs of the real classes (common.load_backbone builds and seeds the model)
+# ----------------------------------------------------------------------------------------------------------------
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def toy_model_parts(name="toy"):
+    """(tokenizer, config, image_processor) of the toy backbone `name` ("toy": Qwen2.5-VL, "toy-qwen3vl": Qwen3-VL).
+    The config carries `toy_backbone = True` (saved in config.json by save_pretrained: common.is_toy recognises
+    exports)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tokenizer = build_toy_tokenizer()
+    config = toy_config(tokenizer, {"toy": "qwen2_5_vl", "toy-qwen3vl": "qwen3_vl"}[name])
+    config.toy_backbone = True
+    patch = config.vision_config.patch_size
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=4 * (2 * patch) ** 2, max_pixels=1024 * (2 * patch) ** 2)
+    return tokenizer, config, image_processor
+
+
+def _toy_corpus():
+    words = ("what is the colour color of small large tiny big red green blue yellow circle square triangle shape "
+             "left right above below top bottom side object image picture answer option letter choices given "
+             "directly with from focus on region crop cropped part here relevant a an and or in it this that there "
+             "how many are is describe zoom look at into think reason step yes no one two three four five six "
+             "seven eight nine zero background plain noisy next to near far behind front").split()
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    lines += ["(A) (B) (C) (D) (a) (b) A. B. C. D. <answer> </answer> <think> </think> 0.123 [0.1, 0.2, 0.3, 0.4]"]
+    lines += ["Answer with the option's letter from the given choices directly.", "You are a helpful assistant."]
+    return lines
+
+
+def build_toy_tokenizer(vocab_size=1024):
+    """Byte-level BPE trained in memory on a fixed corpus (deterministic), carrying Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_toy_corpus(), trainer=trainer)
+    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)  # appended after the BPE vocabulary, like Qwen's ids 151643+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, model_max_length=32768)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def toy_config(tokenizer, family="qwen2_5_vl", spare_rows=32):
+    """Tiny config of the real classes: Qwen2.5-VL with `spare_rows` spare embedding rows and untied embeddings, or
+    Qwen3-VL (patch 16, deepstack) with none and tied embeddings."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    mm_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+        text.update(vocab_size=len(tokenizer) + spare_rows,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                      patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **mm_ids)
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+        text.update(vocab_size=len(tokenizer), head_dim=16,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                     "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **mm_ids)
+    raise ValueError(f"unknown toy family {family!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,52 +1,44 @@
 # Docs: docs/unsilence.md
-"""ULR — Unsilencing Latent Reasoning at inference time (Zhang et al., arXiv 2605.02735; released code
-zhangxin-xd/Unsilencing-Latent-Reasoning, MIT).
+"""ULR: Unsilencing Latent Reasoning at inference time (Zhang et al., arXiv 2605.02735; released code
+zhangxin-xd/Unsilencing-Latent-Reasoning, MIT), and the diagnosis of silenced visual latents.
 
-Diagnosis: in a model trained to reason in visual latents (LVR), do the answer tokens use the latents at all? Measure
-(a) the attention answer tokens pay to image tokens vs latent tokens, per layer, (b) cos(first latent, latent-end
-delimiter embedding), (c) the causal test: accuracy with the latents intact vs zeroed, noised at their norm,
-shuffled across items, removed. Remedy (ULR): freeze the backbone and optimise only the K latent inputs H per test
-sample: Stage I (5 steps) pulls each latent toward the question-relevant image tokens with a multi-positive InfoNCE
-(exact backprop, Adam); Stage II (15 steps) is a zeroth-order (NES) search on a confidence reward; then answer
-greedily with the chosen H in place. Slots mode = the released code (K = 4 `<|endoftext|>` slots in a vanilla VLM
-prompt); latent mode = the paper's framing (H starts from an LVR model's own decoded latents).
+Diagnosis (`diagnose`): do a latent model's (an lvr.py export's) answer tokens use its latents? (a) attention of
+answer tokens to image vs latent tokens per layer (`attention_shares`); (b) cos(first latent, latent-end delimiter
+embedding); (c) the causal test (`ablate`): accuracy with the latents intact, zeroed, noised at their norm, shuffled
+across items, removed. Remedy (ULR, `optimise_latents`): freeze the backbone; per test sample optimise only the K
+latent inputs H. Stage I pulls each latent toward the question-relevant image tokens (multi-positive InfoNCE
+`infonce_loss`, exact gradient, Adam); Stage II is a zeroth-order (NES) search on a confidence reward
+(`confidence_reward`); then the answer is decoded greedily with H in place. Slots mode = the released code (K
+`<|endoftext|>` slots in a vanilla VLM prompt); latent mode = the paper's framing (H0 = an LVR model's latents).
 
-Launch:
-    python unsilence.py                           # CPU toy: LVR export (trained if missing), diagnosis, ULR, table
-    python unsilence.py --stage diagnose --model runs/lvr_a/export,runs/lvr_b/export   # HF exports, e.g. per step
+Launch (one process; ULR optimises one sample at a time, as released):
+    python unsilence.py                          # CPU toy: LVR export (trained if missing), diagnosis, ULR, tables
+    python unsilence.py --stage ulr --model Qwen/Qwen2.5-VL-7B-Instruct --benchmarks mmvp --data-dir data/MMVP
     python unsilence.py --stage ulr --modes latent --model runs/lvr7b/export --benchmarks vstar \\
-        --data-dir data/vstar_bench --min-pixels 100352 --max-pixels 4014080   # the paper's framing, an LVR model
-    python unsilence.py --stage ulr --model Qwen/Qwen2.5-VL-7B-Instruct --benchmarks mmvp --data-dir data/MMVP \\
-        --modes slots --min-pixels 100352 --max-pixels 200704 --max-new-tokens 2048      # released MMVP setting
-    python unsilence.py --stage ulr --model Qwen/Qwen2.5-VL-7B-Instruct --benchmarks hallusionbench \\
-        --data-dir data/HallusionBench --modes slots --min-pixels 100352 --max-pixels 200704 --max-new-tokens 2048
+        --data-dir data/vstar_bench --max-pixels 4014080          # one GPU, the paper's framing on an LVR model
+    python unsilence.py --stage diagnose --model runs/lvr_a/export,runs/lvr_b/export    # one row per checkpoint
     python eval.py --benchmark mmvp --data-dir data/MMVP --model Qwen/Qwen2.5-VL-7B-Instruct --mode unsilence \\
         --min-pixels 100352 --max-pixels 200704 --max-new-tokens 2048      # the same through the eval harness
-One process on one GPU: the optimisation is per sample (batch 1), as released. `--data-dir` is one benchmark's
-folder when one benchmark is given; the toy world's copies are used without it.
+8 GPUs: no torchrun; one process per GPU and benchmark (CUDA_VISIBLE_DEVICES=i ... --run-dir runs/ulr_<bench>).
+Defaults are the released scripts'; on a toy model TOY_PRESET replaces the fields not given (and is printed).
 
-Deviations and choices (R = released code, P = paper / its third-party reading):
-| choice | default | flag | source |
+| choice (R = released code, P = the paper as read by a third party) | default | flag | source |
 |---|---|---|---|
-| Stage-II reward | top-10 log-confidence + 0.05 x progression | `--reward paper` (entropy-decrease hinge) | R / P |
-| positives per slot | 4 (index slicing of the top K·4) | `--pos-k 2` | R / P |
-| negatives per slot | 4 least relevant | `--neg-k 16` | R result files / 2 of 3 scripts |
-| state stored at the best step | updated centre H | `--store candidate` (the evaluated H+eps) | R and P Alg. 1 |
-| best-step rule | best starts at 0.0, strict > (Stage I logs -L <= 0, never chosen) | `--last` | R |
-| Stage-I trap | `--ablation stage1_only` returns the Stage-I result (selection: last) | `--stage1-trap` returns the initial H, as R would | R (named here) |
-| question -> image relevance | computed ONCE on the prefix (the question precedes the slots) | - | R re-runs it every Stage-I step |
-| Stage I / II forwards | slots only, on the cached prefix KV; vision tower runs once | - | R: full forward + vision tower each Stage-I step; `--kv_reuse` in Stage II |
-| attention | eager (attention maps) for the one relevance pass, SDPA elsewhere | `--attn eager` everywhere | R: eager everywhere |
-| dtype | float32 | `--dtype bfloat16` | R scripts pass none (fp32) |
-| released prompt's list-repr bug (`Question: ['...']`) | not copied | `--prompt-list-bug` | R result files |
-| scoring | rule-based: `<answer>`, else last `\\boxed{}`, else the text; eval.py's extractor | - | R ends in a GPT-4o judge |
-| latent-model mode | init H from lvr.latent_generate's decoded latents | `--modes latent` | P (not in R) |
-| noise eps | a CPU generator seeded once per evaluation (seed 42), drawn in item order | `--seed` | R (once per process) |
+| Stage-II reward | top-10 log-confidence + 0.05 x progression | `--reward paper` (entropy hinge) | R / P |
+| InfoNCE temperature, objective weight | tau 0.2, lam_align 1 | `--tau`, `--lam-align` | R scripts (code: 0.07, 0.1) |
+| positives / negatives per slot | 4 (index slicing of top K·4) / 4 least relevant | `--pos-k 2` (P), `--neg-k 16` | R |
+| state stored at the best step | updated centre H | `--store candidate` (H + eps) | R, P Alg. 1 |
+| best-step rule | best starts at 0.0, strict > (Stage I logs -L <= 0: never chosen) | `--last` | R |
+| Stage-I trap | `--ablation stage1_only` returns the Stage-I result | `--stage1-trap`: the initial H | R (named here) |
+| question -> image relevance | once, on the prefix (the question precedes the slots) | - | R: every Stage-I step |
+| Stage I / II forwards | slots only, on the cached prefix KV; vision tower once | - | R: full forwards |
+| numerics | fp32; eager attention for the relevance pass only, else SDPA | `--dtype`, `--attn` | R: fp32, eager |
+| released list-repr bug (`Question: ['...']`) | not copied | `--prompt-list-bug` | R result files |
+| scoring | `<answer>`, else last `\\boxed{}`, else the text; eval.py's rules | - | R: + a GPT-4o judge |
+| latent-model mode | H0 = lvr.latent_generate's decoded latents | `--modes latent` | P (not in R) |
+| noise eps | CPU generator seeded once per evaluation, drawn in item order | `--seed 42` | R (once per process) |
 """
-from __future__ import annotations
-
 import json
-import math
 import os
 import subprocess
 import sys
@@ -58,11 +50,85 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, HfArgumentParser
+from transformers import DynamicCache
 
 import common as C
 import eval as E
+import lvr
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    stage: str = field(default="all", metadata={"help": "what to run", "choices": ["diagnose", "ulr", "all"]})
+    model: str = field(default="runs/lvr/export", metadata={"help": "model dir / hub id; for diagnosis a comma list "
+                                                                    "of LVR exports (the default: trained if missing)"})
+    modes: str = field(default="slots", metadata={"help": "ULR latent sources: slots (the released prompt) | latent "
+                                                          "(an LVR model's decoded latents)"})
+    benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "eval.py benchmarks"})
+    data_dir: str = field(default="", metadata={"help": "the benchmark's folder, one benchmark (default: toy copy)"})
+    limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
+    run_dir: str = field(default="runs/unsilence", metadata={"help": "tables, plot, predictions"})
+    num_slots: int = field(default=4, metadata={"help": "K latent slots in slots mode"})
+    latent_steps: int = field(default=8, metadata={"help": "latents the LVR model decodes (latent mode, diagnosis)"})
+    stage1_steps: int = field(default=5, metadata={"help": "Stage I steps (InfoNCE, Adam)"})
+    stage2_steps: int = field(default=15, metadata={"help": "Stage II steps (NES)"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam lr (Stage I) and NES step size (Stage II)"})
+    tau: float = field(default=0.2, metadata={"help": "InfoNCE temperature"})
+    pos_k: int = field(default=4, metadata={"help": "positives per slot"})
+    neg_k: int = field(default=4, metadata={"help": "negatives per slot"})
+    lam_align: float = field(default=1.0, metadata={"help": "weight of the Stage-I objective -L_align"})
+    sigma: float = field(default=25.0, metadata={"help": "sigma_0 of the Stage-II perturbation"})
+    sigma_decay: float = field(default=0.95, metadata={"help": "sigma *= decay after every step of both stages"})
+    reward: str = field(default="code", metadata={"help": "Stage-II reward", "choices": ["code", "paper"]})
+    top_k: int = field(default=10, metadata={"help": "top-k probabilities in the confidence reward"})
+    lam_progression: float = field(default=0.05, metadata={"help": "weight of the progression term"})
+    selection: str = field(default="best", metadata={"help": "H returned", "choices": ["best", "last"]})
+    last: bool = field(default=False, metadata={"help": "= --selection last (released --disable_best_reward)"})
+    store: str = field(default="centre", metadata={"help": "H kept at the best step",
+                                                   "choices": ["centre", "candidate"]})
+    best_init: float = field(default=0.0, metadata={"help": "initial best reward of the released rule"})
+    ablation: str = field(default="none", metadata={"help": "ULR ablation", "choices": [
+        "none", "stage1_only", "stage2_only", "no_progression"]})
+    stage1_trap: bool = field(default=False, metadata={"help": "stage1_only under the released rule (initial H)"})
+    init: str = field(default="token", metadata={"help": "slots init: <|endoftext|> | N(0, 0.02)",
+                                                 "choices": ["token", "random"]})
+    causal_ablations: str = field(default="zeros,noise,shuffle,remove", metadata={"help": "diagnosis ablations"})
+    max_new_tokens: int = field(default=2048, metadata={"help": "answer tokens"})
+    min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image pixel budget, min (128 tokens)"})
+    max_pixels: int = field(default=256 * 28 * 28, metadata={"help": "image pixel budget, max (256 tokens)"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype", "choices": ["float32", "bfloat16"]})
+    attn: str = field(default="sdpa", metadata={"help": "attention kernel", "choices": ["sdpa", "eager"]})
+    prompt_list_bug: bool = field(default=False, metadata={"help": "render the first question as ['...'] (released)"})
+    seed: int = field(default=42, metadata={"help": "seed of the noise generator (once per evaluation)"})
+
+
+# A tiny model answers in a few tokens from small images; 24 items per toy set keep the default run short. Applied (and
+# printed) only when every model is the toy backbone or an export of it, to the fields not given on the command line.
+TOY_PRESET = dict(modes="slots,latent", limit=24, max_new_tokens=32, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
+
+
+def resolve(args: Args, explicit: set[str] | None = None) -> Args:
+    models = args.model.split(",")       # the toy, a toy export, or the default export `python lvr.py` will train
+    if all(C.is_toy(m) or m == "runs/lvr/export" and not Path(m, "config.json").exists() for m in models):
+        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+                       "toy preset", "model is the toy backbone")
+    args.selection = "last" if args.last else args.selection
+    if args.ablation == "stage1_only":
+        args.stage2_steps = 0
+        args.selection = "best" if args.stage1_trap else "last"   # the released rule would return the initial H
+    elif args.ablation == "stage2_only":
+        args.stage1_steps = 0
+    elif args.ablation == "no_progression":
+        args.lam_progression = 0.0
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: the released prompt (slots mode), the LVR prompt (latent mode), token spans
+# ----------------------------------------------------------------------------------------------------------------
 SLOT_TOKEN = "<|endoftext|>"
 SYSTEM_PROMPT = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
                  "The assistant first thinks about the reasoning process in the mind and then provides the user with "
@@ -71,79 +137,6 @@ SYSTEM_PROMPT = ("A conversation between User and Assistant. The user asks a que
                  "</answer>")
 
 
-@dataclass
-class Args:
-    stage: str = field(default="all", metadata={"help": "diagnose | ulr | all"})
-    model: str = field(default="", metadata={"help": "model dir / hub id; for diagnosis a comma list of LVR "
-                                                     "checkpoints (default runs/lvr/export, trained if missing)"})
-    modes: str = field(default="", metadata={"help": "ULR latent source(s): slots (released) | latent (LVR model) "
-                                                     "(default: slots,latent on the toy; slots otherwise)"})
-    benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "eval.py benchmarks"})
-    data_dir: str = field(default="", metadata={"help": "benchmark folder (default: the toy world's copy)"})
-    limit: int = field(default=-1, metadata={"help": "items per benchmark (-1 = 24 on the toy, all otherwise)"})
-    run_dir: str = field(default="runs/unsilence", metadata={"help": "tables, plot, predictions"})
-    num_slots: int = field(default=4, metadata={"help": "K latent slots in slots mode"})
-    latent_steps: int = field(default=8, metadata={"help": "LVR latents decoded in latent mode / diagnosis"})
-    stage1_steps: int = field(default=5, metadata={"help": "Stage I steps (InfoNCE, Adam)"})
-    stage2_steps: int = field(default=15, metadata={"help": "Stage II steps (NES)"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam lr (Stage I) and NES step size (Stage II)"})
-    tau: float = field(default=0.2, metadata={"help": "InfoNCE temperature (code default 0.07, scripts 0.2)"})
-    pos_k: int = field(default=4, metadata={"help": "positives per slot (paper reportedly 2)"})
-    neg_k: int = field(default=4, metadata={"help": "negatives per slot (16 in two script versions)"})
-    align_weight: float = field(default=1.0, metadata={"help": "Stage-I objective weight (code default 0.1)"})
-    sigma: float = field(default=25.0, metadata={"help": "sigma_0 of the Stage-II perturbation"})
-    sigma_decay: float = field(default=0.95, metadata={"help": "sigma *= decay after every step of both stages"})
-    reward: str = field(default="code", metadata={"help": "code (confidence + progression) | paper (entropy hinge)"})
-    top_k: int = field(default=10, metadata={"help": "top-k probabilities in the confidence reward"})
-    progression_weight: float = field(default=0.05, metadata={"help": "lambda of the progression term"})
-    selection: str = field(default="best", metadata={"help": "best (released rule) | last"})
-    last: bool = field(default=False, metadata={"help": "return the final H (= --selection last; released "
-                                                        "--disable_best_reward)"})
-    store: str = field(default="centre", metadata={"help": "state kept at the best step: centre (released) | "
-                                                           "candidate"})
-    best_init: float = field(default=0.0, metadata={"help": "initial best reward of the released rule"})
-    ablation: str = field(default="none", metadata={"help": "none | stage1_only | stage2_only | no_progression"})
-    stage1_trap: bool = field(default=False, metadata={"help": "stage1_only keeps the released rule (returns the "
-                                                                "initial latent)"})
-    init: str = field(default="token", metadata={"help": "slots init: token (<|endoftext|>) | random (std 0.02)"})
-    causal_ablations: str = field(default="zeros,noise,shuffle,remove", metadata={"help": "diagnosis ablations"})
-    max_new_tokens: int = field(default=0, metadata={"help": "answer tokens (0 = 32 toy, 2048 released)"})
-    min_pixels: int = field(default=0, metadata={"help": "0 = 16·28² toy, 128·28² released"})
-    max_pixels: int = field(default=0, metadata={"help": "0 = 64·28² toy, 256·28² released"})
-    dtype: str = field(default="float32", metadata={"help": "float32 (released) | bfloat16"})
-    attn: str = field(default="sdpa", metadata={"help": "sdpa (eager only for the relevance pass) | eager"})
-    prompt_list_bug: bool = field(default=False, metadata={"help": "render the first question as ['...'] (released)"})
-    seed: int = field(default=42, metadata={"help": "seed of the noise generator (once per run)"})
-
-
-def is_toy(name: str) -> bool:
-    """A toy backbone or toy export (common.is_toy: the exported config says so), or the default LVR export that is
-    about to be trained by `python lvr.py` (the toy default) because it does not exist yet."""
-    return C.is_toy(name) or (name == "runs/lvr/export" and not Path(name, "config.json").exists())
-
-
-def resolve(args: Args) -> Args:
-    args.model = args.model or "runs/lvr/export"
-    toy = all(is_toy(m) for m in args.model.split(","))
-    args.modes = args.modes or ("slots,latent" if toy else "slots")
-    args.limit = (24 if toy else 0) if args.limit < 0 else args.limit
-    args.max_new_tokens = args.max_new_tokens or (32 if toy else 2048)
-    args.min_pixels = args.min_pixels or (16 if toy else 128) * 28 * 28
-    args.max_pixels = args.max_pixels or (64 if toy else 256) * 28 * 28
-    args.selection = "last" if args.last else args.selection
-    if args.ablation == "stage1_only":
-        args.stage2_steps = 0
-        args.selection = "best" if args.stage1_trap else "last"   # the released rule would return the initial H
-    elif args.ablation == "stage2_only":
-        args.stage1_steps = 0
-    elif args.ablation == "no_progression":
-        args.progression_weight = 0.0
-    return args
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: the released prompt (slots mode), the LVR prompt (latent mode), token spans
-# ----------------------------------------------------------------------------------------------------------------
 def slots_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
     """The released user turn: [image, "Question: {q}\\nPut your final answer within \\\\boxed{}.\\n\\n",
     "\\n\\nPROBLEM: {q}\\n\\nThe following special tokens ... {K slots}"] (missing separators kept as released)."""
@@ -165,10 +158,10 @@ def slots_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
 
 def lvr_sample(bb: C.Backbone, it: dict, args: Args) -> tuple[dict, str]:
     """eval.py's LVR protocol prompt (answer-tag, latent mode) with `<|lvr_start|>` forced at the end."""
-    import lvr
     messages, _ = E.build_messages(it, SimpleNamespace(prompt="answer-tag", mode="latent", latent_force_span=False))
-    s = C.encode_chat(bb, messages, add_generation_prompt=True, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    return append_tokens(s, [bb.token_id(lvr.LVR_START)]), it["question"]
+    sample = C.encode_chat(bb, messages, add_generation_prompt=True, min_pixels=args.min_pixels,
+                           max_pixels=args.max_pixels)
+    return append_tokens(sample, [bb.token_id(lvr.LVR_START)]), it["question"]
 
 
 def append_tokens(sample: dict, ids: list[int]) -> dict:
@@ -230,7 +223,6 @@ def slot_range(sample: dict, slot_id: int, k: int) -> tuple[int, int]:
 def latent_prompt(bb: C.Backbone, it: dict, args: Args) -> tuple[LatentPrompt, torch.Tensor]:
     """Latent mode: lvr.latent_generate decodes N latents after the forced `<|lvr_start|>`; they become H0 and the
     `<|lvr|>` slots of the prompt."""
-    import lvr
     sample, question = lvr_sample(bb, it, args)
     out = lvr.latent_generate(bb, [sample], num_latent_steps=args.latent_steps, max_new_tokens=1)[0]
     H0 = out["latents"]
@@ -299,7 +291,7 @@ def forward_slots(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H: torch
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage I: pairs from relevance, multi-positive InfoNCE.  Stage II: rewards.  Diagnosis metrics.
+# Losses: Stage I pairs from relevance and the multi-positive InfoNCE L_align; Stage II rewards R
 # ----------------------------------------------------------------------------------------------------------------
 def select_pairs(relevance: torch.Tensor, num_slots: int, pos_k: int, neg_k: int):
     """Index slicing (released `index_slice`): the top K·pos_k image tokens, sorted by position; slot i takes chunk i.
@@ -326,12 +318,12 @@ def infonce_loss(z: torch.Tensor, v: torch.Tensor, positives, negatives, tau: fl
     return torch.stack(losses).mean() if losses else z.sum() * 0.0
 
 
-def confidence_reward(logits: torch.Tensor, top_k: int = 10, progression_weight: float = 0.05) -> float:
+def confidence_reward(logits: torch.Tensor, top_k: int = 10, lam_progression: float = 0.05) -> float:
     """Released: c_t = −mean log(top-k p_t + 1e-10); R = mean_t c_t + λ · mean_t log((c_{t+1}+1e-8)/(c_t+1e-8))."""
     top = torch.topk(torch.softmax(logits.float(), -1), top_k, -1).values
     c = -torch.log(top + 1e-10).mean(-1)
     progression = torch.log((c[1:] + 1e-8) / (c[:-1] + 1e-8)).mean() if len(c) > 1 else c.new_zeros(())
-    return float(c.mean() + progression_weight * progression)
+    return float(c.mean() + lam_progression * progression)
 
 
 def entropy_reward(logits: torch.Tensor) -> float:
@@ -341,92 +333,8 @@ def entropy_reward(logits: torch.Tensor) -> float:
     return float((entropy[:-1] - entropy[1:]).clamp(min=0).mean()) if len(entropy) > 1 else 0.0
 
 
-def attention_shares(attentions, answer_rows, image_cols, latent_cols) -> torch.Tensor:
-    """[layers, 2]: mean over heads and answer rows of the attention mass on image tokens and on latent tokens."""
-    out = []
-    for a in attentions:                                      # [1, heads, L, L]
-        rows = a[0][:, answer_rows].float()                   # [heads, rows, L]
-        out.append(torch.stack([rows[..., image_cols].sum(-1).mean(), rows[..., latent_cols].sum(-1).mean()]))
-    return torch.stack(out)
-
-
-def ablate(latents: list[torch.Tensor], kind: str, generator: torch.Generator) -> list[torch.Tensor]:
-    """Causal-test inputs: intact | zeros | noise (Gaussian, each vector rescaled to its latent's norm) |
-    shuffle (item i gets item i+1's latents) | remove (no latent vectors)."""
-    def noise(h):
-        eps = torch.randn(h.shape, generator=generator).to(h)
-        return eps / eps.norm(dim=-1, keepdim=True) * h.norm(dim=-1, keepdim=True)
-    ablations = {"intact": lambda: latents, "zeros": lambda: [torch.zeros_like(h) for h in latents],
-                 "noise": lambda: [noise(h) for h in latents], "shuffle": lambda: latents[1:] + latents[:1],
-                 "remove": lambda: [h[:0] for h in latents]}
-    if kind in ablations:
-        return ablations[kind]()
-    raise ValueError(f"unknown ablation {kind!r}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# The per-sample optimisation loop (Stage I exact gradient, Stage II NES), best-step bookkeeping
-# ----------------------------------------------------------------------------------------------------------------
-class BestStep:
-    """Released rule: best reward starts at `best_init` (0.0), a step replaces it on a strict >; `last` keeps the
-    final state. Stage I logs −align_weight·L ≤ 0, so under the released rule no Stage-I step is ever chosen."""
-
-    def __init__(self, initial: torch.Tensor, rule: str = "best", best_init: float = 0.0):
-        self.rule, self.reward, self.step, self.state = rule, best_init, -1, initial.detach().clone()
-
-    def update(self, step: int, reward: float, state: torch.Tensor):
-        if self.rule == "last" or reward > self.reward:
-            self.reward, self.step, self.state = reward, step, state.detach().clone()
-
-
-def sigma_schedule(args: Args) -> list[float]:
-    """σ used at each step: σ0·decay^step over Stage I and Stage II alike."""
-    return [args.sigma * args.sigma_decay ** t for t in range(args.stage1_steps + args.stage2_steps)]
-
-
-def optimise_latents(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H0: torch.Tensor, args: Args,
-                     generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """ULR on one sample; the backbone is frozen and only H [K, D] moves. Returns (chosen H, diagnostics)."""
-    sigmas = sigma_schedule(args)
-    H = H0.detach().clone().float().requires_grad_(True)
-    adam = torch.optim.Adam([H], lr=args.lr, maximize=True)
-    best = BestStep(H0.float(), args.selection, args.best_init)
-    positives, negatives = ([], [])
-    if args.stage1_steps and prefix.relevance is not None:
-        positives, negatives = select_pairs(prefix.relevance, len(H0), args.pos_k, args.neg_k)
-    rewards, times = [], {"stage1_s": 0.0, "stage2_s": 0.0}
-    t0 = time.perf_counter()
-    for step in range(args.stage1_steps):                                  # Stage I: maximise −align_weight·L
-        hidden, _ = forward_slots(bb, prompt, prefix, H)
-        objective = -args.align_weight * infonce_loss(hidden.float(), prefix.image_hidden.float(), positives,
-                                                      negatives, args.tau)
-        if objective.requires_grad:                   # grad w.r.t. H only: backbone .grad never written
-            (H.grad,) = torch.autograd.grad(objective, [H])
-            adam.step()
-        rewards.append(objective.item())
-        best.update(step, rewards[-1], H)
-    times["stage1_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for step in range(args.stage1_steps, args.stage1_steps + args.stage2_steps):   # Stage II: NES
-        sigma = sigmas[step]
-        eps = (torch.randn(H.shape, generator=generator) * sigma).to(H)
-        candidate = H.detach() + eps
-        with torch.no_grad():
-            _, logits = forward_slots(bb, prompt, prefix, candidate)
-            reward = (confidence_reward(logits, args.top_k, args.progression_weight) if args.reward == "code"
-                      else entropy_reward(logits))
-            H += args.lr * reward * eps / sigma ** 2                      # H ← H + η·R·ε/σ²
-        rewards.append(reward)
-        best.update(step, reward, candidate if args.store == "candidate" else H)
-    times["stage2_s"] = time.perf_counter() - t0
-    chosen = best.state.to(H0.dtype)
-    return chosen, {"rewards": rewards, "sigmas": sigmas, "chosen_step": best.step,
-                    "delta_h_norm": float((chosen.float() - H0.float()).norm()), "h0_norm": float(H0.float().norm()),
-                    **times}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Answering: greedy decoding with the latents in place (prefix from the cache)
+# Decoding: greedy answer with the latents in place (prefix from the cache), the released answer extraction
 # ----------------------------------------------------------------------------------------------------------------
 def answer_inputs(prompt: LatentPrompt, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [L', D] and positions [3, L'] of the answered sequence: the prompt with its slot rows set to H
@@ -449,8 +357,8 @@ def greedy_answer(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H: torch
     if len(embeds) > s:
         out = lm(inputs_embeds=embeds[None, s:], position_ids=positions[:, None, s:], cache=cache, use_cache=True)
         logits = bb.model.lm_head(out.last_hidden_state[0, -1]).float()
-    g = bb.model.generation_config.eos_token_id
-    eos = {bb.tokenizer.eos_token_id, *(g if isinstance(g, (list, tuple)) else [g])}
+    eos_ids = bb.model.generation_config.eos_token_id
+    eos = {bb.tokenizer.eos_token_id, *(eos_ids if isinstance(eos_ids, (list, tuple)) else [eos_ids])}
     banned = bb.tokenizer.encode("addCriterion", add_special_tokens=False)   # released bad_words_ids (Qwen2.5)
     next_pos = int(positions.max()) + 1
     tokens = []
@@ -467,6 +375,10 @@ def greedy_answer(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H: torch
     return tokens
 
 
+def decode(bb: C.Backbone, tokens: list[int]) -> str:
+    return bb.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 def released_answer_span(text: str) -> str:
     """The released verifier's extraction: `<answer>` content, else the last `\\boxed{}`, else the text."""
     if "<answer>" in text:
@@ -481,57 +393,142 @@ def released_answer_span(text: str) -> str:
     return text.strip()
 
 
-def decode(bb: C.Backbone, tokens: list[int]) -> str:
-    return bb.tokenizer.decode(tokens, skip_special_tokens=True)
+# ----------------------------------------------------------------------------------------------------------------
+# Per-sample optimisation loop: setup → for step (Stage I: loss → backward → step) → for step (Stage II: reward →
+# NES step) → log and keep the best step → answer with the chosen H
+# ----------------------------------------------------------------------------------------------------------------
+class BestStep:
+    """Released rule: best reward starts at `best_init` (0.0), a step replaces it on a strict >; `last` keeps the
+    final state. Stage I logs −lam_align·L ≤ 0, so under the released rule no Stage-I step is ever chosen."""
+
+    def __init__(self, initial: torch.Tensor, rule: str = "best", best_init: float = 0.0):
+        self.rule, self.reward, self.step, self.state = rule, best_init, -1, initial.detach().clone()
+
+    def update(self, step: int, reward: float, state: torch.Tensor):
+        if self.rule == "last" or reward > self.reward:
+            self.reward, self.step, self.state = reward, step, state.detach().clone()
 
 
-def ulr_item(bb: C.Backbone, it: dict, args: Args, mode: str, generator: torch.Generator) -> dict:
-    """One sample: build the prompt, answer without ULR, optimise H, answer with it. Returns a predictions row."""
+def sigma_schedule(args: Args) -> list[float]:
+    """σ used at each step: σ0·decay^step over Stage I and Stage II alike."""
+    return [args.sigma * args.sigma_decay ** t for t in range(args.stage1_steps + args.stage2_steps)]
+
+
+def optimise_latents(bb: C.Backbone, prompt: LatentPrompt, prefix: Prefix, H0: torch.Tensor, args: Args,
+                     generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """ULR on one sample; the backbone is frozen and only H [K, D] moves. Returns (chosen H, optimisation trace)."""
+    sigmas = sigma_schedule(args)
+    H = H0.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.Adam([H], lr=args.lr, maximize=True)                  # H is the only parameter
+    best = BestStep(H0.float(), args.selection, args.best_init)
+    positives, negatives = [], []
+    if args.stage1_steps and prefix.relevance is not None:
+        positives, negatives = select_pairs(prefix.relevance, len(H0), args.pos_k, args.neg_k)
+    rewards, times = [], {}
     t0 = time.perf_counter()
-    if mode == "slots":
-        sample, question = slots_sample(bb, it, args)
-        s, e = slot_range(sample, bb.token_id(SLOT_TOKEN), args.num_slots)
-        prompt = make_prompt(bb, sample, s, e, question)
-        H0 = prompt.embeds[s:e].clone()
-        if args.init == "random":
-            H0 = (torch.randn(H0.shape, generator=generator) * 0.02).to(H0)
-    else:
-        prompt, H0 = latent_prompt(bb, it, args)
-    prefix = prefill(bb, prompt, with_relevance=args.stage1_steps > 0)
-    times = {"prefill_s": time.perf_counter() - t0}
-    plain = decode(bb, greedy_answer(bb, prompt, prefix, H0, args.max_new_tokens))
-    H, diag = optimise_latents(bb, prompt, prefix, H0, args, generator)
+    for step in range(args.stage1_steps):                                  # Stage I: maximise −lam_align·L_align
+        hidden, _ = forward_slots(bb, prompt, prefix, H)
+        objective = -args.lam_align * infonce_loss(hidden.float(), prefix.image_hidden.float(), positives,
+                                                   negatives, args.tau)
+        if objective.requires_grad:                   # grad w.r.t. H only: backbone .grad never written
+            (H.grad,) = torch.autograd.grad(objective, [H])
+            opt.step()
+        rewards.append(objective.item())
+        best.update(step, rewards[-1], H)
+    times["stage1_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    raw = decode(bb, greedy_answer(bb, prompt, prefix, H, args.max_new_tokens))
-    times["generate_s"] = time.perf_counter() - t0
-    return {"id": it["id"], "prediction": released_answer_span(raw), "raw": raw,
-            "prediction_no_ulr": released_answer_span(plain), "question_span_found": bool(prompt.question_positions),
-            **diag, **times}
+    for step in range(args.stage1_steps, args.stage1_steps + args.stage2_steps):   # Stage II: NES on R
+        sigma = sigmas[step]
+        eps = (torch.randn(H.shape, generator=generator) * sigma).to(H)
+        candidate = H.detach() + eps
+        with torch.no_grad():
+            _, logits = forward_slots(bb, prompt, prefix, candidate)
+            reward = (confidence_reward(logits, args.top_k, args.lam_progression) if args.reward == "code"
+                      else entropy_reward(logits))
+            H += args.lr * reward * eps / sigma ** 2                      # H ← H + η·R·ε/σ²
+        rewards.append(reward)
+        best.update(step, reward, candidate if args.store == "candidate" else H)
+    times["stage2_s"] = time.perf_counter() - t0
+    chosen = best.state.to(H0.dtype)
+    return chosen, {"rewards": rewards, "sigmas": sigmas, "chosen_step": best.step,
+                    "delta_h_norm": float((chosen.float() - H0.float()).norm()), "h0_norm": float(H0.float().norm()),
+                    **times}
+
+
+def ulr_answers(bb: C.Backbone, items: list[dict], args: Args, mode: str, generator: torch.Generator) -> list:
+    """Per item: build the prompt, answer with H0, optimise H, answer with it. Returns (answer text, per-item fields)
+    per item: what eval.py writes in its predictions file."""
+    answers = []
+    for it in items:
+        t0 = time.perf_counter()
+        if mode == "slots":
+            sample, question = slots_sample(bb, it, args)
+            s, e = slot_range(sample, bb.token_id(SLOT_TOKEN), args.num_slots)
+            prompt = make_prompt(bb, sample, s, e, question)
+            H0 = prompt.embeds[s:e].clone()
+            if args.init == "random":
+                H0 = (torch.randn(H0.shape, generator=generator) * 0.02).to(H0)
+        else:
+            prompt, H0 = latent_prompt(bb, it, args)
+        prefix = prefill(bb, prompt, with_relevance=args.stage1_steps > 0)
+        times = {"prefill_s": time.perf_counter() - t0}
+        plain = decode(bb, greedy_answer(bb, prompt, prefix, H0, args.max_new_tokens))
+        H, trace = optimise_latents(bb, prompt, prefix, H0, args, generator)
+        t0 = time.perf_counter()
+        raw = decode(bb, greedy_answer(bb, prompt, prefix, H, args.max_new_tokens))
+        times["generate_s"] = time.perf_counter() - t0
+        answers.append((released_answer_span(raw), {"raw": raw, "prediction_no_ulr": released_answer_span(plain),
+                                                     "question_span_found": bool(prompt.question_positions),
+                                                     **trace, **times}))
+    return answers
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Diagnosis on a latent model: attention shares, cos(first latent, end delimiter), the causal test
+# Diagnosis of a latent model: attention shares, cos(first latent, end delimiter), the causal test
 # ----------------------------------------------------------------------------------------------------------------
+def attention_shares(attentions, answer_rows, image_cols, latent_cols) -> torch.Tensor:
+    """[layers, 2]: mean over heads and answer rows of the attention mass on image tokens and on latent tokens."""
+    shares = []
+    for a in attentions:                                      # [1, heads, L, L]
+        rows = a[0][:, answer_rows].float()                   # [heads, rows, L]
+        shares.append(torch.stack([rows[..., image_cols].sum(-1).mean(), rows[..., latent_cols].sum(-1).mean()]))
+    return torch.stack(shares)
+
+
+def ablate(latents: list[torch.Tensor], kind: str, generator: torch.Generator) -> list[torch.Tensor]:
+    """Causal-test inputs: intact | zeros | noise (Gaussian, each vector rescaled to its latent's norm) |
+    shuffle (item i gets item i+1's latents) | remove (no latent vectors)."""
+    def noise(h):
+        eps = torch.randn(h.shape, generator=generator).to(h)
+        return eps / eps.norm(dim=-1, keepdim=True) * h.norm(dim=-1, keepdim=True)
+    ablations = {"intact": lambda: latents, "zeros": lambda: [torch.zeros_like(h) for h in latents],
+                 "noise": lambda: [noise(h) for h in latents], "shuffle": lambda: latents[1:] + latents[:1],
+                 "remove": lambda: [h[:0] for h in latents]}
+    if kind in ablations:
+        return ablations[kind]()
+    raise ValueError(f"unknown ablation {kind!r}")
+
+
 @torch.no_grad()
-def diagnose(bb: C.Backbone, items: dict, args: Args, generator: torch.Generator) -> dict:
-    """items: benchmark -> items. Attention shares and cosines over all items; the causal test per benchmark."""
-    import lvr
+def diagnose(bb: C.Backbone, items_by_bench: dict, args: Args, generator: torch.Generator) -> dict:
+    """Attention shares and cosines over all items; the causal test per benchmark."""
     end_embedding = bb.model.get_input_embeddings().weight[bb.token_id(lvr.LVR_LATENT_END)].float()
     shares, cosines, accuracy = [], [], {}
-    for bench, its in items.items():
-        prompts = [latent_prompt(bb, it, args) for it in its]                 # (prompt, decoded latents H)
-        prefixes = [prefill(bb, p, with_relevance=False) for p, _ in prompts]
-        latents = [h for _, h in prompts]
-        accuracy[bench] = {"chance": chance(bench, its)}
-        for kind in ["intact"] + [k for k in args.causal_ablations.split(",") if k]:
-            answers = [greedy_answer(bb, p, f, h, args.max_new_tokens)
-                       for (p, _), f, h in zip(prompts, prefixes, ablate(latents, kind, generator))]
+    for bench, its in items_by_bench.items():
+        decoded = [latent_prompt(bb, it, args) for it in its]                 # (prompt, decoded latents H)
+        prefixes = [prefill(bb, prompt, with_relevance=False) for prompt, _ in decoded]
+        latents = [h for _, h in decoded]
+        accuracy[bench] = {}
+        for kind in ["intact"] + [k for k in args.causal_ablations.split(",") if k]:            # (c)
+            answers = [greedy_answer(bb, prompt, prefix, h, args.max_new_tokens)
+                       for (prompt, _), prefix, h in zip(decoded, prefixes, ablate(latents, kind, generator))]
             texts = {str(it["id"]): released_answer_span(decode(bb, a)) for it, a in zip(its, answers)}
-            accuracy[bench][kind] = E.score(bench, its, texts, eval_args(bench, args))["overall"]
+            summary = E.score(bench, its, texts, eval_args(bench, args))
             if kind == "intact":
-                intact = answers
+                accuracy[bench]["chance"], intact = summary["chance"], answers
+            accuracy[bench][kind] = summary["overall"]
         with attention_implementation(bb.model, "eager"):      # (a): one teacher-forced pass over prompt + answer
-            for (prompt, H), tokens in zip(prompts, intact):
+            for (prompt, H), tokens in zip(decoded, intact):
                 cosines.append(float(F.cosine_similarity(H[0].float(), end_embedding, dim=0)))   # (b)
                 embeds, positions = answer_inputs(prompt, H)
                 seq = torch.cat([embeds, bb.model.get_input_embeddings()(torch.tensor(tokens, device=embeds.device))])
@@ -566,46 +563,27 @@ def plot_diagnosis(results: dict, path: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring through eval.py, the eval.py hook, and main
+# Evaluate: eval.py's seam (`python eval.py --mode unsilence`), loading, tables
 # ----------------------------------------------------------------------------------------------------------------
 def eval_args(benchmark: str, args: Args, **kw) -> E.Args:
     return E.Args(benchmark=benchmark, data_dir=args.data_dir, model=args.model, mode="unsilence", limit=args.limit,
                   min_pixels=args.min_pixels, max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens, **kw)
 
 
-def chance(benchmark: str, items: list[dict]) -> float:
-    """Expected score of a uniform guess under the benchmark's headline rule (MMVP: pairs; BLINK: subtask mean)."""
-    p = {str(it["id"]): 1 / len(it["options"]) if it["options"] else 0.5 for it in items}
-    if benchmark == "mmvp":
-        pairs = E.by(items, lambda it: it["extra"]["pair"], [p[str(it["id"])] for it in items])
-        full = [v for v in pairs.values() if len(v) == 2]
-        return 100 * sum(math.prod(v) for v in full) / max(len(full), 1)
-    groups = E.by(items, lambda it: it["category"], [p[str(it["id"])] for it in items])
-    if benchmark == "blink":
-        return 100 * sum(sum(v) / len(v) for v in groups.values()) / len(groups)
-    return 100 * sum(p.values()) / len(p)
-
-
-def ulr_answers(items: list[dict], bb: C.Backbone, args: Args, mode: str, generator: torch.Generator) -> list:
-    """(answer text, per-sample diagnostics) per item: what eval.py writes in its predictions file."""
-    rows = [ulr_item(bb, it, args, mode, generator) for it in items]
-    return [(r.pop("prediction"), {k: v for k, v in r.items() if k != "id"}) for r in rows]
-
-
 def generate_ulr(bb: C.Backbone, items: list[dict], ea: E.Args) -> list:
     """`python eval.py --mode unsilence`: slots-mode ULR with the released defaults and eval's image budget. One
     sampling generator per loaded model, so the answers do not depend on --batch-size."""
     if getattr(bb, "ulr_run", None) is None:
-        args = resolve(Args(model=ea.model, modes="slots", min_pixels=ea.min_pixels, max_pixels=ea.max_pixels,
-                            max_new_tokens=E.settings(ea, ea.benchmark)["max_new_tokens"], limit=0))   # as recorded
+        given = dict(model=ea.model, modes="slots", min_pixels=ea.min_pixels, max_pixels=ea.max_pixels,
+                     max_new_tokens=E.settings(ea, ea.benchmark)["max_new_tokens"], limit=0)   # as recorded
+        args = resolve(Args(**given), explicit=set(given))
         bb.model.to(getattr(torch, args.dtype)).eval().requires_grad_(False)
         bb.ulr_run = (args, torch.Generator().manual_seed(args.seed))
     args, generator = bb.ulr_run
-    return ulr_answers(items, bb, args, "slots", generator)
+    return ulr_answers(bb, items, args, "slots", generator)
 
 
 def load_latent_model(path: str, args: Args, lvr_tokens: bool = True) -> C.Backbone:
-    import lvr
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bb = C.load_backbone(path, dev, dtype=getattr(torch, args.dtype),
                          attn_implementation="eager" if args.attn == "eager" else None)
@@ -618,23 +596,32 @@ def load_latent_model(path: str, args: Args, lvr_tokens: bool = True) -> C.Backb
 
 def ensure_toy_lvr(path: str):
     if path == "runs/lvr/export" and not Path(path, "config.json").exists():
-        print("no toy LVR export: training one with `python lvr.py --eval false` (~20 s)")
+        print("no toy LVR export: training one with `python lvr.py --eval false`")
         subprocess.run([sys.executable, str(Path(__file__).with_name("lvr.py")), "--eval", "false"], check=True)
 
 
-def main(args: Args):
-    args = resolve(args)
+def print_table(header: list[str], rows: list[list[str]]):
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main: setup → diagnosis per checkpoint → ULR per mode and benchmark (eval.py's seam) → tables and report
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: Args, explicit: set[str] | None = None):
+    resolve(args, explicit)
     C.seed_everything(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
     models = [m for m in args.model.split(",") if m]
     for m in models:
         ensure_toy_lvr(m)
     benchmarks = [b for b in args.benchmarks.split(",") if b]
-    items = {b: E.load_benchmark(b, args.data_dir, eval_args(b, args))[0] for b in benchmarks}
+    items_by_bench = {b: E.load_benchmark(b, args.data_dir, eval_args(b, args))[0] for b in benchmarks}
     report = {"args": asdict(args)}
     if args.stage in ("diagnose", "all"):
-        results = {m: diagnose(load_latent_model(m, args), items, args, torch.Generator().manual_seed(args.seed))
-                   for m in models}
+        results = {m: diagnose(load_latent_model(m, args), items_by_bench, args,
+                               torch.Generator().manual_seed(args.seed)) for m in models}
         plot_diagnosis(results, os.path.join(args.run_dir, "diagnosis.png"))
         report["diagnosis"] = results
         print_table(["checkpoint", "answer->image", "answer->latents", "per layer (image / latents)",
@@ -649,26 +636,28 @@ def main(args: Args):
                      for b in benchmarks])
     if args.stage in ("ulr", "all"):
         bb = load_latent_model(models[-1], args, lvr_tokens="latent" in args.modes)
-        table = {b: {"chance": chance(b, items[b])} for b in benchmarks}
-        if "mmvp" in benchmarks:                                   # released results are per question
-            table["mmvp (per question)"] = {"chance": chance("per_question", items["mmvp"])}
-        for mode in [m for m in args.modes.split(",") if m]:
+        table = {b: {} for b in benchmarks} | ({"mmvp (per question)": {}} if "mmvp" in benchmarks else {})
+        for mode in [x for x in args.modes.split(",") if x]:
             for b in benchmarks:
-                out = Path(args.run_dir, f"{b}_{mode}.json")
-                preds = out.with_suffix(".predictions.jsonl")
-                preds.unlink(missing_ok=True)                      # a new run: never resume old predictions
-                ea = eval_args(b, args, output=str(out), predictions=str(preds), label=f"ULR {mode}")
-                gen = torch.Generator().manual_seed(args.seed)
-                s = E.evaluate(ea, backbone=bb,
-                               generate=lambda _bb, its, _ea, m=mode, g=gen: ulr_answers(its, bb, args, m, g))
-                rows = [r for r in map(json.loads, preds.read_text().splitlines()) if "id" in r]  # not provenance
-                base = E.score(b, items[b], {str(r["id"]): r["prediction_no_ulr"] for r in rows}, ea)
-                table[b][f"{mode}: no ULR"], table[b][f"{mode}: ULR"] = base["overall"], s["overall"]
-                table[b][f"{mode}: |dH|"] = sum(r["delta_h_norm"] for r in rows) / len(rows)
-                table[b][f"{mode}: |H0|"] = sum(r["h0_norm"] for r in rows) / len(rows)
+                output = Path(args.run_dir, f"{b}_{mode}.json")
+                preds = output.with_suffix(".predictions.jsonl")
+                preds.unlink(missing_ok=True)    # a fresh run: one sampling generator over all items, never resumed
+                ea = eval_args(b, args, output=str(output), predictions=str(preds), label=f"ULR {mode}", overwrite=True,
+                               method_settings=json.dumps({**asdict(args), "modes": mode}, sort_keys=True))
+                generator = torch.Generator().manual_seed(args.seed)
+                summary = E.evaluate(ea, backbone=bb, generate=lambda bb, its, _ea, mode=mode, generator=generator:
+                                     ulr_answers(bb, its, args, mode, generator))
+                records = [r for r in map(json.loads, preds.read_text().splitlines()) if "id" in r]  # not provenance
+                no_ulr = E.score(b, items_by_bench[b], {str(r["id"]): r["prediction_no_ulr"] for r in records}, ea)
+                row = table[b]
+                row.setdefault("chance", summary["chance"])
+                row[f"{mode}: no ULR"], row[f"{mode}: ULR"] = no_ulr["overall"], summary["overall"]
+                row[f"{mode}: |dH|"] = sum(r["delta_h_norm"] for r in records) / len(records)
+                row[f"{mode}: |H0|"] = sum(r["h0_norm"] for r in records) / len(records)
                 if b == "mmvp":
-                    table["mmvp (per question)"].update({f"{mode}: no ULR": base["question_accuracy"],
-                                                         f"{mode}: ULR": s["question_accuracy"]})
+                    table["mmvp (per question)"].setdefault("chance", summary["question_chance"])
+                    table["mmvp (per question)"].update({f"{mode}: no ULR": no_ulr["question_accuracy"],
+                                                         f"{mode}: ULR": summary["question_accuracy"]})
         report["ulr"] = table
         cols = list(table[benchmarks[0]])
         cell = lambda row, c: "" if c not in row else f"{row[c]:.1e}" if "|" in c else f"{row[c]:.1f}"   # noqa: E731
@@ -677,11 +666,5 @@ def main(args: Args):
     return report
 
 
-def print_table(header: list[str], rows: list[list[str]]):
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-
-
 if __name__ == "__main__":
-    main(HfArgumentParser(Args).parse_args_into_dataclasses()[0])
+    main(*C.parse_args(Args))

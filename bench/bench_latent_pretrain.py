@@ -39,7 +39,7 @@ def main():
     # 2. target extraction throughput (a fresh cache, so the tower really runs)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        L.build_target_cache(bb, args, C.Dist(), {k: images[k] for k in keys}, Path(tmp), skips)
+        L.extract_targets(bb, args, C.Dist(), {k: images[k] for k in keys}, Path(tmp))
         extract_s = time.perf_counter() - t0
         cache = L.TargetCache(Path(tmp))
         cache.center = True

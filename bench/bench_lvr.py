@@ -25,18 +25,18 @@ import lvr  # noqa: E402
 def sft_benchmark(bb, repeats: int, batch: int):
     from toy_world import ensure_toy_world
     data = ensure_toy_world("data/toy", seed=0) / "lvr_train.json"
-    a = lvr.resolve(lvr.Args(data=str(data)))
+    args = lvr.resolve(lvr.Args(data=str(data)))
     recs = list(C.read_records(str(data)))[:batch]
-    with_span = [lvr.convert_sft(r, bb, a) for r in recs]
-    plain = [lvr.convert_sft(r, bb, a, with_span=False) for r in recs]
+    with_span = [lvr.convert_sft(r, bb, args) for r in recs]
+    plain = [lvr.convert_sft(r, bb, args, with_span=False) for r in recs]
     opt = torch.optim.AdamW(bb.model.parameters(), lr=1e-6)
 
     def lvr_step():
-        loss, _ = lvr.sft_loss(bb, bb.model, with_span, a, "cpu")
+        loss, _ = lvr.sft_loss(bb.model, with_span, bb, args, "cpu")
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
 
-    def plain_step():   # tests/train_sft.py's step
+    def plain_step():   # sft.py's step
         b = C.pack(bb, plain)
         loss = C.next_token_loss(bb.model(**C.model_inputs(b, "cpu")).logits, b["labels"])
         loss.backward()

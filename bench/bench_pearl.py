@@ -27,12 +27,12 @@ def main():
     ap.add_argument("--data", default="lvr", choices=["lvr", "pixelreasoner"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--per-micro", type=int, default=4)
-    a = ap.parse_args()
+    opts = ap.parse_args()
     root = ensure_toy_world("data/toy", seed=0)
-    data = str(root / ("lvr_train.json" if a.data == "lvr" else "pixelreasoner_train.json"))
-    args = P.Args(model=a.model, data=data, max_examples=a.per_micro)
+    data = str(root / ("lvr_train.json" if opts.data == "lvr" else "pixelreasoner_train.json"))
+    args = P.Args(model=opts.model, data=data, max_examples=opts.per_micro)
     P.resolve(args)                                # the toy preset (toy backbone): lr, LoRA r 8, small images
-    bb = C.load_backbone(a.model)
+    bb = C.load_backbone(opts.model)
     frozen = P.setup_model(bb, args)
     skips = C.Skips()
     examples = P.load_data(bb, args, skips)
@@ -53,7 +53,7 @@ def main():
     for k in kinds.values():  # warm-up
         step(*k)
     times = {k: [] for k in kinds}
-    for _ in range(a.repeats):
+    for _ in range(opts.repeats):
         for k, v in kinds.items():
             times[k].append(step(*v))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -61,8 +61,8 @@ def main():
     n_all = sum(len(e[v]["input_ids"]) for e in examples for v in ("full", "input", "traj"))
     n_img = sum(len(e["full"]["image_grid_thw"]) for e in examples)
     n_img_naive = sum(len(e[v]["image_index"]) for e in examples for v in ("full", "input", "traj"))
-    print(f"model {a.model}, data {a.data}, {len(examples)} examples/step, tokens: full views {n_full}, all views "
-          f"{n_all}; images encoded: shared {n_img}, naive {n_img_naive}; {a.repeats} interleaved repeats, "
+    print(f"model {opts.model}, data {opts.data}, {len(examples)} examples/step, tokens: full views {n_full}, all views "
+          f"{n_all}; images encoded: shared {n_img}, naive {n_img_naive}; {opts.repeats} interleaved repeats, "
           f"{torch.get_num_threads()} threads")
     for k in kinds:
         print(f"{k:12s} median step {med[k] * 1000:8.1f} ms  (min {min(times[k]) * 1000:.1f}, "

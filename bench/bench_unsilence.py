@@ -47,48 +47,48 @@ def full_forward(bb, sample, prompt, H, **kw):
         hook.remove()
 
 
-def ours(bb, it, a, gen, new_tokens):
+def ours(bb, it, args, gen, new_tokens):
     t = [time.perf_counter()]
-    sample, q = U.slots_sample(bb, it, a)
-    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), a.num_slots)
+    sample, q = U.slots_sample(bb, it, args)
+    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     prompt = U.make_prompt(bb, sample, s, e, q)
     prefix = U.prefill(bb, prompt)
     t.append(time.perf_counter())
     H0 = prompt.embeds[s:e].clone()
-    a1 = U.Args(**{**vars(a), "stage2_steps": 0, "selection": "last"})
-    H, _ = U.optimise_latents(bb, prompt, prefix, H0, a1, gen)
+    args1 = U.Args(**{**vars(args), "stage2_steps": 0, "selection": "last"})
+    H, _ = U.optimise_latents(bb, prompt, prefix, H0, args1, gen)
     t.append(time.perf_counter())
-    a2 = U.Args(**{**vars(a), "stage1_steps": 0})
-    a2.sigma = a.sigma * a.sigma_decay ** a.stage1_steps                   # σ continues from Stage I
-    H, _ = U.optimise_latents(bb, prompt, prefix, H, a2, gen)
+    args2 = U.Args(**{**vars(args), "stage1_steps": 0})
+    args2.sigma = args.sigma * args.sigma_decay ** args.stage1_steps          # σ continues from Stage I
+    H, _ = U.optimise_latents(bb, prompt, prefix, H, args2, gen)
     t.append(time.perf_counter())
     U.greedy_answer(bb, prompt, prefix, H, new_tokens, stop_at_eos=False)
     t.append(time.perf_counter())
     return [t[i + 1] - t[i] for i in range(4)]
 
 
-def released(bb, it, a, gen, new_tokens, kv_reuse):
+def released(bb, it, args, gen, new_tokens, kv_reuse):
     """The released procedure's forwards (its arithmetic is unsilence.py's; only the work per step differs)."""
     t = [time.perf_counter()]
-    sample, q = U.slots_sample(bb, it, a)
-    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), a.num_slots)
+    sample, q = U.slots_sample(bb, it, args)
+    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     prompt = U.make_prompt(bb, sample, s, e, q)
     prefix = U.prefill(bb, prompt, with_relevance=False) if kv_reuse else None   # --kv_reuse prefills once
     t.append(time.perf_counter())
     H = prompt.embeds[s:e].clone().requires_grad_(True)
-    adam = torch.optim.Adam([H], lr=a.lr, maximize=True)
-    for _ in range(a.stage1_steps):                     # full eager forward + attention maps every step
+    adam = torch.optim.Adam([H], lr=args.lr, maximize=True)
+    for _ in range(args.stage1_steps):                  # full eager forward + attention maps every step
         out = full_forward(bb, sample, prompt, H, output_attentions=True, output_hidden_states=True)
         rel = U.question_relevance(out.attentions, prompt.question_positions, prompt.image_positions)
-        pos, neg = U.select_pairs(rel.detach(), a.num_slots, a.pos_k, a.neg_k)
+        pos, neg = U.select_pairs(rel.detach(), args.num_slots, args.pos_k, args.neg_k)
         hidden = out.hidden_states[-1][0]
-        loss = U.infonce_loss(hidden[s:e], hidden[prompt.image_positions], pos, neg, a.tau)
-        (H.grad,) = torch.autograd.grad(-a.align_weight * loss, [H])
+        loss = U.infonce_loss(hidden[s:e], hidden[prompt.image_positions], pos, neg, args.tau)
+        (H.grad,) = torch.autograd.grad(-args.lam_align * loss, [H])
         adam.step()
     t.append(time.perf_counter())
-    sigma = a.sigma * a.sigma_decay ** a.stage1_steps
+    sigma = args.sigma * args.sigma_decay ** args.stage1_steps
     with torch.no_grad():
-        for _ in range(a.stage2_steps):
+        for _ in range(args.stage2_steps):
             eps = torch.randn(H.shape, generator=gen) * sigma
             cand = H.detach() + eps
             if kv_reuse:                                # slots + suffix on the cached prefix, then crop
@@ -99,9 +99,9 @@ def released(bb, it, a, gen, new_tokens, kv_reuse):
                 logits = bb.model.lm_head(out.last_hidden_state[0, :e - s])
             else:
                 logits = full_forward(bb, sample, prompt, cand).logits[0, s:e]
-            reward = U.confidence_reward(logits, a.top_k, a.progression_weight)
-            H += a.lr * reward * eps / sigma ** 2
-            sigma *= a.sigma_decay
+            reward = U.confidence_reward(logits, args.top_k, args.lam_progression)
+            H += args.lr * reward * eps / sigma ** 2
+            sigma *= args.sigma_decay
     t.append(time.perf_counter())
     hook = hook_slots(bb, prompt, H.detach())           # model.generate with the hook (prefill only in released)
     try:
@@ -116,9 +116,9 @@ def released(bb, it, a, gen, new_tokens, kv_reuse):
     return [t[i + 1] - t[i] for i in range(4)]
 
 
-def plain(bb, it, a, gen, new_tokens):
+def plain(bb, it, args, gen, new_tokens):
     t0 = time.perf_counter()
-    sample, _ = U.slots_sample(bb, it, a)
+    sample, _ = U.slots_sample(bb, it, args)
     n = len(sample["input_ids"])
     with torch.no_grad():
         bb.model.generate(input_ids=sample["input_ids"][None], attention_mask=torch.ones(1, n, dtype=torch.long),
@@ -128,11 +128,11 @@ def plain(bb, it, a, gen, new_tokens):
     return [0.0, 0.0, 0.0, time.perf_counter() - t0]
 
 
-def plain_ours(bb, it, a, gen, new_tokens):
+def plain_ours(bb, it, args, gen, new_tokens):
     """The same prompt answered with H0 by this file's decoder (no optimisation, no relevance pass)."""
     t0 = time.perf_counter()
-    sample, q = U.slots_sample(bb, it, a)
-    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), a.num_slots)
+    sample, q = U.slots_sample(bb, it, args)
+    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     prompt = U.make_prompt(bb, sample, s, e, q)
     prefix = U.prefill(bb, prompt, with_relevance=False)
     t1 = time.perf_counter()
@@ -148,9 +148,9 @@ def main():
     p.add_argument("--model", default="runs/lvr/export")
     opt = p.parse_args()
     U.ensure_toy_lvr(opt.model)
-    a = U.resolve(U.Args(model=opt.model))
-    bb = U.load_latent_model(opt.model, a)
-    items = E.load_benchmark("vstar", "", U.eval_args("vstar", a))[0][:opt.items]
+    args = U.resolve(U.Args(model=opt.model))
+    bb = U.load_latent_model(opt.model, args)
+    items = E.load_benchmark("vstar", "", U.eval_args("vstar", args))[0][:opt.items]
     eager = lambda f: (lambda *x: run_eager(bb, f, *x))   # noqa: E731
     variants = {"plain generation": plain, "plain generation, this file's decoder": plain_ours,
                 "ULR, this file": ours, "ULR, this file, eager everywhere": eager(ours),
@@ -161,12 +161,12 @@ def main():
     for r in range(opt.repeats + 1):                    # repeat 0 warms up
         for it in items:
             for name, f in variants.items():
-                split = f(bb, it, a, gen, opt.new_tokens)
+                split = f(bb, it, args, gen, opt.new_tokens)
                 if r:
                     times[name].append(split)
     med = {k: [statistics.median(x[i] for x in v) for i in range(4)] for k, v in times.items()}
     base, base_ours = sum(med["plain generation"]), sum(med["plain generation, this file's decoder"])
-    print(f"toy LVR export, slots mode, {a.stage1_steps} + {a.stage2_steps} steps, {opt.new_tokens} new tokens, "
+    print(f"toy LVR export, slots mode, {args.stage1_steps} + {args.stage2_steps} steps, {opt.new_tokens} new tokens, "
           f"{len(items)} items x {opt.repeats} repeats, median per item (ms)")
     print("| variant | prompt + prefix | Stage I | Stage II | generation | total | / plain `generate` | "
           "/ plain, this file's decoder |")

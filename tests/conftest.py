@@ -22,8 +22,8 @@ def free_port() -> int:
 
 
 def run_script(path, *argv, nproc: int = 1, cwd=ROOT, timeout: int = 600, check: bool = True, env: dict | None = None):
-    """Run a project script (`lvr.py`, `tests/train_sft.py`, ...) as a subprocess: with `python`, or under torchrun
-    with `nproc` processes on a free port; one thread per process, offline. Returns the CompletedProcess; with
+    """Run a project script (`sft.py`, `lvr.py`, `toy_world.py`, ...) as a subprocess: with `python`, or under
+    torchrun with `nproc` processes on a free port; one thread per process, offline. Returns the CompletedProcess; with
     check, a failure shows the end of its output."""
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                   str(nproc), "--master_port", str(free_port())]

@@ -1,13 +1,9 @@
 """Every bad argument is one line and exit code 2, before anything is loaded or trained (issue: a typo in
 `lvr.py --stage` silently ran GRPO; `--steps -5` exported an untrained model; `--per-micro -3` crashed deep inside)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_script
+
 CASES = [
     ("lvr.py", ["--stage", "gpro"], "argument --stage: invalid choice: 'gpro'"),
     ("lvr.py", ["--steps", "-5"], "--steps must be ≥ 1 (got -5)"),
@@ -26,8 +22,7 @@ CASES = [
 
 @pytest.mark.parametrize("script,argv,message", CASES, ids=[f"{s}{' '.join(a)}" for s, a, _ in CASES])
 def test_bad_argument_is_one_line_and_exit_2(script, argv, message, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / script), *argv, "--run-dir", str(tmp_path / "run")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_script(script, *argv, "--run-dir", tmp_path / "run", timeout=120, check=False)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:") or ": error:" in line]
@@ -48,3 +43,12 @@ def test_empty_model_directory_is_named(tmp_path):
     with pytest.raises(SystemExit, match="has no config.json"):
         C.check_model_name(str(tmp_path / "empty"))
     assert C.check_model_name("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"   # a hub id passes
+
+
+@pytest.mark.parametrize("config,message", [("not json", "is not a JSON object"), ("[1, 2]", "is not a JSON object"),
+                                            ('{"model_type": "llama"}', "model_type 'llama' is not Qwen2.5-VL")])
+def test_garbage_model_directory_is_one_line(tmp_path, config, message):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(config)
+    r = run_script("sft.py", "--model", tmp_path / "model", "--run-dir", tmp_path / "run", timeout=120, check=False)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

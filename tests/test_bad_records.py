@@ -35,10 +35,10 @@ def bad_lvr_records(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lvr_bb():
-    bb = C.load_backbone("toy")
-    lvr.prepare_model(bb)
-    return bb
+def lvr_bb(toy_bb):
+    """The toy backbone after LVR's surgery (this module's copy of toy_bb)."""
+    lvr.prepare_model(toy_bb)
+    return toy_bb
 
 
 def test_lvr_loader_counts_every_bad_record(tmp_path, lvr_bb):

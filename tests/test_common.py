@@ -1,25 +1,19 @@
 """Foundation tests: preprocessing, packing equivalence, surgery, data skips, micro-batch order, distributed
-training parity, kill-and-resume, Hugging Face export."""
+training parity and kill-and-resume (sft.py as a subprocess), Hugging Face export."""
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 import common as C
+from bench.bench_packing import PackedMicroBatches, greedy_bins
+from conftest import metrics, run_script
+from helpers import token_logprobs
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(min_pixels=4 * 784, max_pixels=64 * 784)
-
-
-@pytest.fixture(scope="module", params=["toy", "toy-qwen3vl"])
-def bb(request):
-    return C.load_backbone(request.param)
 
 
 def chat(image_sizes, text="What is the colour of the circle?", answer="<answer> A </answer>"):
@@ -51,7 +45,8 @@ def test_smart_resize_hand_example():
     assert C.smart_resize(20, 20, 28, 4 * 784, 256 * 784) == (56, 56)  # below min: scaled up to 2x2 tokens
 
 
-def test_token_counts_multi_image_and_labels(bb):
+def test_token_counts_multi_image_and_labels(toy_bb_both):
+    bb = toy_bb_both
     f = bb.patch_factor
     s = C.encode_chat(bb, chat([(5 * f, 3 * f), (2 * f, 7 * f)]), **SMALL)
     assert s["image_grid_thw"].tolist() == [[1, 6, 10], [1, 14, 4]]  # grid in patches (h, w) = 2x tokens
@@ -70,14 +65,16 @@ def test_token_counts_multi_image_and_labels(bb):
     assert [ids[i + 1:i + 1 + n] == [pad] * n and ids[i + 1 + n] == ve for i, n in zip(starts, (15, 14))] == [True] * 2
 
 
-def test_untrained_assistant_turns_are_context(bb):
+def test_untrained_assistant_turns_are_context(toy_bb_both):
+    bb = toy_bb_both
     msgs = chat([(56, 56)])
     msgs = msgs + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "B", "train": False}]
     s = C.encode_chat(bb, msgs, **SMALL)
     assert bb.tokenizer.decode(s["input_ids"][s["labels"] != C.IGNORE]) == "<answer> A </answer><|im_end|>"
 
 
-def test_encode_matches_chat_template(bb):
+def test_encode_matches_chat_template(toy_bb_both):
+    bb = toy_bb_both
     """Our piecewise rendering equals the tokenizer's chat template (with the image pads expanded)."""
     msgs = chat([(56, 84)])
     s = C.encode_chat(bb, msgs, **SMALL)
@@ -93,13 +90,14 @@ def per_sample_logprobs(bb, samples):
     for s in samples:
         b = C.pack(bb, [s])
         logits = bb.model(**C.model_inputs(b, "cpu")).logits
-        lp, _ = C.token_logprobs(logits, s["labels"][None] * 0 + s["input_ids"][None])  # every next token
+        lp, _ = token_logprobs(logits, s["labels"][None] * 0 + s["input_ids"][None])  # every next token
         out.append(lp[0])
     return out
 
 
 @torch.no_grad()
-def test_packed_equals_per_sample(bb):
+def test_packed_equals_per_sample(toy_bb_both):
+    bb = toy_bb_both
     bb.model.eval()
     samples = [C.encode_chat(bb, chat(sz, text="q" * k), **SMALL)
                for sz, k in [([(60, 90)], 3), ([(100, 50), (56, 56)], 1), ([], 7)]]
@@ -107,7 +105,7 @@ def test_packed_equals_per_sample(bb):
     batch = C.pack(bb, samples)
     all_ids = batch["input_ids"]
     logits = bb.model(**C.model_inputs(batch, "cpu")).logits
-    lp, _ = C.token_logprobs(logits, all_ids)
+    lp, _ = token_logprobs(logits, all_ids)
     off = 0
     for s, r in zip(samples, ref):
         n = len(s["input_ids"])
@@ -117,28 +115,29 @@ def test_packed_equals_per_sample(bb):
     bad = dict(batch)
     bad["position_ids"] = batch["position_ids"].clone()
     bad["position_ids"][0, 0] = torch.arange(all_ids.shape[1])
-    lp_bad, _ = C.token_logprobs(bb.model(**C.model_inputs(bad, "cpu")).logits, all_ids)
+    lp_bad, _ = token_logprobs(bb.model(**C.model_inputs(bad, "cpu")).logits, all_ids)
     n0 = len(samples[0]["input_ids"])
     assert (lp_bad[0, n0:n0 + len(samples[1]["input_ids"]) - 1] - ref[1]).abs().max() > 1e-3
     # and the mask is what keeps them apart: with a KV cache transformers would skip it (use_cache must stay off)
     leaky = C.model_inputs(batch, "cpu") | {"use_cache": True}
-    lp_leak, _ = C.token_logprobs(bb.model(**leaky).logits, all_ids)
+    lp_leak, _ = token_logprobs(bb.model(**leaky).logits, all_ids)
     assert (lp_leak[0, n0:n0 + len(samples[1]["input_ids"]) - 1] - ref[1]).abs().max() > 1e-3
 
 
 @torch.no_grad()
-def test_padded_equals_per_sample(bb):
+def test_padded_equals_per_sample(toy_bb_both):
+    bb = toy_bb_both
     bb.model.eval()
     samples = [C.encode_chat(bb, chat([(60, 90)]), **SMALL), C.encode_chat(bb, chat([(120, 60)], text="x"), **SMALL)]
     ref = per_sample_logprobs(bb, samples)
     batch = C.pad_batch(bb, samples)
-    lp, _ = C.token_logprobs(bb.model(**C.model_inputs(batch, "cpu")).logits, batch["input_ids"])
+    lp, _ = token_logprobs(bb.model(**C.model_inputs(batch, "cpu")).logits, batch["input_ids"])
     for i, (s, r) in enumerate(zip(samples, ref)):
         torch.testing.assert_close(lp[i, :len(s["input_ids"]) - 1], r, atol=1e-5, rtol=1e-5)
 
 
-def test_pack_labels_do_not_cross_samples():
-    bb = C.load_backbone("toy")
+def test_pack_labels_do_not_cross_samples(toy_bb):
+    bb = toy_bb
     samples = [C.encode_chat(bb, chat([]), **SMALL) for _ in range(3)]
     for s in samples:
         s["labels"] = s["input_ids"].clone()  # fully supervised
@@ -151,7 +150,7 @@ def test_pack_labels_do_not_cross_samples():
 def test_greedy_bins_respects_budget():
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(50, 900, (300,), generator=g).tolist()
-    bins = C.greedy_bins(lengths, 2048)
+    bins = greedy_bins(lengths, 2048)
     assert sorted(i for b in bins for i in b) == list(range(300))
     assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
     assert sum(lengths) / (2048 * len(bins)) > 0.95
@@ -178,8 +177,8 @@ def test_add_special_tokens_reuses_spare_rows_or_resizes():
 
 
 # ---------------------------------------------------------------- data
-def test_broken_records_are_counted_skips(tmp_path):
-    bb = C.load_backbone("toy")
+def test_broken_records_are_counted_skips(tmp_path, toy_bb):
+    bb = toy_bb
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     lines = [json.dumps({"image": "ok.png", "bbox": [0.1, 0.1, 0.5, 0.5], "answer": "A"}),
@@ -218,8 +217,8 @@ def test_check_bbox_rejects_malformed_shapes(bbox):
         C.check_bbox(bbox)
 
 
-def test_build_dataset_skips_non_objects_and_extreme_aspect(tmp_path):
-    bb = C.load_backbone("toy")
+def test_build_dataset_skips_non_objects_and_extreme_aspect(tmp_path, toy_bb):
+    bb = toy_bb
 
     def convert(r):
         im = Image.new("RGB", (r["w"], r["h"]))
@@ -243,9 +242,9 @@ def test_micro_batches_world_size_independent_and_resumable():
         single = one.next(0, 1, 4)
         two = [x for pair in zip(a.next(0, 2, 2), b.next(1, 2, 2)) for x in pair]
         assert single == two
-    packed_one = C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
-    p0, p1 = C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64), \
-        C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
+    packed_one = PackedMicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
+    p0, p1 = PackedMicroBatches(lengths * 20, token_budget=120, seed=5, window=64), \
+        PackedMicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
     seen = []
     for _ in range(30):
         single = packed_one.next(0, 1, 2)
@@ -272,23 +271,18 @@ def test_check_finite_reports_terms():
         C.check_finite(torch.tensor(float("nan")), 3, {"ce": 1.0, "lvr": float("nan")})
 
 
-# ---------------------------------------------------------------- training infrastructure (subprocesses)
-def run(cmd, **kw):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+# ---------------------------------------------------------------- training infrastructure (sft.py, subprocesses)
+# sft.py is the template loop every method file follows; on the random-init toy, with a tiny budget and no eval.
+SFT = ("--model", "toy", "--per-micro", 2, "--lr", 1e-3, "--eval", "")
 
 
 def losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(Path(run_dir) / "metrics.jsonl"))}
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}
 
 
-def test_two_process_fsdp_matches_one_process(tmp_path):
-    run([sys.executable, "tests/train_sft.py", "--run-dir", str(tmp_path / "one"), "--steps", "4", "--grad-accum", "2"])
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-         "tests/train_sft.py", "--run-dir", str(tmp_path / "two"), "--steps", "4", "--grad-accum", "1",
-         "--export", "true"])
+def test_two_process_fsdp_matches_one_process(tmp_path, toy_world):
+    run_script("sft.py", *SFT, "--run-dir", tmp_path / "one", "--steps", 4, "--grad-accum", 2)
+    run_script("sft.py", *SFT, "--run-dir", tmp_path / "two", "--steps", 4, "--grad-accum", 1, nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == 4 and one.keys() == two.keys()
     for k in one:
@@ -297,13 +291,13 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     assert (tmp_path / "two" / "export" / "model.safetensors").exists()  # export gathers FSDP shards
 
 
-def test_kill_and_resume_continues_the_same_curve(tmp_path):
-    base = [sys.executable, "tests/train_sft.py", "--steps", "6", "--save-every", "2", "--pack", "false"]
-    run(base + ["--run-dir", str(tmp_path / "full")])
-    run(base + ["--run-dir", str(tmp_path / "cut"), "--stop-after", "3"])  # killed after step 3 (last ckpt: 2)
-    run(base + ["--run-dir", str(tmp_path / "cut"), "--resume", "true"])
+def test_kill_and_resume_continues_the_same_curve(tmp_path, toy_world):
+    base = (*SFT, "--grad-accum", 1, "--steps", 6, "--save-every", 2, "--pack", "false")
+    run_script("sft.py", *base, "--run-dir", tmp_path / "full")
+    run_script("sft.py", *base, "--run-dir", tmp_path / "cut", "--stop-after", 3)  # killed after step 3 (ckpt: 2)
+    run_script("sft.py", *base, "--run-dir", tmp_path / "cut", "--resume", "true")
     full = losses(tmp_path / "full")
-    cut = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    cut = metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint (step 3) re-run, not duplicated
     for r in cut:
         assert r["loss"] == pytest.approx(full[r["step"]], rel=1e-5), (r, full)
@@ -389,11 +383,10 @@ def test_activation_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(g0[n], g1[n], atol=1e-6, rtol=1e-5)
 
 
-def test_read_records_parquet_streaming(tmp_path):
+def test_read_records_parquet_and_json(tmp_path):
     import pandas as pd
     pd.DataFrame({"idx": [1, 2, 3], "question": ["a", "b", "c"]}).to_parquet(tmp_path / "x.parquet")
-    for streaming in (False, True):
-        assert [r["question"] for r in C.read_records(tmp_path / "x.parquet", streaming=streaming)] == ["a", "b", "c"]
+    assert [r["question"] for r in C.read_records(tmp_path / "x.parquet")] == ["a", "b", "c"]
     (tmp_path / "l.json").write_text(json.dumps([{"a": 1}, {"a": 2}]))
     assert [r["a"] for r in C.read_records(tmp_path / "l.json")] == [1, 2]
 

@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eval as ev  # noqa: E402
+import eval as ev
 
 
 def png_bytes(color=(255, 0, 0)):
@@ -414,27 +413,25 @@ def test_missing_method_module_is_named(monkeypatch):
         ev.resolve_generator("latent")
 
 
-def test_toy_generation_batched_equals_one_by_one(tmp_path):
+def test_toy_generation_batched_equals_one_by_one(tmp_path, toy_bb):
     """End to end on the offline toy backbone: left-padded batches give the same greedy text as one item at a time
     (items have different image sizes, so different prompt lengths), and answer-tag ends the prompt with <answer>."""
-    pytest.importorskip("common")
-    import common
+    bb = toy_bb
     root = tmp_path / "vstar"
     write_vstar(root, n=3)
     for i, r in enumerate(json.loads(line) for line in open(root / "test_questions.jsonl")):
         os.makedirs(root / os.path.dirname(r["image"]), exist_ok=True)
         Image.new("RGB", (56 + 28 * i, 56), (200, 40 * i, 0)).save(root / r["image"])
     items, _ = ev.load_benchmark("vstar", str(root), ev.Args(benchmark="vstar"))
-    bundle = common.load_backbone("toy")
     args = ev.Args(benchmark="vstar", max_new_tokens=4, min_pixels=28 * 28, max_pixels=16 * 28 * 28, batch_size=3)
-    batched = {i: t for i, t, _ in ev.predict(items, bundle, args, ev.generate_plain)}
+    batched = {i: t for i, t, _ in ev.predict(items, bb, args, ev.generate_plain)}
     args.batch_size = 1
-    single = {i: t for i, t, _ in ev.predict(items, bundle, args, ev.generate_plain)}
+    single = {i: t for i, t, _ in ev.predict(items, bb, args, ev.generate_plain)}
     assert batched == single and set(batched) == {0, 1, 2}
-    lengths = {len(ev.encode_item(bundle, it, args)["input_ids"]) for it in items}
+    lengths = {len(ev.encode_item(bb, it, args)["input_ids"]) for it in items}
     assert len(lengths) == 3  # the batch really was padded
-    tag = ev.encode_item(bundle, items[0], ev.Args(prompt="answer-tag"))["input_ids"].tolist()
-    suffix = bundle.tokenizer.encode("<answer>", add_special_tokens=False)
+    tag = ev.encode_item(bb, items[0], ev.Args(prompt="answer-tag"))["input_ids"].tolist()
+    suffix = bb.tokenizer.encode("<answer>", add_special_tokens=False)
     assert tag[-len(suffix):] == suffix
 
 
@@ -467,15 +464,15 @@ def test_latent_ablation_is_recorded_passed_and_never_mixed(tmp_path, monkeypatc
     import lvr
     seen = {}
 
-    def fake_latent_generate(bundle, samples, **kw):
+    def fake_latent_generate(bb, samples, **kw):
         seen.update(kw, n=len(samples))
         return [{"token_ids": [1]}] * len(samples)
     monkeypatch.setattr(lvr, "latent_generate", fake_latent_generate)
-    monkeypatch.setattr(ev, "encode_item", lambda bundle, it, args: {"id": it["id"]})
-    bundle = types.SimpleNamespace(tokenizer=types.SimpleNamespace(decode=lambda ids, **kw: "<answer> A </answer>"))
+    monkeypatch.setattr(ev, "encode_item", lambda bb, it, args: {"id": it["id"]})
+    bb = types.SimpleNamespace(tokenizer=types.SimpleNamespace(decode=lambda ids, **kw: "<answer> A </answer>"))
     items, _ = ev.load_benchmark("vstar", str(tmp_path / "vstar"), ev.Args(benchmark="vstar"))
     shuffle = ev.Args(**{**zeros.__dict__, "latent_ablation": "shuffle"})
-    out = list(ev.predict(items[:2], bundle, shuffle, ev.resolve_generator("latent")))
+    out = list(ev.predict(items[:2], bb, shuffle, ev.resolve_generator("latent")))
     assert seen["ablate"] == "shuffle" and seen["num_latent_steps"] == 8 and seen["n"] == 2 and len(out) == 2
 
 

@@ -5,9 +5,7 @@ rows' own learning rate and the plain HF export, retrieval metrics, and 2-proces
     python -m pytest -q tests/test_latent_pretrain.py
 """
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common as C  # noqa: E402
-import latent_pretrain as L  # noqa: E402
+import common as C
+import latent_io as A
+import latent_pretrain as L
+from conftest import metrics, run_script
 
 
 @pytest.fixture(scope="module")
-def bb():
-    b = C.load_backbone("toy")
-    C.add_special_tokens(b, [L.LATENT_START, L.LATENT_PAD, L.LATENT_END])
-    return b
+def bb(toy_bb):
+    C.add_special_tokens(toy_bb, [L.LATENT_START, L.LATENT_PAD, L.LATENT_END])
+    return toy_bb
+
+
+def _moved(export: Path) -> tuple[bool, bool]:
+    """(some LLM decoder-layer weight differs from the toy init, some vision-tower weight does): training really
+    stepped, and the frozen tower stayed frozen. (The embedding rows of new tokens change without any step.)"""
+    start = C.load_backbone("toy").model.state_dict()
+    done = C.load_backbone(str(export)).model.state_dict()
+    differs = {k for k in start if not torch.equal(start[k], done[k].to(start[k].dtype))
+               and ("visual" in k or "language_model.layers." in k)}
+    assert any("language_model.layers." in k for k in start)
+    return any("visual" not in k for k in differs), any("visual" in k for k in differs)
 
 
 # ---------------------------------------------------------------- targets
@@ -54,8 +62,7 @@ def test_cache_round_trip_and_tower_not_rerun(bb, tmp_path, monkeypatch):
     images = _tiny_images(tmp_path / "img", 5)
     images["missing"] = str(tmp_path / "img" / "nope.png")
     args = L.Args(image_size=56, shard_size=2)                   # 56 px → 2×2 merged tokens: K = 4 is the identity
-    skips = C.Skips()
-    L.build_target_cache(bb, args, C.Dist(), images, tmp_path / "cache", skips)
+    L.extract_targets(bb, args, C.Dist(), images, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("targets-*.safetensors"))) == 3
     cache = L.TargetCache(tmp_path / "cache")
     assert cache.skipped == {"missing": "missing image"}       # counted per caption by load_targets, every run
@@ -76,7 +83,7 @@ def test_cache_round_trip_and_tower_not_rerun(bb, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("vision tower ran although the cache exists")
     monkeypatch.setattr(bb.model.model, "get_image_features", boom)
-    L.build_target_cache(bb, args, C.Dist(), images, tmp_path / "cache", C.Skips())
+    L.extract_targets(bb, args, C.Dist(), images, tmp_path / "cache")
     torch.testing.assert_close(L.TargetCache(tmp_path / "cache").get(keys)[0], z_tok)
 
 
@@ -292,18 +299,18 @@ def test_retrieval_recall_known_ranks():
     sim[1, 1], sim[1, [5, 6]] = 0.5, 0.9
     sim[2, 2], sim[2, [4, 5, 6, 7, 8]] = 0.5, 0.9
     sim[3, 3], sim[3, [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]] = 0.5, 0.9
-    r = L.retrieval_recall(sim, gt)
+    r = A.retrieval_recall(sim, gt)
     assert r == {"R@1": 25.0, "R@5": 50.0, "R@10": 75.0}
 
 
 def test_kmeans_nmi_separated_clusters():
     x = torch.cat([torch.randn(20, 2) * 0.01 + c for c in (torch.tensor([0.0, 5]), torch.tensor([5.0, 0]))])
-    assert L.kmeans_nmi(x.numpy(), ["a"] * 20 + ["b"] * 20) == pytest.approx(1.0)
+    assert A.kmeans_nmi(x.numpy(), ["a"] * 20 + ["b"] * 20) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------- 2-process smoke runs
 def _tiny_coco(root: Path, n_images=8):
-    images = _tiny_images(root / "img", n_images)
+    _tiny_images(root / "img", n_images)
     ann = [{"id": 10 * i + j, "image_id": i, "caption": f"{c} shape number {i} at the left"}
            for i in range(n_images) for j, c in enumerate(("a red", "a blue"))]
     data = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(n_images)], "annotations": ann}
@@ -311,43 +318,37 @@ def _tiny_coco(root: Path, n_images=8):
     return root / "captions.json", root / "img"
 
 
-def _torchrun(args, cwd, port):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "latent_pretrain.py"), "--model", "toy"] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout + p.stderr
+def _torchrun(*argv) -> str:
+    r = run_script("latent_pretrain.py", "--model", "toy", *argv, nproc=2, timeout=300)
+    return r.stdout + r.stderr
 
 
 def test_torchrun_pretrain_then_analyze(tmp_path):
     captions, img = _tiny_coco(tmp_path)
-    out = _torchrun(["--data", str(captions), "--image-root", str(img), "--val-data", str(captions),
-                     "--val-image-root", str(img), "--image-size", "56", "--steps", "2", "--per-micro", "4",
-                     "--run-dir", str(tmp_path / "run")], ROOT, 29847)
+    out = _torchrun("--data", captions, "--image-root", img, "--val-data", captions, "--val-image-root", img,
+                    "--image-size", "56", "--steps", "2", "--per-micro", "4", "--run-dir", tmp_path / "run")
     assert "step 2" in out and "analysis: R@1" in out
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path / "run")
     assert {"loss_ntp", "loss_inst", "loss_batch"} <= set(rows[-1])
     export = tmp_path / "run" / "export"
     assert (export / "model.safetensors").exists() and (export / "latent_head.safetensors").exists()
     from transformers import Qwen2_5_VLForConditionalGeneration
     Qwen2_5_VLForConditionalGeneration.from_pretrained(export)   # loads with no project code
+    assert _moved(export) == (True, False)                       # FSDP2: the optimizer steps the sharded weights
 
 
-def test_torchrun_finetune(tmp_path):
-    from toy_world import ensure_toy_world
-    root = ensure_toy_world(str(ROOT / "data" / "toy"), seed=0)
+def test_torchrun_finetune(tmp_path, toy_world):
     stale = tmp_path / "ft" / "gqa_summary.predictions.jsonl"       # an earlier export's predictions: not reused
     stale.parent.mkdir()
     stale.write_text("".join(json.dumps({"id": f"testdev{i:07d}", "prediction": "STALE"}) + "\n" for i in range(48)))
-    out = _torchrun(["--stage", "finetune", "--init", "toy", "--gqa-dir", str(root / "gqa"), "--scienceqa-dir", "",
-                     "--steps", "2", "--per-micro", "2", "--eval-limit", "2", "--run-dir", str(tmp_path / "ft")],
-                    ROOT, 29848)
+    out = _torchrun("--stage", "finetune", "--init", "toy", "--gqa-dir", toy_world / "gqa", "--scienceqa-dir", "",
+                    "--steps", "2", "--per-micro", "2", "--eval-limit", "2", "--run-dir", tmp_path / "ft")
     assert "step 2" in out and "resuming" not in out
     assert (tmp_path / "ft" / "export" / "model.safetensors").exists()
     header, *preds = [json.loads(x) for x in stale.read_text().splitlines()]
     assert header["provenance"]["model"].endswith("export")                      # the new export made them
     assert len(preds) == 2 and all(p["prediction"] != "STALE" for p in preds)
+    assert _moved(tmp_path / "ft" / "export") == (True, False)
 
 
 def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
@@ -366,8 +367,7 @@ def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
                     tar.addfile(info, io.BytesIO(data))
     pairs, images = L.read_pairs(str(tmp_path / "cc-{00..01}.tar"), "", C.Skips())
     assert pairs is None and len(images["__wds__"]) == 2
-    skips = C.Skips()
-    L.build_target_cache(bb, L.Args(image_size=56), C.Dist(), images, tmp_path / "cache", skips)
+    L.extract_targets(bb, L.Args(image_size=56), C.Dist(), images, tmp_path / "cache")
     cache = L.TargetCache(tmp_path / "cache")
     assert cache.skipped == {"010002": "unreadable image"}         # kept in the shard for every later run
     assert sorted(cache.captions) == sorted((f"caption {s} {i}", f"{s:02d}{i:04d}")
@@ -376,18 +376,14 @@ def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
     captions, img = _tiny_coco(tmp_path)
-    base = [sys.executable, str(ROOT / "latent_pretrain.py"), "--model", "toy", "--data", str(captions), "--image-root", str(img),
-            "--image-size", "56", "--steps", "4", "--per-micro", "4", "--save-every", "2", "--analyze", "false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def losses(run, *extra):
-        p = subprocess.run(base + ["--run-dir", str(run), *extra], env=env, capture_output=True, text=True,
-                           timeout=300)
-        assert p.returncode == 0, p.stderr[-3000:]
-        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+        run_script("latent_pretrain.py", "--model", "toy", "--data", captions, "--image-root", img, "--image-size",
+                   "56", "--steps", "4", "--per-micro", "4", "--save-every", "2", "--analyze", "false",
+                   "--run-dir", run, *extra, timeout=300)
+        return {r["step"]: r["loss"] for r in metrics(run)}
 
     full = losses(tmp_path / "a")
-    import shutil
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
     shutil.copy(tmp_path / "a" / "run_id", tmp_path / "b" / "run_id")  # the run directory's identity moves with it
     resumed = losses(tmp_path / "b", "--resume", "true")

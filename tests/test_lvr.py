@@ -2,24 +2,18 @@
 
     python -m pytest -q tests/test_lvr.py
 """
-import json
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common as C  # noqa: E402
-import eval as E  # noqa: E402
-import lvr  # noqa: E402
+import common as C
+import eval as E
+import lvr
+from conftest import metrics, run_script
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,11 +60,10 @@ PIX = dict(min_pixels=4 * 784, max_pixels=16 * 784)
 
 
 @pytest.fixture(scope="module")
-def bb():
-    b = C.load_backbone("toy", seed=0)
-    lvr.prepare_model(b)
-    b.model.eval()
-    return b
+def bb(toy_bb):
+    lvr.prepare_model(toy_bb)
+    toy_bb.model.eval()
+    return toy_bb
 
 
 def image(seed, w=84, h=112):
@@ -79,7 +72,7 @@ def image(seed, w=84, h=112):
 
 
 def sft_args(**kw):
-    return lvr.Args(**{**dict(min_pixels=PIX["min_pixels"], max_pixels=PIX["max_pixels"], lvr_lambda=1.0), **kw})
+    return lvr.Args(**{**dict(min_pixels=PIX["min_pixels"], max_pixels=PIX["max_pixels"], lam_lvr=1.0), **kw})
 
 
 def record(seed, bbox, answer="B"):
@@ -98,8 +91,8 @@ def prompt(bb, seed, text="What is the colour?", prefix=""):
 # Stage 1: layout and teacher-forced alignment H[p-1] ↦ v_p
 # ---------------------------------------------------------------------------------------------------------------
 def test_layout_labels_and_skips(bb):
-    a = sft_args()
-    s = lvr.convert_sft(record(0, [0.1, 0.2, 0.6, 0.9]), bb, a)
+    args = sft_args()
+    s = lvr.convert_sft(record(0, [0.1, 0.2, 0.6, 0.9]), bb, args)
     ids = s["input_ids"].tolist()
     t = {k: bb.token_id(k) for k in lvr.LVR_TOKENS}
     i = ids.index(t[lvr.LVR_START])
@@ -115,15 +108,16 @@ def test_layout_labels_and_skips(bb):
     bad = [record(1, [0.5, 0.5, 0.4, 0.9]), record(2, [0.1, 0.1, 1.5, 0.9]), {"image": ["nope.png"]},
            {**record(3, [0.1, 0.1, 0.5, 0.5]), "image": ["missing.png"]}, record(4, [0.1, 0.1, 0.5, 0.5], answer="")]
     bad[-1]["conversations"][1]["value"] = "<lvr>\n<answer>  </answer>"
-    assert C.build_dataset(bad, lambda r: lvr.convert_sft(r, bb, a), skips) == []
+    assert C.build_dataset(bad, lambda r: lvr.convert_sft(r, bb, args), skips) == []
     assert sum(skips.counts.values()) == 5
 
 
 def test_teacher_forcing_alignment_and_loss(bb):
-    a = sft_args()
-    samples = [lvr.convert_sft(record(k, box), bb, a) for k, box in enumerate([[0.1, 0.2, 0.6, 0.9], [0.3, 0.0, 1.0, 0.4]])]
+    args = sft_args()
+    samples = [lvr.convert_sft(record(k, bbox), bb, args)
+               for k, bbox in enumerate([[0.1, 0.2, 0.6, 0.9], [0.3, 0.0, 1.0, 0.4]])]
     model = bb.model
-    loss, terms = lvr.sft_loss(bb, model, samples, a, "cpu")
+    loss, terms = lvr.sft_loss(model, samples, bb, args, "cpu")
     # independent: per sample, image features from the tower, ROI targets by index, inputs_embeds built by hand
     lvr_id = bb.token_id(lvr.LVR)
     sq, n, ce_num, ce_den = 0.0, 0, 0.0, 0
@@ -151,12 +145,12 @@ def test_teacher_forcing_alignment_and_loss(bb):
 def test_padded_baseline_equals_packed(bb):
     """--no-pack (right-padded rows, ROI (row, col) per sample) gives the packed loss terms and gradients."""
     boxes = [[0.1, 0.2, 0.6, 0.9], [0.3, 0.0, 1.0, 0.4], [0.0, 0.5, 0.3, 1.0]]
-    samples = [lvr.convert_sft(record(k, box), bb, sft_args()) for k, box in enumerate(boxes)]
+    samples = [lvr.convert_sft(record(k, bbox), bb, sft_args()) for k, bbox in enumerate(boxes)]
     assert len({len(s["input_ids"]) for s in samples}) > 1          # unequal lengths: padding is exercised
     runs = []
     for pack in (True, False):
         bb.model.zero_grad(set_to_none=True)
-        loss, terms = lvr.sft_loss(bb, bb.model, samples, sft_args(pack=pack, lvr_lambda=1.0), "cpu")
+        loss, terms = lvr.sft_loss(bb.model, samples, bb, sft_args(pack=pack, lam_lvr=1.0), "cpu")
         loss.backward()
         runs.append((loss.item(), terms, {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}))
     bb.model.zero_grad(set_to_none=True)
@@ -169,21 +163,21 @@ def test_padded_baseline_equals_packed(bb):
 
 
 def test_lvr_gradient_only_at_positions_before_latents(bb):
-    a = sft_args(lvr_lambda=1.0)
-    s = lvr.convert_sft(record(5, [0.0, 0.0, 0.7, 0.7]), bb, a)
+    args = sft_args(lam_lvr=1.0)
+    s = lvr.convert_sft(record(5, [0.0, 0.0, 0.7, 0.7]), bb, args)
     batch = C.pack(bb, [s])
     src, dst = lvr.roi_positions(bb, [s])
-    with lvr.latent_inputs(bb.model, dst, src=src) as box:
+    with lvr.latent_inputs(bb.model, dst, src=src) as tap:
         bb.model(**C.model_inputs(batch, "cpu"))
-    H = box["hidden"]
+    H = tap["hidden"]
     H.retain_grad()
     pred = H[0, dst[:, 1] - 1]
-    lvr.lvr_loss(pred, box["targets"]).backward()
+    lvr.lvr_loss(pred, tap["targets"]).backward()
     rows = (H.grad[0].abs().sum(-1) > 0).nonzero()[:, 0]
     assert rows.tolist() == (dst[:, 1] - 1).tolist()      # the state at <|lvr_start|> predicts v_1, …
     # perturbing target i changes only term i of the per-position errors (targets are constants)
-    err = ((pred - box["targets"]) ** 2).mean(-1).detach()
-    t2 = box["targets"].clone()
+    err = ((pred - tap["targets"]) ** 2).mean(-1).detach()
+    t2 = tap["targets"].clone()
     t2[1] += 1.0
     err2 = ((pred - t2) ** 2).mean(-1).detach()
     assert (err2 != err).nonzero()[:, 0].tolist() == [1]
@@ -267,9 +261,9 @@ def test_stored_latents_equal_replay_and_logprobs_match(bb):
                         mm_token_type_ids=torch.cat([s["mm_token_type_ids"], torch.zeros(j, dtype=torch.int32)]))
             prev = [q for q, k in enumerate(comp[:j]) if k == lvr_id]
             dst = torch.tensor([[0, len(s["input_ids"]) + q] for q in prev], dtype=torch.long).view(-1, 2)
-            with torch.no_grad(), lvr.latent_inputs(bb.model, dst, values=o["latents"][:i]) as box:
+            with torch.no_grad(), lvr.latent_inputs(bb.model, dst, values=o["latents"][:i]) as tap:
                 bb.model(**C.model_inputs(C.pad_batch(bb, [full]), "cpu"))
-            torch.testing.assert_close(box["hidden"][0, -1], o["latents"][i], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(tap["hidden"][0, -1], o["latents"][i], atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         logp, mask = lvr.completion_logprobs(bb, bb.model, samples, outs, 1.0, "cpu")
     start = bb.token_id(lvr.LVR_START)
@@ -554,12 +548,12 @@ def test_rewards(text, truth, acc, fmt, fmt_released):
 
 def test_group_advantages():
     r = torch.tensor([2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    a = lvr.group_advantages(r, 4)
+    adv = lvr.group_advantages(r, 4)
     g = [2.0, 1.0, 0.0, 1.0]
     mean = sum(g) / 4
     std = math.sqrt(sum((x - mean) ** 2 for x in g) / 3)
-    assert a[:4].tolist() == pytest.approx([(x - mean) / (std + 1e-4) for x in g])
-    assert a[4:].tolist() == [0.0] * 4
+    assert adv[:4].tolist() == pytest.approx([(x - mean) / (std + 1e-4) for x in g])
+    assert adv[4:].tolist() == [0.0] * 4
 
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "grpo", "dr_grpo"])
@@ -600,18 +594,13 @@ def test_grpo_loss_against_slow_loop(loss_type):
 # ---------------------------------------------------------------------------------------------------------------
 # Training runs as subprocesses (tiny): 2 processes (torchrun, FSDP2, gloo) vs 1 process, kill-and-resume
 # ---------------------------------------------------------------------------------------------------------------
-def train(run_dir, *extra, procs=1, port=0):
-    """Run lvr.py (toy, no eval, 1 sample per micro-batch); return its metrics.jsonl rows."""
-    from toy_world import ensure_toy_world
-    data = Path(ensure_toy_world(str(ROOT / "data/toy"), seed=0))
-    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port)] if procs > 1 else []
+def train(run_dir, data, *extra, procs=1):
+    """Run lvr.py (toy, no eval, 1 sample per micro-batch) with `procs` processes; return its metrics.jsonl rows."""
     stage = "lvr_grpo.json" if "grpo" in extra else "lvr_train.json"
     extra = extra if "--model" in extra else ("--model", "toy", *extra)     # the random toy: fast, no base needed
-    r = subprocess.run([sys.executable, *launch, str(ROOT / "lvr.py"), "--data", str(data / stage), "--eval", "false",
-                        "--per-micro", "1", "--run-dir", str(run_dir), *map(str, extra)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    run_script("lvr.py", "--data", data / stage, "--eval", "false", "--per-micro", 1, "--run-dir", run_dir, *extra,
+               nproc=procs, timeout=300)
+    return metrics(run_dir)
 
 
 SFT = ("--steps", 4, "--save-every", 2)
@@ -622,10 +611,10 @@ SFT_KEYS, GRPO_KEYS = ("loss", "loss_ce", "loss_lvr"), ("loss", "kl", "grad_norm
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def one_process(tmp_path_factory, toy_world):
     """The uninterrupted reference: 1 process, 2 micro-batches accumulated per step."""
     run = tmp_path_factory.mktemp("one")
-    return run, train(run, *SFT, "--grad-accum", 2)
+    return run, train(run, toy_world, *SFT, "--grad-accum", 2)
 
 
 def assert_same(rows, ref, keys, rel):
@@ -635,23 +624,23 @@ def assert_same(rows, ref, keys, rel):
             assert r[k] == pytest.approx(ref[r["step"]][k], rel=rel, abs=1e-7), (r["step"], k, r[k], ref[r["step"]][k])
 
 
-def test_two_processes_match_one_process_both_stages(one_process, tmp_path):
+def test_two_processes_match_one_process_both_stages(one_process, tmp_path, toy_world):
     one_dir, one = one_process
-    two = train(tmp_path / "two", *SFT, "--grad-accum", 1, "--stop-after", 3, procs=2, port=29617)
+    two = train(tmp_path / "two", toy_world, *SFT, "--grad-accum", 1, "--stop-after", 3, procs=2)
     assert [r["step"] for r in two] == [1, 2, 3] and all(r["loss_lvr"] > 0 for r in two)
     assert len({round(r["loss"], 6) for r in one}) == 4            # the curve moves: a wrong batch would show
     assert_same(two, one, SFT_KEYS, 1e-4)
     assert (tmp_path / "two" / "export" / "model.safetensors").exists()    # export gathers FSDP shards
     model = ("--model", one_dir / "export")                            # stage 2 from the same stage-1 export
-    g1 = train(tmp_path / "g1", *GRPO, *model, "--grad-accum", 2)
-    g2 = train(tmp_path / "g2", *GRPO, *model, "--grad-accum", 1, procs=2, port=29618)
+    g1 = train(tmp_path / "g1", toy_world, *GRPO, *model, "--grad-accum", 2)
+    g2 = train(tmp_path / "g2", toy_world, *GRPO, *model, "--grad-accum", 1, procs=2)
     assert len(g1) == len(g2) == 2 and g1[1]["kl"] > 1e-4 and g1[1]["grad_norm"] > 1e-4
     assert_same(g2, g1, GRPO_KEYS, 1e-4)
 
 
-def test_kill_and_resume_continues_the_same_curve(one_process, tmp_path):
+def test_kill_and_resume_continues_the_same_curve(one_process, tmp_path, toy_world):
     cut = tmp_path / "cut"
-    train(cut, *SFT, "--grad-accum", 2, "--stop-after", 3)             # "killed" after step 3; last checkpoint: 2
-    rows = train(cut, *SFT, "--grad-accum", 2, "--resume", "true")
+    train(cut, toy_world, *SFT, "--grad-accum", 2, "--stop-after", 3)  # "killed" after step 3; last checkpoint: 2
+    rows = train(cut, toy_world, *SFT, "--grad-accum", 2, "--resume", "true")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rows after the checkpoint re-run, not duplicated
     assert_same(rows, one_process[1], SFT_KEYS, 1e-5)

@@ -1,10 +1,7 @@
 """Pearl: every formula against an independent computation, views per data format, shared-encoding parity,
-a 2-process torchrun smoke run and the export round trip. CPU, tiny toy backbones."""
+a 2-process torchrun smoke run, the export round trip and the toy default's score table. CPU, tiny toy backbones."""
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,8 +11,7 @@ from PIL import Image, ImageDraw
 import common as C
 import pearl as P
 from common import IGNORE
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import metrics, run_script
 
 
 # ------------------------------------------------------------------------------------------- fixtures (published shapes)
@@ -260,12 +256,11 @@ def test_lambda_zero_is_sft(tmp_path):
     assert loss.item() == pytest.approx(expect.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("model_name", ["toy", "toy-qwen3vl"])
-def test_reuse_images_seam(tmp_path, model_name):
+def test_reuse_images_seam(toy_bb_both):
     """The one place Pearl reaches into transformers: image embeddings computed once (`encode_images_once`) and fed
     back through the public `mm_encoder_outputs` keyword (`reuse_images`) must give the same hidden states as
     re-encoding the pixels. A transformers upgrade that changes this contract fails here, by name."""
-    bb = C.load_backbone(model_name)
+    bb = toy_bb_both
     model = bb.model.eval()
     msgs = [{"role": "user", "content": [{"type": "image", "image": scene(seed=1)},
                                          {"type": "image", "image": scene(seed=2)}, {"type": "text", "text": "q"}]},
@@ -348,18 +343,11 @@ def _write_fixture_data(tmp_path):
     return f"{tmp_path / 'lvr.json'},{tmp_path / 'pr.json'}"
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-
-
-def train(tmp_path, run_dir, *extra, nproc=1, port=29531):
+def train(tmp_path, run_dir, *extra, nproc=1):
     """pearl.py as a subprocess (4 steps, 2 examples per micro-batch, no eval); returns its metrics rows."""
-    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                  str(nproc), "--master_port", str(port)]
-    cmd = launch + [os.path.join(ROOT, "pearl.py"), "--data", _write_fixture_data(tmp_path), "--run-dir",
-                    str(run_dir), "--steps", "4", "--per-micro", "2", "--eval", "", "--model", "toy", *extra]
-    out = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run_script("pearl.py", "--data", _write_fixture_data(tmp_path), "--run-dir", run_dir, "--steps", "4",
+               "--per-micro", "2", "--eval", "", "--model", "toy", *extra, nproc=nproc, timeout=240)
+    return metrics(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -427,3 +415,24 @@ def test_export_merges_lora_exactly(tmp_path, model_name):
         got = plain(**batch).logits
     assert not any("lora" in n or "pearl" in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- the toy default
+def test_toy_default_prints_scores_beside_the_start_model_and_the_sft_baseline(tmp_path):
+    """`python pearl.py` (toy base, toy world) with a tiny budget: one markdown row per toy benchmark, chance and
+    mean ± SE for the export beside the starting model, eval.py's summaries written; with an SFT baseline run in
+    --sft-dir (λ = 0) its export is a third column."""
+    sft, run = tmp_path / "sft", tmp_path / "pearl"
+    run_script("pearl.py", "--steps", "1", "--lam", "0", "--eval", "", "--run-dir", sft)
+    out = run_script("pearl.py", "--steps", "2", "--eval-limit", "8", "--run-dir", run, "--sft-dir", sft).stdout
+    lines = [x for x in out.splitlines() if x.startswith("| ")]
+    assert lines[0].startswith(f"| benchmark | chance | Pearl: {run / 'export'} | start: ")
+    assert lines[0].endswith(f" | SFT: {sft / 'export'} |"), lines[0]
+    assert [x.split(" | ")[0] for x in lines[1:]] == ["| vstar", "| mmvp", "| blink"], lines
+    for row in lines[1:]:
+        cells = row.strip("| ").split(" | ")
+        assert len(cells) == 5 and float(cells[1]) > 0 and all(" ± " in c for c in cells[2:]), row
+    for bench in ("vstar", "mmvp", "blink"):
+        for name in ("Pearl", "start", "SFT"):
+            summary = json.loads((run / "eval" / f"{bench}_{name}.json").read_text())
+            assert summary["n"] > 0 and summary["settings"]["prompt"] == "answer-tag"

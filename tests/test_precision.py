@@ -6,26 +6,20 @@ evaluates; a bad --dtype is one argparse error line. CPU (bf16 autocast), toy ba
     python -m pytest -q tests/test_precision.py
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common as C  # noqa: E402
-import lvr  # noqa: E402
-import pearl  # noqa: E402
+import common as C
+import lvr
+import pearl
+from conftest import run_script
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def records(tmp_path_factory, toy_world):
     """The first 4 toy-world LVR records (absolute image paths), a data file both lvr.py and pearl.py read."""
-    from toy_world import ensure_toy_world
-    root = Path(ensure_toy_world(str(ROOT / "data/toy"), seed=0))
+    root = toy_world
     recs = json.loads((root / "lvr_train.json").read_text())[:4]
     for r in recs:
         r["image"] = str(root / r["image"]) if isinstance(r["image"], str) else [str(root / p) for p in r["image"]]
@@ -77,7 +71,7 @@ def run_lvr(records, run_dir, **kw):
 def run_pearl(records, run_dir, **kw):
     a = pearl.Args(model="toy", data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, lora_r=0, dtype="bf16",
                    eval="", **kw)
-    pearl.train(a, explicit=C.changed_fields(a) | LR | {"eval"})
+    pearl.main(a, explicit=C.changed_fields(a) | LR | {"eval"})
 
 
 def test_lvr_sft_step_bf16_compute_moves_fp32_masters(records, steps, tmp_path):
@@ -130,7 +124,7 @@ def test_pearl_lora_keeps_frozen_base_in_compute_dtype(records, steps, tmp_path)
     """Default LoRA: base weights frozen in bf16, everything trained (adapters, predictor rows, head) fp32."""
     a = pearl.Args(model="toy", data=records, run_dir=str(tmp_path), steps=1, per_micro=2, dtype="bf16", eval="",
                    export=False)
-    bb = pearl.train(a, explicit=C.changed_fields(a) | {"eval"})
+    bb = pearl.main(a, explicit=C.changed_fields(a) | {"eval"})
     frozen = {p.dtype for p in bb.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and steps[0]["dtypes"] == {torch.float32}
 
@@ -162,30 +156,26 @@ def test_dtype_flag(script):
     assert a.dtype == "bf16"
     (a,) = HfArgumentParser(module.Args).parse_args_into_dataclasses([])
     assert a.dtype == "auto"
-    r = subprocess.run([sys.executable, script, "--dtype", "fp16"], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    r = run_script(script, "--dtype", "fp16", timeout=120, check=False)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert "argument --dtype: invalid choice: 'fp16'" in last and "bf16" in last, r.stderr[-500:]
-    h = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120).stdout
+    h = run_script(script, "--help", timeout=120, check=False).stdout
     assert "bf16 on CUDA, fp32 on CPU" in " ".join(h.split())
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_latent_pretrain_bf16_compute_moves_fp32_masters(stage, steps, tmp_path):
+def test_latent_pretrain_bf16_compute_moves_fp32_masters(stage, steps, tmp_path, toy_world):
     """Both stages train fp32 masters under bf16 autocast (losses, the contrastive matmuls included, in fp32) and
     export bf16."""
     import latent_pretrain as LP
     from test_latent_pretrain import _tiny_coco
-    from toy_world import ensure_toy_world
     if stage == "pretrain":
         captions, img = _tiny_coco(tmp_path)
         a = LP.Args(model="toy", data=str(captions), image_root=str(img), image_size=56, per_micro=4, analyze=False,
                     cache_dir=str(tmp_path / "cache"))
     else:
-        root = Path(ensure_toy_world(str(ROOT / "data/toy"), seed=0))
-        a = LP.Args(model="toy", stage="finetune", init="toy", gqa_dir=str(root / "gqa"), per_micro=2, eval_limit=0)
+        a = LP.Args(model="toy", stage="finetune", init="toy", gqa_dir=str(toy_world / "gqa"), per_micro=2, eval_limit=0)
     a.steps, a.lr, a.head_lr, a.dtype, a.run_dir = 1, 1e-5, 1e-5, "bf16", str(tmp_path / "run")
     LP.main(a, explicit=C.changed_fields(a) | LR)
     (s,) = steps

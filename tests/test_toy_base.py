@@ -4,18 +4,14 @@ The cache tests build a tiny recipe (3 steps, seconds). The regression guard at 
 builds the real base recipe once per session (cached under data/toy/base like the toy world, so later runs reuse it)
 and checks that base + 60 SFT steps on the toy LVR records beats the base by the margin measured in the README."""
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import eval as ev  # noqa: E402
-import toy_base  # noqa: E402
-import toy_world  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import eval as ev
+import toy_base
+import toy_world
+from conftest import ROOT
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,8 +183,18 @@ def _score(model_dir, bench, world, tmp_path, tag):
 REGRESSION = {"vstar": (0.02, 5.0)}
 
 
-def test_base_answers_in_format_and_60_sft_steps_on_the_lvr_records_beat_it(base_dir, tmp_path):
-    world = pathlib.Path(toy_world.ensure_toy_world(str(ROOT / "data" / "toy"), seed=0))
+def test_load_backbone_resolves_toy_base(base_dir, monkeypatch):
+    """load_backbone("toy-base") builds (or reuses) the default base under data/toy/base and loads it."""
+    import common as C
+    import torch
+    monkeypatch.chdir(ROOT)
+    bb, ref = C.load_backbone("toy-base"), C.load_backbone(base_dir)
+    assert bb.family == "qwen2_5_vl" and getattr(bb.model.config, "toy_backbone", False)
+    torch.testing.assert_close(bb.model.lm_head.weight, ref.model.lm_head.weight)
+
+
+def test_base_answers_in_format_and_60_sft_steps_on_the_lvr_records_beat_it(base_dir, tmp_path, toy_world):
+    world = toy_world
     tuned = toy_base.finetune_base(base_dir, str(tmp_path / "tuned"), str(world / "lvr_train.json"), steps=60)
     for bench, (max_unanswerable, min_gain) in REGRESSION.items():
         base = _score(base_dir, bench, world, tmp_path, "base")

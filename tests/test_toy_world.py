@@ -4,18 +4,15 @@ import csv
 import hashlib
 import io
 import json
-import os
-import pathlib
 import re
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import toy_world  # noqa: E402
+import toy_world
+from conftest import run_script
 
 N_TRAIN, N_EVAL = 16, 8
 
@@ -329,10 +326,8 @@ def test_eval_scenes_never_repeat_training_scenes(world):
 
 
 def test_cli_prints_what_it_wrote(tmp_path):
-    import subprocess
-    out = subprocess.run([sys.executable, str(pathlib.Path(toy_world.__file__)), "--root", str(tmp_path / "cli"),
-                          "--seed", "0", "--n-train", "4", "--n-eval", "4", "--n-bench", "4"], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}).stdout
+    out = run_script("toy_world.py", "--root", tmp_path / "cli", "--seed", 0, "--n-train", 4, "--n-eval", 4,
+                     "--n-bench", 4, env={"PYTHONDONTWRITEBYTECODE": "1"}).stdout
     assert "lvr_train.json" in out and "eval/blink/Jigsaw" in out and (tmp_path / "cli" / "MANIFEST.json").is_file()
 
 
@@ -340,8 +335,7 @@ def test_a_crop_genuinely_helps_and_the_crop_task_is_learnable():
     """The design claim, as a regression guard (bench/bench_toy_learnability.py measures the full curves): 60 steps
     of plain SFT on the random-init toy learn the colour question from the oracle crop, while from the full image
     they are still on the plateau at chance."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
-    import bench_toy_learnability as B
+    from bench import bench_toy_learnability as B
     args = B.Args(steps=60, n_train=240, n_eval=100, eval_every=60)
     crop = B.run(args, "crop")[-1][3]["all"]
     full = B.run(args, "full")[-1][3]["all"]

@@ -20,11 +20,11 @@ import unsilence as U
 # Fixtures: toy backbone (LVR tokens registered), one toy item, a slots prompt
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bb():
-    b = C.load_backbone("toy", seed=0)
-    lvr.prepare_model(b)
-    b.model.eval().requires_grad_(False)
-    return b
+def bb(toy_bb):
+    """conftest's toy backbone (a fresh copy per module) with the LVR tokens registered, frozen."""
+    lvr.prepare_model(toy_bb)
+    toy_bb.model.eval().requires_grad_(False)
+    return toy_bb
 
 
 def image(seed, w=112, h=84):
@@ -36,15 +36,15 @@ def toy_item(seed=0, question="what is the colour of the small circle"):
     return E.item(seed, question, {"A": "red", "B": "blue", "C": "green", "D": "yellow"}, "B", "toy", [image(seed)])
 
 
-def args(**kw):
+def make_args(**kw):
     base = dict(model="toy", min_pixels=16 * 784, max_pixels=64 * 784, max_new_tokens=6, stage1_steps=3,
                 stage2_steps=4)
     return U.resolve(U.Args(**{**base, **kw}))
 
 
-def slots_prompt(bb, a, seed=0):
-    sample, q = U.slots_sample(bb, toy_item(seed), a)
-    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), a.num_slots)
+def slots_prompt(bb, args, seed=0):
+    sample, q = U.slots_sample(bb, toy_item(seed), args)
+    s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     return sample, U.make_prompt(bb, sample, s, e, q)
 
 
@@ -68,11 +68,26 @@ def full_forward(bb, sample, prompt, H, **kw):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Args: the released defaults; the toy preset fills only the fields not given
+# ---------------------------------------------------------------------------------------------------------------
+def test_toy_preset_fills_only_fields_not_given():
+    released = U.resolve(U.Args(model="Qwen/Qwen2.5-VL-7B-Instruct"))
+    assert (released.modes, released.limit, released.max_new_tokens) == ("slots", 0, 2048)
+    assert (released.min_pixels, released.max_pixels) == (128 * 784, 256 * 784)
+    args, given = C.parse_args(U.Args, ["--model", "toy", "--limit", "0", "--max-new-tokens", "2048"])
+    U.resolve(args, given)
+    assert (args.modes, args.limit, args.max_new_tokens) == ("slots,latent", 0, 2048)
+    assert (args.min_pixels, args.max_pixels) == (16 * 784, 64 * 784)
+    assert U.resolve(U.Args(model="toy", last=True, ablation="no_progression")).selection == "last"
+    assert U.resolve(U.Args(model="toy", ablation="no_progression")).lam_progression == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Prompt layout
 # ---------------------------------------------------------------------------------------------------------------
 def test_released_prompt_layout(bb):
-    a = args()
-    sample, prompt = slots_prompt(bb, a)
+    args = make_args()
+    sample, prompt = slots_prompt(bb, args)
     ids = sample["input_ids"].tolist()
     n = len(ids)
     tail = bb.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
@@ -83,7 +98,7 @@ def test_released_prompt_layout(bb):
     assert "reasoning stepsAfter these tokens" in text and "<think>" in text      # released separators kept
     span = bb.tokenizer.decode(ids[prompt.question_positions[0]:prompt.question_positions[-1] + 1])
     assert span.startswith("PROBLEM: what is") and span.endswith("yellow\n\n")
-    buggy = U.slots_sample(bb, toy_item(), args(prompt_list_bug=True))[0]["input_ids"]
+    buggy = U.slots_sample(bb, toy_item(), make_args(prompt_list_bug=True))[0]["input_ids"]
     assert "['what is" in bb.tokenizer.decode(buggy)
     assert ids[prompt.image_positions[0] - 1] == bb.token_id("<|vision_start|>")
     assert ids[prompt.image_positions[-1] + 1] == bb.token_id("<|vision_end|>")
@@ -93,27 +108,28 @@ def test_released_prompt_layout(bb):
 # Frozen backbone; relevance once; the cached prefix
 # ---------------------------------------------------------------------------------------------------------------
 def test_backbone_and_its_grads_untouched_only_H_changes(bb):
-    a = args()
-    _, prompt = slots_prompt(bb, a)
+    args = make_args()
+    _, prompt = slots_prompt(bb, args)
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
     embeds = prompt.embeds.clone()
     bb.model.requires_grad_(True)                      # even with grads enabled on the backbone, only H is stepped
     try:
         prefix = U.prefill(bb, prompt)
         H0 = prompt.embeds[prompt.slot_start:prompt.slot_end].clone()
-        H, diag = U.optimise_latents(bb, prompt, prefix, H0, args(selection="last"), torch.Generator().manual_seed(0))
+        H, trace = U.optimise_latents(bb, prompt, prefix, H0, make_args(selection="last"),
+                                      torch.Generator().manual_seed(0))
     finally:
         bb.model.requires_grad_(False)
     for k, v in bb.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in bb.model.parameters())
     assert torch.equal(prompt.embeds, embeds)
-    assert (H - H0).abs().max() > 0 and diag["delta_h_norm"] == pytest.approx(float((H - H0).norm()))
+    assert (H - H0).abs().max() > 0 and trace["delta_h_norm"] == pytest.approx(float((H - H0).norm()))
 
 
 def test_relevance_once_equals_recomputing_each_step(bb):
-    a = args()
-    sample, prompt = slots_prompt(bb, a)
+    args = make_args()
+    sample, prompt = slots_prompt(bb, args)
     once = U.prefill(bb, prompt).relevance
     g = torch.Generator().manual_seed(1)
     K, D = prompt.slot_end - prompt.slot_start, prompt.embeds.shape[1]
@@ -127,8 +143,8 @@ def test_relevance_once_equals_recomputing_each_step(bb):
 
 
 def test_stage2_cached_prefix_equals_full_forward_and_answer_equals_generate(bb):
-    a = args()
-    sample, prompt = slots_prompt(bb, a)
+    args = make_args()
+    sample, prompt = slots_prompt(bb, args)
     prefix = U.prefill(bb, prompt)
     H = torch.randn(4, prompt.embeds.shape[1], generator=torch.Generator().manual_seed(2)) * 19.3
     with torch.no_grad():
@@ -220,19 +236,20 @@ def test_entropy_reward_by_hand():
 
 
 def test_sigma_schedule_and_nes_update_across_both_stages(bb):
-    a = args(stage1_steps=2, stage2_steps=3, align_weight=0.0, lr=1.0, selection="last")   # Stage I: σ decays only
-    _, prompt = slots_prompt(bb, a)
+    args = make_args(stage1_steps=2, stage2_steps=3, lam_align=0.0, lr=1.0, selection="last")  # Stage I: σ decays only
+    _, prompt = slots_prompt(bb, args)
     prefix = U.prefill(bb, prompt)
     H0 = prompt.embeds[prompt.slot_start:prompt.slot_end].clone()
-    H, diag = U.optimise_latents(bb, prompt, prefix, H0, a, torch.Generator().manual_seed(5))
+    H, trace = U.optimise_latents(bb, prompt, prefix, H0, args, torch.Generator().manual_seed(5))
     sig = [25 * 0.95 ** t for t in range(5)]
-    assert diag["sigmas"] == pytest.approx(sig) and U.sigma_schedule(args())[5] == pytest.approx(19.345, abs=1e-3)
+    assert trace["sigmas"] == pytest.approx(sig)
+    assert U.sigma_schedule(make_args())[5] == pytest.approx(19.345, abs=1e-3)
     g, expected = torch.Generator().manual_seed(5), H0.double().clone()
-    for t, reward in zip(range(2, 5), diag["rewards"][2:]):      # H ← H + η·R·ε/σ², σ = σ0·0.95^(2 + j) here
+    for t, reward in zip(range(2, 5), trace["rewards"][2:]):      # H ← H + η·R·ε/σ², σ = σ0·0.95^(2 + j) here
         eps = torch.randn(H0.shape, generator=g) * sig[t]
         expected += 1.0 * reward * eps.double() / sig[t] ** 2
     torch.testing.assert_close(H.double(), expected, atol=1e-5, rtol=1e-5)
-    assert diag["rewards"][:2] == [0.0, 0.0]
+    assert trace["rewards"][:2] == [0.0, 0.0]
 
 
 def test_best_step_bookkeeping_and_the_stage1_trap(bb):
@@ -249,20 +266,21 @@ def test_best_step_bookkeeping_and_the_stage1_trap(bb):
         last.update(step, r, torch.full((2,), float(step)))
     assert last.step == 2
     # in the loop: "Stage I only" returns the Stage-I result; --stage1-trap the initial latent (released rule)
-    a = args(ablation="stage1_only", stage1_steps=3)
-    assert a.stage2_steps == 0 and a.selection == "last"
-    _, prompt = slots_prompt(bb, a)
+    args = make_args(ablation="stage1_only", stage1_steps=3)
+    assert args.stage2_steps == 0 and args.selection == "last"
+    _, prompt = slots_prompt(bb, args)
     prefix = U.prefill(bb, prompt)
     H0 = prompt.embeds[prompt.slot_start:prompt.slot_end].clone()
-    H, diag = U.optimise_latents(bb, prompt, prefix, H0, a, torch.Generator())
-    assert diag["chosen_step"] == 2 and (H - H0).abs().max() > 0 and all(r < 0 for r in diag["rewards"])
-    trap = args(ablation="stage1_only", stage1_steps=3, stage1_trap=True)
-    H, diag = U.optimise_latents(bb, prompt, prefix, H0, trap, torch.Generator())
-    assert diag["chosen_step"] == -1 and torch.equal(H, H0)
+    H, trace = U.optimise_latents(bb, prompt, prefix, H0, args, torch.Generator())
+    assert trace["chosen_step"] == 2 and (H - H0).abs().max() > 0 and all(r < 0 for r in trace["rewards"])
+    trap = make_args(ablation="stage1_only", stage1_steps=3, stage1_trap=True)
+    H, trace = U.optimise_latents(bb, prompt, prefix, H0, trap, torch.Generator())
+    assert trace["chosen_step"] == -1 and torch.equal(H, H0)
     # centre vs candidate at the chosen step: one Stage-II step, every reward accepted
     one = dict(stage1_steps=0, stage2_steps=1, best_init=-1e9)
-    Hc, dc = U.optimise_latents(bb, prompt, prefix, H0, args(**one), torch.Generator().manual_seed(7))
-    Hk, _ = U.optimise_latents(bb, prompt, prefix, H0, args(store="candidate", **one), torch.Generator().manual_seed(7))
+    Hc, dc = U.optimise_latents(bb, prompt, prefix, H0, make_args(**one), torch.Generator().manual_seed(7))
+    Hk, _ = U.optimise_latents(bb, prompt, prefix, H0, make_args(store="candidate", **one),
+                               torch.Generator().manual_seed(7))
     eps = torch.randn(H0.shape, generator=torch.Generator().manual_seed(7)) * 25
     torch.testing.assert_close(Hk, H0 + eps)
     torch.testing.assert_close(Hc, H0 + 1e-3 * dc["rewards"][0] * eps / 25 ** 2)
@@ -323,12 +341,12 @@ def test_ablations_change_only_the_latent_inputs():
 
 
 def test_latent_mode_intact_answer_equals_lvr_decoder(bb):
-    a = args(latent_steps=4, max_new_tokens=5)
+    args = make_args(latent_steps=4, max_new_tokens=5)
     it = toy_item(1)
-    prompt, H0 = U.latent_prompt(bb, it, a)
+    prompt, H0 = U.latent_prompt(bb, it, args)
     assert len(H0) == 4 and prompt.slot_end - prompt.slot_start == 4
     ours = U.greedy_answer(bb, prompt, U.prefill(bb, prompt, with_relevance=False), H0, 5)
-    sample, _ = U.lvr_sample(bb, it, a)
+    sample, _ = U.lvr_sample(bb, it, args)
     ref = lvr.latent_generate(bb, [sample], num_latent_steps=4, max_new_tokens=5)[0]
     assert ours == ref["token_ids"][4:]
 
@@ -339,7 +357,7 @@ def test_released_answer_span():
     assert U.released_answer_span(" (C) red ") == "(C) red"
 
 
-def test_eval_mode_unsilence_writes_diagnostics(tmp_path):
+def test_eval_mode_unsilence_writes_diagnostics(tmp_path, toy_world):
     out = tmp_path / "vstar.json"
     E.main(["--benchmark", "vstar", "--model", "toy", "--mode", "unsilence", "--limit", "2", "--max-new-tokens", "3",
             "--min-pixels", str(16 * 784), "--max-pixels", str(64 * 784), "--output", str(out)])
@@ -350,15 +368,18 @@ def test_eval_mode_unsilence_writes_diagnostics(tmp_path):
 
 
 def test_chance_under_each_headline_rule():
+    """The chance column unsilence.py prints is eval.py's summary `chance` (question_chance for MMVP per question)."""
     opts = lambda n: {chr(65 + i): str(i) for i in range(n)}   # noqa: E731
     its = [E.item(i, "q", opts(n), "A", cat, [], pair=i // 2) for i, (n, cat) in enumerate([(4, "x"), (2, "x"),
                                                                                              (2, "y"), (2, "y")])]
-    assert U.chance("vstar", its) == pytest.approx(100 * (1 / 4 + 3 / 2) / 4)      # micro
-    assert U.chance("mmvp", its) == pytest.approx(100 * (1 / 8 + 1 / 4) / 2)       # both questions of a pair
-    assert U.chance("blink", its) == pytest.approx(100 * ((1 / 4 + 1 / 2) / 2 + 1 / 2) / 2)   # mean over subtasks
+    chance = lambda bench: E.score(bench, its, {}, E.Args(benchmark=bench))   # noqa: E731
+    assert chance("vstar")["chance"] == pytest.approx(100 * (1 / 4 + 3 / 2) / 4)      # micro
+    assert chance("mmvp")["chance"] == pytest.approx(100 * (1 / 8 + 1 / 4) / 2)       # both questions of a pair
+    assert chance("blink")["chance"] == pytest.approx(100 * ((1 / 4 + 1 / 2) / 2 + 1 / 2) / 2)   # mean over subtasks
+    assert chance("mmvp")["question_chance"] == pytest.approx(100 * (1 / 4 + 3 / 2) / 4)   # per question
 
 
-def test_main_end_to_end_on_the_random_toy(tmp_path):
+def test_main_end_to_end_on_the_random_toy(tmp_path, toy_world):
     report = U.main(U.Args(model="toy", benchmarks="vstar", limit=2, run_dir=str(tmp_path), latent_steps=2,
                            max_new_tokens=3))
     assert set(report["diagnosis"]["toy"]["accuracy"]["vstar"]) == {"chance", "intact", "zeros", "noise", "shuffle",
