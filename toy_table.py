@@ -8,13 +8,15 @@ budget, scored by eval.py on the same toy V*, MMVP and BLINK sets, over 3 seeds 
 Every run is a subprocess of the method file exactly as a user would launch it (`python lvr.py --model BASE ...`),
 then `python eval.py` on its export; nothing here re-implements a method. Rows:
     base (no fine-tuning) | plain SFT (sft.py) | Pearl | Pearl w/o NextLat | Pearl w/o JEPA
-    LVR at N = 1, 2, 4, 8, 16 test-time latent steps | LVR λ = 0 (vanilla SFT, same layout) | LVR + GRPO_latent
+    LVR at N = 1, 2, 4, 8, 16 test-time latent steps (and N = 8 with the span not forced) | LVR λ = 0 (vanilla SFT,
+    same layout) | LVR + GRPO_latent
     latent_pretrain → finetune | finetune alone | LVR with its latents ablated (zeros, noise, shuffle, remove)
     ULR (unsilence.py) slots mode on the base | ULR latent mode on the LVR model (first --ulr-limit items)
 Plain rows are decoded with eval.py's answer-tag protocol (`<answer>` forced, 4 tokens); LVR rows with latent
-decoding (`--mode latent`, N latent steps, 32 new tokens, the span opened for the model: LVR_DECODE_FLAGS). A seed is the training seed and data order; the base model
-and the eval sets are the same for all seeds. Two jobs run at a time (one per core). Each training run's
-metrics.jsonl becomes a loss-curve figure per method (loss_<run>.png: one line per seed, one panel per loss term).
+decoding (`--mode latent`, N latent steps, 32 new tokens, the span opened for the model: LVR_DECODE_FLAGS). A seed is
+the training seed and data order; the base model and the eval sets are the same for all seeds. Two jobs run at a
+time (one per core). Each training run's metrics.jsonl becomes a loss-curve figure per method (loss_<run>.png: one
+line per seed, one panel per loss term).
 """
 import argparse
 import json
@@ -32,11 +34,11 @@ BENCHES = ("vstar", "mmvp", "blink")
 TOY_PIXELS = ["--min-pixels", str(16 * 28 * 28), "--max-pixels", str(64 * 28 * 28)]
 LVR_STEPS_AT_TEST = (1, 2, 4, 8, 16)
 ABLATIONS = ("zeros", "noise", "shuffle", "remove")
-# LVR on the toy base (bench/bench_lvr_guard.py, README "Toy results"). Training: lr 3e-3 instead of lvr.py's toy
-# preset 1e-3, at which 60 steps leave CE at 1.0 and `<|lvr_start|>` (a new, mean-initialised token) at p ≈ 0.07 as
-# the first completion token, so the model never opens the span. Decoding: the span is opened for the model
-# (`--latent-force-span`), because eval.py's option layout ("A. red") differs from the LVR records' ("(A) red") and
-# after 60 steps the model opens it itself on only about a third of the eval prompts; one row keeps the released
+# LVR on the toy base (bench/bench_lvr_guard.py; numbers in tests/test_toy_guard.py). Training: lr 3e-3 instead
+# of lvr.py's toy preset 1e-3, at which 60 steps leave CE at 1.0 and `<|lvr_start|>` (a new, mean-initialised token)
+# at p ≈ 0.07 as the first completion token, so the model never opens the span. Decoding: the span is opened for the
+# model (`--latent-force-span`), because eval.py's option layout ("A. red") differs from the LVR records' ("(A) red")
+# and after 60 steps the model opens it itself on 0-34 % of the eval prompts (3 seeds); one row keeps the released
 # protocol (the model opens the span itself). tests/test_toy_guard.py uses the same settings.
 LVR_TRAIN_FLAGS = ["--lr", "3e-3"]
 LVR_DECODE_FLAGS = ["--mode", "latent", "--max-new-tokens", "32", "--latent-force-span"]
@@ -114,7 +116,7 @@ def seed_jobs(seed: int, args, base: str) -> list:
         for abl in ABLATIONS:
             rows[f"LVR, N = 8, latents {abl}"] = evaluate(str(r / "lvr/export"), r / f"eval/lvr_{abl}", args,
                                                           *latent, "--latent-steps", "8", "--latent-ablation", abl)
-        run(["lvr.py", *common, *LVR_TRAIN_FLAGS, "--lvr-lambda", "0", "--run-dir", str(r / "lvr_l0"),
+        run(["lvr.py", *common, *LVR_TRAIN_FLAGS, "--lam-lvr", "0", "--run-dir", str(r / "lvr_l0"),
              "--eval", "false"], r / "lvr_l0.log")
         rows["LVR λ = 0 (vanilla SFT, same layout), N = 8"] = evaluate(str(r / "lvr_l0/export"), r / "eval/lvr_l0",
                                                                        args, *latent, "--latent-steps", "8")

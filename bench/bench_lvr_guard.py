@@ -1,6 +1,6 @@
 """Which toy LVR settings make base + 60 LVR steps beat the base on toy V*? (issue 11's regression guard)
 
-    OMP_NUM_THREADS=1 python bench/bench_lvr_guard.py --seeds 0 --configs "lr=3e-3" "lr=3e-3,lvr_lambda=0"
+    OMP_NUM_THREADS=1 python bench/bench_lvr_guard.py --seeds 0 --configs "lr=3e-3" "lr=3e-3,lam_lvr=0"
     OMP_NUM_THREADS=1 python bench/bench_lvr_guard.py --seeds 0,1,2 --configs "lr=5e-3" --ablations zeros
 
 Each config is lvr.py flags (name=value, comma-separated) on top of `--model data/toy/base --steps 60`; every run
