@@ -35,3 +35,24 @@ def test_quick_table_end_to_end(tmp_path):
     md = (tmp_path / "toy_table.md").read_text()
     assert md.count("\n| ") == len(T.ORDER) and "chance" in md and "wall time" in md   # one line per row
     assert (tmp_path / "lvr_latent_steps.png").exists()
+    for folder in T.TRAINING_RUNS:                                    # a loss-curve figure per training run
+        assert (tmp_path / f"loss_{folder}.png").stat().st_size > 0, folder
+    assert "ULR rows: the first 2 items" in md
+
+
+def test_loss_curves_one_line_per_seed_one_panel_per_loss_term(tmp_path, monkeypatch):
+    import json
+    import matplotlib.axes
+    for seed in (0, 1):
+        d = tmp_path / f"seed{seed}" / "lvr"
+        d.mkdir(parents=True)
+        d.joinpath("metrics.jsonl").write_text("".join(
+            json.dumps({"step": k, "loss": 3.0 - k, "loss_ce": 2.0 - k, "loss_lvr": 10.0 + seed, "lr": 1e-3}) + "\n"
+            for k in (1, 2)))
+    lines = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, y, **kw: lines.append((kw["label"], x, y)))
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda ax, **kw: None)
+    assert T.plot_loss_curves(tmp_path, [0, 1, 2]) == [tmp_path / "loss_lvr.png"]   # runs without logs: no figure
+    assert lines == [("seed 0", [1, 2], [2.0, 1.0]), ("seed 1", [1, 2], [2.0, 1.0]),            # loss
+                     ("seed 0", [1, 2], [1.0, 0.0]), ("seed 1", [1, 2], [1.0, 0.0]),            # loss_ce
+                     ("seed 0", [1, 2], [10.0, 10.0]), ("seed 1", [1, 2], [11.0, 11.0])]        # loss_lvr; not lr
