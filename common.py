@@ -5,7 +5,8 @@
                 random:qwen2.5-vl-3b/7b), is_toy, --dtype, qwen_tokenizer (the real one, offline)
   surgery       add_special_tokens
   preprocessing smart_resize, encode_chat (a chat -> token ids, exact labels, pixels, grids)
-  batches       pack (padding-free), pad_batch, model_inputs, next_token_loss
+  batches       pack (padding-free), pad_batch, model_inputs, next_token_loss, lm_loss (logits only where
+                supervised)
   data          read_records, open_image, check_bbox, build_dataset with counted Skips, MicroBatches
   distributed   init_distributed, print0, shard_model (FSDP2), grad_sync, cosine_lr, clip_grad_norm
   checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), export_hf
@@ -393,6 +394,22 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_CE: mean next-token cross-entropy over supervised tokens (fp32)."""
     target = labels[:, 1:].reshape(-1)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE)
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep [B, L] bool: position t predicts a supervised token labels[t+1]; and those targets [n], in keep's
+    row-major order. Passed to the model as `logits_to_keep`, the LM head runs at these n positions only."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+def lm_loss(model, batch: dict, device) -> torch.Tensor:
+    """L_CE = next_token_loss(model(batch).logits, labels), with logits only where a token is supervised: [n, V],
+    never [B, L, V] (16k packed tokens × 152k vocabulary × fp32 ≈ 10 GB; an LVR sample supervises ~10 of ~1,000)."""
+    keep, target = supervised_positions(batch["labels"])
+    logits = model(**model_inputs(batch, device), logits_to_keep=keep.to(device)).logits
+    return F.cross_entropy(logits.float(), target.to(device))
 
 
 # ----------------------------------------------------------------------------------------------------------------

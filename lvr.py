@@ -341,12 +341,11 @@ def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> 
     batch = C.pack(bb, samples) if args.pack else C.pad_batch(bb, samples)
     src, dst = (x.to(device) for x in roi_positions(bb, samples, packed=args.pack))
     with latent_inputs(model, dst, src=src) as tap:
-        logits = model(**C.model_inputs(batch, device)).logits
-    l_ce = C.next_token_loss(logits, batch["labels"].to(device))                      # L_CE
+        l_ce = C.lm_loss(model, batch, device)                        # L_CE (LM head at supervised positions only)
     pred = apply_head(model, tap["hidden"][dst[:, 0], dst[:, 1] - 1])                # H[p_i − 1] (→ head)
     l_lvr = lvr_loss(pred, tap["targets"], args.lvr_loss) if dst.numel() else pred.sum() * 0.0   # L_lvr
     loss = l_ce + args.lam_lvr * l_lvr                                                # L = L_CE + λ·L_lvr
-    return loss, {"loss_ce": l_ce.item(), "loss_lvr": l_lvr.item(), "roi_tokens": dst.shape[0] / len(samples)}
+    return loss, {"loss_ce": l_ce.detach(), "loss_lvr": l_lvr.detach(), "roi_tokens": dst.shape[0] / len(samples)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,7 +474,7 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
 
     def forward(inputs, dst, values):
         with latent_inputs(model, torch.tensor(dst, dtype=torch.long, device=dev).view(-1, 2), values=values) as tap:
-            out = model(**{**inputs, "use_cache": use_cache})
+            out = model(**{**inputs, "use_cache": use_cache}, logits_to_keep=1)     # only the next token's logits
         return out.cache if use_cache else None, out.logits[:, -1], tap["hidden"][:, -1]
 
     cache, logits, hidden = forward(C.model_inputs(prompt, dev), [], None)
@@ -615,12 +614,13 @@ def completion_logprobs(bb: C.Backbone, model, prompts: list[dict], outs: list[d
         off += len(ids)
     dst = torch.cat(dst)
     dst = torch.stack([torch.zeros_like(dst), dst], 1).to(device)
-    with latent_inputs(model, dst, values=torch.cat(vals)):
-        logits = model(**C.model_inputs(C.pack(bb, samples), device)).logits[0]
+    with latent_inputs(model, dst, values=torch.cat(vals)):        # logits at the completion positions only
+        keep = torch.cat(rows).to(device)
+        logits = model(**C.model_inputs(C.pack(bb, samples), device), logits_to_keep=keep).logits
     logp, mask = [], []
-    for o, r, blk, slot in zip(outs, rows, blocked, slots):
+    for o, z, blk, slot in zip(outs, logits[0].split([len(r) for r in rows]), blocked, slots):
         comp = torch.tensor(o["token_ids"], device=device)
-        z = mask_invalid(logits[r.to(device)].float() / (temperature or 1.0), blk, ctrl)
+        z = mask_invalid(z.float() / (temperature or 1.0), blk, ctrl)
         logp.append(torch.log_softmax(z, -1).gather(-1, comp[:, None])[:, 0].masked_fill(slot.to(device), 0.0))
         mask.append(~slot.to(device) & (comp != t[LVR_START]))
     return nn.utils.rnn.pad_sequence(logp, batch_first=True), nn.utils.rnn.pad_sequence(mask, batch_first=True)
@@ -775,10 +775,10 @@ def main(args: Args, explicit: set[str] | None = None):
                         loss, terms = grpo_loss(logp, old, ref_lp if ref_lp is not None else logp.detach(), adv, mask,
                                                 args.epsilon, args.beta if ref is not None else 0.0, args.loss_type,
                                                 args.max_new_tokens)                     # clipped ρ·A + β·KL_k3
-                    C.check_finite(loss, step, terms)
                     (loss / len(batches)).backward()
-                for k, v in {"loss": loss.item(), **terms}.items():
+                for k, v in {"loss": loss.detach(), **terms}.items():              # on the device: no host sync
                     sums[k] = sums.get(k, 0.0) + v / len(batches) / mu
+            C.check_finite(sums["loss"], step, sums)                      # before the update, after backward
             gnorm = C.clip_grad_norm(model, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -132,8 +132,7 @@ def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> list[dict]:
 def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> torch.Tensor:
     """L_CE: next-token cross-entropy over the supervised (answer) tokens of the micro-batch."""
     batch = C.pack(bb, samples) if args.pack else C.pad_batch(bb, samples)
-    logits = model(**C.model_inputs(batch, device)).logits
-    return C.next_token_loss(logits, batch["labels"].to(device))
+    return C.lm_loss(model, batch, device)                       # the LM head only at the supervised positions
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ def test_teacher_forcing_alignment_and_loss(bb):
                for k, bbox in enumerate([[0.1, 0.2, 0.6, 0.9], [0.3, 0.0, 1.0, 0.4]])]
     model = bb.model
     loss, terms = lvr.sft_loss(model, samples, bb, args, "cpu")
+    terms = {k: float(v) for k, v in terms.items()}                  # detached device tensors (no sync) → floats
     # independent: per sample, image features from the tower, ROI targets by index, inputs_embeds built by hand
     lvr_id = bb.token_id(lvr.LVR)
     sq, n, ce_num, ce_den = 0.0, 0, 0.0, 0
@@ -152,7 +153,7 @@ def test_padded_baseline_equals_packed(bb):
         bb.model.zero_grad(set_to_none=True)
         loss, terms = lvr.sft_loss(bb.model, samples, bb, sft_args(pack=pack, lam_lvr=1.0), "cpu")
         loss.backward()
-        runs.append((loss.item(), terms, {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}))
+        runs.append((loss.item(), {k: float(v) for k, v in terms.items()}, {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.grad is not None}))
     bb.model.zero_grad(set_to_none=True)
     (l1, t1, g1), (l2, t2, g2) = runs
     assert l1 == pytest.approx(l2, rel=1e-5) and t1["loss_lvr"] == pytest.approx(t2["loss_lvr"], rel=1e-5)
