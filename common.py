@@ -86,15 +86,15 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
 
     warn_untested_versions()
     check_model_name(name)
-    if name == "toy-base":
-        from toy_base import ensure_toy_base
-        name = ensure_toy_base()
+    if name == "toy-base":              # toy_base.py imports this file: it resolves the name, never the reverse
+        raise ValueError("'toy-base' is built by toy_base.ensure_toy_base(), which returns its path: pass that path")
     device = torch.device(device)
     attn = attn_implementation or pick_attn_implementation(device)
     if name.startswith(RANDOM_PREFIX):   # num_layers: the first k decoder layers (real widths on a CPU)
-        from qwen_offline import random_backbone
+        from qwen_offline import random_model_parts
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else None)
-        return random_backbone(name[len(RANDOM_PREFIX):], num_layers, device, dtype, seed, attn_implementation=attn)
+        parts = random_model_parts(name[len(RANDOM_PREFIX):], num_layers, device, dtype, seed, attn_implementation=attn)
+        return Backbone(*parts, "qwen2_5_vl")
     if name in ("toy", "toy-qwen3vl"):
         from toy_world import toy_model_parts
         tokenizer, config, image_processor = toy_model_parts(name)

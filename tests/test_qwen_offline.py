@@ -30,7 +30,7 @@ def tok():
 @pytest.fixture(scope="module")
 def bb3():
     """The real 3B widths and vocabulary (151,936 rows, tied), cut to 1 decoder layer and 1 vision block (fp32)."""
-    bb = Q.random_backbone("qwen2.5-vl-3b", num_layers=1, vision_depth=1)
+    bb = C.Backbone(*Q.random_model_parts("qwen2.5-vl-3b", num_layers=1, vision_depth=1), "qwen2_5_vl")
     bb.model.eval()
     return bb
 
@@ -243,7 +243,8 @@ def test_forward_on_an_image_chat_at_real_vocabulary(bb3):
     assert out.logits.shape == (1, len(s["input_ids"]), 151936) and torch.isfinite(out.logits).all()
     loss = C.next_token_loss(out.logits, C.pack(bb3, [s])["labels"])
     assert abs(loss.item() - math.log(151936)) < 1.0   # a random init is about uniform over the real vocabulary
-    again = Q.random_backbone("qwen2.5-vl-3b", num_layers=1, vision_depth=1, device="meta")   # seeded: same shapes
+    again = C.Backbone(*Q.random_model_parts("qwen2.5-vl-3b", num_layers=1, vision_depth=1, device="meta"),
+                      "qwen2_5_vl")   # seeded: same shapes
     assert [p.shape for p in again.model.parameters()] == [p.shape for p in bb3.model.parameters()]
 
 
@@ -339,7 +340,7 @@ def test_surgery_reuses_spare_rows_then_resizes():
     """151,665 tokens: the 7B has 399 spare embedding rows (152,064), the 3B 271 (151,936). New tokens take ids
     151665+ in the spare rows; only past them is the matrix resized (3B: tied, so the LM head follows)."""
     for name, rows in [("qwen2.5-vl-7b", 152064), ("qwen2.5-vl-3b", 151936)]:
-        bb = Q.random_backbone(name, device="meta")
+        bb = C.load_backbone("random:" + name, device="meta")
         assert C.add_special_tokens(bb, ["<|lvr_start|>", "<|lvr|>", "<|lvr_end|>"]) == [151665, 151666, 151667]
         assert bb.model.get_input_embeddings().weight.shape[0] == rows
     bb.tokenizer.add_tokens([f"<|filler_{i}|>" for i in range(151936 - 151668)])   # the 3B's last spare rows

@@ -183,12 +183,15 @@ def _score(model_dir, bench, world, tmp_path, tag):
 REGRESSION = {"vstar": (0.02, 5.0)}
 
 
-def test_load_backbone_resolves_toy_base(base_dir, monkeypatch):
-    """load_backbone("toy-base") builds (or reuses) the default base under data/toy/base and loads it."""
+def test_eval_resolves_toy_base(base_dir, monkeypatch):
+    """eval.py --model toy-base builds (or reuses) the default base under data/toy/base and loads it; common itself
+    refuses the bare name (it may not import toy_base.py, which imports it)."""
     import common as C
     import torch
     monkeypatch.chdir(ROOT)
-    bb, ref = C.load_backbone("toy-base"), C.load_backbone(base_dir)
+    with pytest.raises(ValueError, match="ensure_toy_base"):
+        C.load_backbone("toy-base")
+    bb, ref = ev.load_model(ev.Args(model="toy-base")), C.load_backbone(base_dir)
     assert bb.family == "qwen2_5_vl" and getattr(bb.model.config, "toy_backbone", False)
     torch.testing.assert_close(bb.model.lm_head.weight, ref.model.lm_head.weight)
 
