@@ -885,15 +885,20 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Linear)) + model.lm_head.weight.numel()
 
 
-def step_flops(model, seq_lens, backward: bool = True) -> float:
+def step_flops(model, seq_lens, backward: bool = True, weight_grads: bool = True) -> float:
     """Model FLOPs of one forward (+ backward) over samples of these real lengths (a packed row's samples attend only
     to themselves: Σ L², not (Σ L)²). Per sample: 2·N·L + 4·layers·d_attn·L² forward (QKᵀ and AV, non-causal
-    convention as PaLM and nanoGPT), d_attn = heads·head_dim; backward costs twice the forward."""
+    convention as PaLM and nanoGPT), d_attn = heads·head_dim. Backward: 2·N·L for the input gradients, 2·N·L more for
+    the weight gradients (weight_grads=False when the matmul weights are frozen, e.g. under LoRA: their gradients are
+    never formed), and twice the attention forward. So forward + backward = 3× the forward with weight gradients."""
     cfg = model.config.text_config
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     n, layers = matmul_params(model), cfg.num_hidden_layers
-    fwd = sum(2 * n * L + 4 * layers * d_attn * L * L for L in map(int, seq_lens))
-    return 3 * fwd if backward else fwd
+    lens = list(map(int, seq_lens))
+    mm, attn = sum(2 * n * L for L in lens), sum(4 * layers * d_attn * L * L for L in lens)
+    if not backward:
+        return mm + attn
+    return mm * (3 if weight_grads else 2) + 3 * attn
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -607,7 +607,8 @@ def main(args: Args, explicit: set[str] | None = None):
             for name, value in terms.items():                              # no host sync before backward
                 loss_sum[name] = loss_sum.get(name, 0.0) + value.detach() / len(micro)
             tokens += sum(len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input", "traj"))
-            flops += C.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input")])
+            flops += C.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input")],
+                                  weight_grads=args.lora_r == 0)         # LoRA: the frozen base forms no weight grads
             flops += C.step_flops(bb.model, [len(ex["traj"]["input_ids"]) for ex in examples], backward=False)
         C.check_finite(loss_sum["loss"], step, loss_sum)
         gnorm = C.clip_grad_norm(model, 1.0)

@@ -404,4 +404,7 @@ def test_step_flops_hand_counted():
     fwd = sum(2 * n * L + 4 * 2 * 64 * L * L for L in lens)
     assert C.step_flops(bb.model, lens, backward=False) == fwd
     assert C.step_flops(bb.model, lens) == 3 * fwd
+    # frozen matmul weights (LoRA): no weight gradients, so the backward is 2·N·L + 2·attention, not 4·N·L + 2·attention
+    bwd_frozen = sum(2 * n * L + 2 * 4 * 2 * 64 * L * L for L in lens)
+    assert C.step_flops(bb.model, lens, weight_grads=False) == fwd + bwd_frozen
     assert C.step_flops(bb.model, [37]) > C.step_flops(bb.model, lens)  # one 37-token sample attends over more pairs
