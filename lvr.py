@@ -816,11 +816,11 @@ def main(args: Args, explicit: set[str] | None = None):
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in head.items()}, str(Path(export_dir, "lvr_head.safetensors")))
     C.print0(f"exported {export_dir}")
-    if args.eval and d.main:
-        evaluate_export(args, export_dir, d.device)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if args.eval and d.main:                      # after the process group: no rank waits on a collective timeout
+        evaluate_export(args, export_dir, d.device)
     return bb
 
 

@@ -136,6 +136,26 @@ def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Evaluation of the export (called at the end of main): eval.py's one seam, in process
+# ----------------------------------------------------------------------------------------------------------------
+def evaluate_export(args: Args, export_dir: str) -> dict:
+    """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process)."""
+    import eval as E
+    rows, models = {}, {"SFT": export_dir, "start": args.model} if C.is_toy(args.model) else {"SFT": export_dir}
+    for bench in [b for b in args.eval.split(",") if b]:
+        for name, model in models.items():
+            ea = E.Args(benchmark=bench, data_dir=str(Path(args.data).parent / "eval" / bench), model=model,
+                        prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")),
+                        min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
+            rows.setdefault(bench, {})[name] = E.evaluate(ea)
+    print(f"| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
+    for bench, r in rows.items():
+        print(f"| {bench} | {r['SFT']['chance']:.1f} | " +
+              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")
+    return {bench: r["SFT"]["overall"] for bench, r in rows.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args, explicit: set[str] | None = None):
@@ -201,29 +221,12 @@ def main(args: Args, explicit: set[str] | None = None):
     C.export_hf(bb, export_dir, state_dict=C.full_state_dict(model), model=model,
                 dtype=C.compute_dtype(args.dtype, d.device))
     C.print0(f"exported {export_dir}")
-    if args.eval and d.main:
-        evaluate_export(args, export_dir)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if args.eval and d.main:                      # after the process group: no rank waits on a collective timeout
+        evaluate_export(args, export_dir)
     return bb
-
-
-def evaluate_export(args: Args, export_dir: str) -> dict:
-    """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process)."""
-    import eval as E
-    rows, models = {}, {"SFT": export_dir, "start": args.model} if C.is_toy(args.model) else {"SFT": export_dir}
-    for bench in [b for b in args.eval.split(",") if b]:
-        for name, model in models.items():
-            ea = E.Args(benchmark=bench, data_dir=str(Path(args.data).parent / "eval" / bench), model=model,
-                        prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")),
-                        min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
-            rows.setdefault(bench, {})[name] = E.evaluate(ea)
-    print(f"| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
-    for bench, r in rows.items():
-        print(f"| {bench} | {r['SFT']['chance']:.1f} | " +
-              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")
-    return {bench: r["SFT"]["overall"] for bench, r in rows.items()}
 
 
 if __name__ == "__main__":
