@@ -185,7 +185,7 @@ def test_chat_template_multi_image_layout(tok):
 @pytest.mark.parametrize("name,hidden,layers,heads,kv,inter,vocab,tied", [
     # config.json of Qwen/Qwen2.5-VL-3B-Instruct (copies: huggingface.co/zyoNoob/Qwen2.5-VL-3B-Instruct-AWQ,
     # jarvisvasu/Qwen2.5-VL-3B-Instruct-4bit) and of Qwen/Qwen2.5-VL-7B-Instruct (the official
-    # Qwen/Qwen2.5-VL-7B-Instruct-AWQ, unsloth/Qwen2.5-VL-7B-Instruct); ../shared/spec/engineering.md "The backbone".
+    # Qwen/Qwen2.5-VL-7B-Instruct-AWQ, unsloth/Qwen2.5-VL-7B-Instruct).
     ("qwen2.5-vl-3b", 2048, 36, 16, 2, 11008, 151936, True),
     ("qwen2.5-vl-7b", 3584, 28, 28, 4, 18944, 152064, False),
 ])
