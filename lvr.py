@@ -687,10 +687,11 @@ def print_beside_base(args: Args, root: Path, summaries: dict):
     steps = list(dict.fromkeys(k.split("/", 1)[1] for k in summaries))
     print(f"| benchmark (first {args.eval_limit or 'all'} items) | chance | start: {args.model} | " +
           " | ".join(f"LVR {n}" + (" (span forced)" if args.eval_force_span else "") for n in steps) + " |")
+    start = E.load_model(E.Args(model=args.model))                  # loaded once, for every benchmark
     for bench in [b for b in args.eval_benchmarks.split(",") if b]:
         s = E.evaluate(E.Args(benchmark=bench, data_dir=str(root / bench), model=args.model, prompt="answer-tag",
                               output=str(Path(args.run_dir, "eval", f"{bench}_start.json")), min_pixels=args.min_pixels,
-                              max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True))
+                              max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True), backbone=start)
         cells = [f"{v['overall']:.1f} ± {v['se']:.1f}" for k, v in summaries.items() if k.startswith(bench + "/")]
         print(f"| {bench} | {s['chance']:.1f} | {s['overall']:.1f} ± {s['se']:.1f} | " + " | ".join(cells) + " |")
 

@@ -545,13 +545,14 @@ def evaluate_export(args: Args, export_dir: str) -> dict:
     rows, models = {}, {"Pearl": export_dir, "start": args.model} if C.is_toy(args.model) else {"Pearl": export_dir}
     if (sft := Path(args.sft_dir, "export")).is_dir() and sft.resolve() != Path(export_dir).resolve():
         models["SFT"] = str(sft)
-    for bench in [b for b in args.eval.split(",") if b]:
-        for name, model in models.items():
+    for name, model in models.items():
+        bb = E.load_model(E.Args(model=model))                      # each model loaded once, for every benchmark
+        for bench in [b for b in args.eval.split(",") if b]:
             ea = E.Args(benchmark=bench, data_dir=str(Path(args.data.split(",")[0]).parent / EVAL_DIRS[bench]),
                         prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")), model=model,
                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
-            rows.setdefault(bench, {})[name] = E.evaluate(ea)
-    print(f"| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
+            rows.setdefault(bench, {})[name] = E.evaluate(ea, backbone=bb)
+    print("| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
     for bench, r in rows.items():
         print(f"| {bench} | {r['Pearl']['chance']:.1f} | " +
               " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")

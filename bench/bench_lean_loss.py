@@ -62,7 +62,7 @@ def main():
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
                             {"mode": mode, "tokens": tokens, "supervised": sup, "error": out.stderr[-300:]})
                 print(rows[-1], flush=True)
-    print(f"\n| tokens | supervised | plain: step GB (peak) | lm_loss: step GB (peak) | ratio | same loss |")
+    print("\n| tokens | supervised | plain: step GB (peak) | lm_loss: step GB (peak) | ratio | same loss |")
     print("|---|---|---|---|---|---|")
     for i in range(0, len(rows), 2):
         pl, le = rows[i], rows[i + 1]

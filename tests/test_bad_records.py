@@ -3,7 +3,6 @@ reason, and the good record still loads. (Before: tracebacks while loading, or a
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 import common as C

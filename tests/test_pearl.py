@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import common as C
