@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common as C
+import runtime as R
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def read_pairs(path: str, image_root: str, skips: C.Skips):
 # ----------------------------------------------------------------------------------------------------------------
 # The frozen-target cache: written once, read lazily by image key
 # ----------------------------------------------------------------------------------------------------------------
-def write_target_cache(encode, images: dict, cache_dir: Path, d: C.Dist, shard_size: int, k: int) -> Path:
+def write_target_cache(encode, images: dict, cache_dir: Path, d: R.Dist, shard_size: int, k: int) -> Path:
     """One fp16 safetensors shard per `shard_size` images (or per WebDataset tar), written atomically, with the
     sums needed for the dataset mean / std; rank r extracts shards r, r+W, ...; existing shards are reused.
     `encode(PIL images) -> (z_tok [n, K, D], z_glob [n, D])` is latent_pretrain.encode_images."""

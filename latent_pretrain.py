@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import runtime as R
 from latent_io import TargetCache, latent_report, read_pairs, write_finetune_records, write_target_cache
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
@@ -111,7 +112,7 @@ class Args:
     eval: bool = field(default=True, metadata={"help": "finetune: evaluate the export on GQA / ScienceQA"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
     analyze: bool = field(default=True, metadata={"help": "run the analysis after pretraining"})
-    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
+    dtype: str = field(default="auto", metadata=R.DTYPE_HELP)
 
 
 # A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
@@ -124,7 +125,7 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     """The toy preset on the fields not in `explicit` (default: those still at their dataclass default); `--data toy`
     → the toy world's COCO-format captions, GQA and ScienceQA. No model is loaded."""
     if C.is_toy(args.init if args.stage in ("finetune", "analyze") and args.init else args.model):
-        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+        R.apply_preset(args, TOY_PRESET, R.changed_fields(args) if explicit is None else explicit,
                        "toy preset", "model is the toy backbone")
     if args.data == "toy":
         for k, v in toy_paths().items():
@@ -132,7 +133,7 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
                 setattr(args, k, v)
     if args.init not in ("", "toy"):
         C.check_model_name(args.init)
-    return C.check_args(args)
+    return R.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def cache_fingerprint(bb: C.Backbone, args: Args, images: dict) -> str:
     return h.hexdigest()[:12]
 
 
-def extract_targets(bb: C.Backbone, args: Args, d: C.Dist, images: dict, cache_dir: Path) -> Path:
+def extract_targets(bb: C.Backbone, args: Args, d: R.Dist, images: dict, cache_dir: Path) -> Path:
     """(z_tok, z_glob) of every image, computed once into `cache_dir` (latent_io.write_target_cache: fp16 safetensors
     shards with the sums for the dataset mean / std; rank r extracts shards r, r+W, ...; existing shards are reused)."""
     encode = lambda pil: encode_images(bb, pil, args.image_size, args.num_latents, args.pool)  # noqa: E731
@@ -413,7 +414,7 @@ def batch_contrastive_loss(pred: torch.Tensor, target: torch.Tensor, image_ids: 
 def pretrain_loss(model: LatentPretrainer, batch: dict, z_tok, z_glob, image_ids, args: Args, cache, device):
     """L = λ_ntp·L_NTP + λ_inst·L_inst + λ_batch·L_batch on one micro-batch (packed, or padded with --no-pack)."""
     mask = batch.get("attention_mask")                                  # None: packed row; else --no-pack rows
-    with C.compute_context(args.dtype, device):                      # bf16 forward; the losses below in fp32
+    with R.compute_context(args.dtype, device):                      # bf16 forward; the losses below in fp32
         logits, z_hat, scale, bias = model(*(batch[k].to(device) for k in ("input_ids", "position_ids",
                                                                            "caption_mask")),
                                            batch["seq_lens"], None if mask is None else mask.to(device))
@@ -441,7 +442,7 @@ def save_head(args: Args, sd: dict, cache: TargetCache, export_dir: str):
 
 
 @torch.no_grad()
-def analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None = None):
+def analyze(args: Args, d: R.Dist, skips: C.Skips, export: str | Path | None = None):
     """--stage analyze (and after pretraining): retrieval R@k of ẑ against z on held-out pairs, matched vs random
     cosines, k-means NMI by category, analysis.png and analysis.json in --run-dir."""
     if not d.main:
@@ -454,7 +455,7 @@ def analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None = N
     for k, v in json.loads(meta["args"]).items():
         setattr(args, k, v)
     bb = C.load_backbone(str(export), d.device)
-    pairs, cache = load_targets(bb, args, C.Dist(device=d.device), args.val_data, args.val_image_root, skips,
+    pairs, cache = load_targets(bb, args, R.Dist(device=d.device), args.val_data, args.val_image_root, skips,
                                 Path(meta["cache_dir"]).parent, "val-")
     cache.center = json.loads(meta["center"])
     if cache.center:  # centre by the TRAINING mean, as during pretraining
@@ -479,7 +480,7 @@ def analyze(args: Args, d: C.Dist, skips: C.Skips, export: str | Path | None = N
 # ----------------------------------------------------------------------------------------------------------------
 # Downstream stage: GQA / ScienceQA as sft.py records (latent_io.py) → sft.py from --init → eval.py on their tests
 # ----------------------------------------------------------------------------------------------------------------
-def finetune(args: Args, d: C.Dist, skips: C.Skips):
+def finetune(args: Args, d: R.Dist, skips: C.Skips):
     """--stage finetune: plain SFT (sft.py: answer CE only, vision tower frozen) from --init on GQA / ScienceQA, then
     eval.py on their test splits. The baseline of the comparison is the same command from the untouched backbone."""
     import eval as E
@@ -509,15 +510,15 @@ def finetune(args: Args, d: C.Dist, skips: C.Skips):
 # Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args, explicit: set[str] | None = None):
-    d = C.init_distributed()
+    d = R.init_distributed()
     resolve(args, explicit)
     uses_model = not (args.stage in ("finetune", "analyze") and args.init)
     if args.init == "toy-base" or (uses_model and args.model == "toy-base"):  # the pretrained toy "stage 0"
         from toy_base import ensure_toy_base                                   # (toy_base.py), built once
         args.model, args.init = ((ensure_toy_base() if v == "toy-base" else v) for v in (args.model, args.init))
-    C.save_run_config(args.run_dir, args, "run_config.json" if args.stage == "pretrain"
+    R.save_run_config(args.run_dir, args, "run_config.json" if args.stage == "pretrain"
                       else f"run_config_{args.stage}.json")               # finetune: sft.py writes run_config.json
-    C.seed_everything(args.seed)
+    R.seed_everything(args.seed)
     skips = C.Skips()
     cache_root = Path(args.cache_dir or Path(args.run_dir).parent / "latent_targets")
     if args.stage != "pretrain":
@@ -543,20 +544,20 @@ def main(args: Args, explicit: set[str] | None = None):
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
     if args.activation_checkpointing:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = C.shard_model(model, d, dtype=args.dtype)
+    model = R.shard_model(model, d, dtype=args.dtype)
     opt = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
-        meta = C.load_checkpoint(ckpt, model, opt)
+    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
+        meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
-    log = C.RunLogger(args.run_dir, args.steps, d, desc="pretrain", start_step=start)
+    log = R.RunLogger(args.run_dir, args.steps, d, desc="pretrain", start_step=start)
     model.train()
     for step in range(start, args.steps):
         for g, peak in zip(opt.param_groups, (args.lr, args.head_lr)):
-            g["lr"] = C.cosine_lr(step, args.steps, peak, args.warmup_ratio)
+            g["lr"] = R.cosine_lr(step, args.steps, peak, args.warmup_ratio)
         micro = sampler.next(d.rank, d.world, args.grad_accum)
         loss_sum, tokens, flops = torch.zeros((), device=d.device), 0, 0.0
         term_sums = {}
@@ -565,23 +566,23 @@ def main(args: Args, explicit: set[str] | None = None):
             z_tok, z_glob = (t.to(d.device) for t in cache.get([s["image_key"] for s in samples]))
             image_ids = torch.tensor([s["image_id"] for s in samples], device=d.device)
             batch = (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",))
-            with C.grad_sync(model, i == len(micro) - 1):
+            with R.grad_sync(model, i == len(micro) - 1):
                 loss, terms = pretrain_loss(model, batch, z_tok, z_glob, image_ids, args, cache, d.device)
                 (loss / len(micro)).backward()
             loss_sum += loss.detach() / len(micro)                         # no host sync before backward
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.detach() / len(micro)
             tokens += sum(len(s["input_ids"]) for s in samples)
-            flops += C.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
-        C.check_finite(loss_sum, step, term_sums)
-        gnorm = C.clip_grad_norm(model, 1.0)
+            flops += R.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
+        R.check_finite(loss_sum, step, term_sums)
+        gnorm = R.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.log(step + 1, {"loss": C.all_reduce_mean(loss_sum.item(), d),
-                           **{k: C.all_reduce_mean(v.item(), d) for k, v in term_sums.items()},
+        log.log(step + 1, {"loss": R.all_reduce_mean(loss_sum.item(), d),
+                           **{k: R.all_reduce_mean(v.item(), d) for k, v in term_sums.items()},
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
-            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
+            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()}, keep=args.keep_checkpoints)
     log.close()
 
@@ -589,9 +590,9 @@ def main(args: Args, explicit: set[str] | None = None):
     # Save and evaluate
     # ------------------------------------------------------------------------------------------------------------
     export_dir = os.path.join(args.run_dir, "export")
-    sd = C.full_state_dict(model)
-    C.export_hf(bb, export_dir, state_dict=model.export_state_dict(sd), model=bb.model,
-                dtype=C.compute_dtype(args.dtype, d.device))                # a plain HF model: latent rows written back
+    sd = R.full_state_dict(model)
+    R.export_hf(bb, export_dir, state_dict=model.export_state_dict(sd), model=bb.model,
+                dtype=R.compute_dtype(args.dtype, d.device))                # a plain HF model: latent rows written back
     if d.main:
         save_head(args, sd, cache, export_dir)
     C.print0(f"exported {export_dir} (+ latent_head.safetensors)")
@@ -604,4 +605,4 @@ def main(args: Args, explicit: set[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(*C.parse_args(Args))              # (args, the fields given on the command line)
+    main(*R.parse_args(Args))              # (args, the fields given on the command line)

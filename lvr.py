@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import runtime as R
 
 LVR_START, LVR, LVR_LATENT_END, LVR_END = "<|lvr_start|>", "<|lvr|>", "<|lvr_latent_end|>", "<|lvr_end|>"
 LVR_TOKENS = [LVR_START, LVR, LVR_LATENT_END, LVR_END]
@@ -119,7 +120,7 @@ class Args:
     eval_force_span: bool = field(default=False, metadata={"help": "evaluate with the latent span opened at the start "
                                                                    "of the answer (eval.py --latent-force-span); "
                                                                    "default: the model opens it itself (paper)"})
-    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
+    dtype: str = field(default="auto", metadata=R.DTYPE_HELP)
 
 
 # Stage 2 (GRPO_latent) differs from stage 1's recipe in these fields (lr: the released script's).
@@ -139,18 +140,18 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     """Stage-2 defaults, then the toy preset (toy backbone only), each on the fields not in `explicit` (default: the
     fields still at their dataclass default); `--data toy` → the toy world. No model is loaded."""
     if args.stage not in TOY_PRESET:
-        C.arg_error(f"--stage {args.stage!r}: choose from sft, grpo")
-    explicit = C.changed_fields(args) if explicit is None else explicit
+        R.arg_error(f"--stage {args.stage!r}: choose from sft, grpo")
+    explicit = R.changed_fields(args) if explicit is None else explicit
     if args.stage == "grpo":
-        C.apply_preset(args, GRPO_DEFAULTS, explicit, "grpo defaults", "stage 2 recipe")
+        R.apply_preset(args, GRPO_DEFAULTS, explicit, "grpo defaults", "stage 2 recipe")
     if C.is_toy(args.model):
-        C.apply_preset(args, TOY_PRESET[args.stage], explicit, "toy preset", "model is the toy backbone")
+        R.apply_preset(args, TOY_PRESET[args.stage], explicit, "toy preset", "model is the toy backbone")
     if args.data == "toy":
         from toy_world import ensure_toy_world
         split = "train" if args.stage == "sft" else "grpo"
         args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / f"lvr_{split}.json")
     args.image_root = args.image_root or os.path.dirname(args.data)
-    return C.check_args(args)
+    return R.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,8 +271,8 @@ def attach_saved_head(bb: C.Backbone):
                                        load_file(str(path / "lvr_head.safetensors")).items()})
 
 
-def shard(model, d: C.Dist, ac: bool, dtype: str = "auto"):   # a head is its own FSDP unit: called outside the root
-    return C.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else (), dtype=dtype)
+def shard(model, d: R.Dist, ac: bool, dtype: str = "auto"):   # a head is its own FSDP unit: called outside the root
+    return R.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else (), dtype=dtype)
 
 
 @contextmanager
@@ -700,13 +701,13 @@ def print_beside_base(args: Args, root: Path, summaries: dict):
 # Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args, explicit: set[str] | None = None):
-    d = C.init_distributed()
+    d = R.init_distributed()
     resolve(args, explicit)
     if args.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
         from toy_base import ensure_toy_base
         args.model = ensure_toy_base()
-    C.save_run_config(args.run_dir, args)
-    C.seed_everything(args.seed)
+    R.save_run_config(args.run_dir, args)
+    R.seed_everything(args.seed)
     bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
     prepare_model(bb, args.lvr_head if args.stage == "sft" else "none")  # model surgery: the LVR tokens (+ head)
     attach_saved_head(bb)
@@ -718,19 +719,19 @@ def main(args: Args, explicit: set[str] | None = None):
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
     ref = None
     if args.stage == "grpo" and args.beta:        # the frozen stage-1 model of the k3 KL, no optimizer: compute dtype
-        ref = copy.deepcopy(bb.model).requires_grad_(False).to(C.compute_dtype(args.dtype, d.device))
+        ref = copy.deepcopy(bb.model).requires_grad_(False).to(R.compute_dtype(args.dtype, d.device))
         ref = shard(ref, d, False, args.dtype)
     model = shard(bb.model, d, args.activation_checkpointing, args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
-        meta = C.load_checkpoint(ckpt, model, opt)
+    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
+        meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
-    log = C.RunLogger(args.run_dir, args.steps, d, desc=f"lvr-{args.stage}", start_step=start)
+    log = R.RunLogger(args.run_dir, args.steps, d, desc=f"lvr-{args.stage}", start_step=start)
     mu = args.num_iterations if args.stage == "grpo" else 1          # GRPO: μ optimizer passes per rollout batch
     model.train()
     for step in range(start, args.steps):
@@ -742,13 +743,13 @@ def main(args: Args, explicit: set[str] | None = None):
             for i, idx in enumerate(micro):
                 prompts = [data[j] for j in idx for _ in range(G)]
                 gen = torch.Generator(d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + i * d.world + d.rank)
-                with C.compute_context(args.dtype, d.device):
+                with R.compute_context(args.dtype, d.device):
                     outs = latent_generate(bb, prompts, args.num_latent_steps, args.max_new_tokens, "fixed",
                                            args.temperature, generator=gen, model=model, sync=True)
                 acc = torch.tensor([accuracy_reward(o["text"], p["answer"]) for o, p in zip(outs, prompts)])
                 fmt = torch.tensor([format_reward(o["text"], args.format_dotall) for o in outs])
                 adv = group_advantages(acc + fmt, G).to(d.device)                      # R = accuracy + format
-                with torch.no_grad(), C.compute_context(args.dtype, d.device):
+                with torch.no_grad(), R.compute_context(args.dtype, d.device):
                     ref_lp = completion_logprobs(bb, ref, prompts, outs, args.temperature, d.device)[0] if ref else None
                     old_lp = (completion_logprobs(bb, model, prompts, outs, args.temperature, d.device)[0]
                               if mu > 1 else None)
@@ -762,15 +763,15 @@ def main(args: Args, explicit: set[str] | None = None):
         sums = {}
         for it in range(mu):
             for g in opt.param_groups:
-                g["lr"] = C.cosine_lr(step * mu + it, args.steps * mu, args.lr, args.warmup_ratio)
+                g["lr"] = R.cosine_lr(step * mu + it, args.steps * mu, args.lr, args.warmup_ratio)
             for i, batch in enumerate(batches):
-                with C.grad_sync(model, i == len(batches) - 1):
+                with R.grad_sync(model, i == len(batches) - 1):
                     if args.stage == "sft":
-                        with C.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
+                        with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
                             loss, terms = sft_loss(model, batch, bb, args, d.device)        # L_CE + λ·L_lvr
                     else:
                         prompts, outs, adv, ref_lp, old_lp = batch
-                        with C.compute_context(args.dtype, d.device):
+                        with R.compute_context(args.dtype, d.device):
                             logp, mask = completion_logprobs(bb, model, prompts, outs, args.temperature, d.device)
                         old = old_lp if old_lp is not None else logp.detach()           # μ = 1 ⇒ ρ ≡ 1
                         loss, terms = grpo_loss(logp, old, ref_lp if ref_lp is not None else logp.detach(), adv, mask,
@@ -779,8 +780,8 @@ def main(args: Args, explicit: set[str] | None = None):
                     (loss / len(batches)).backward()
                 for k, v in {"loss": loss.detach(), **terms}.items():              # on the device: no host sync
                     sums[k] = sums.get(k, 0.0) + v / len(batches) / mu
-            C.check_finite(sums["loss"], step, sums)                      # before the update, after backward
-            gnorm = C.clip_grad_norm(model, 1.0)
+            R.check_finite(sums["loss"], step, sums)                      # before the update, after backward
+            gnorm = R.clip_grad_norm(model, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         # model FLOPs: stage 1, forward + backward; GRPO adds the rollout (KV-cached decoding ≈ one forward over prompt
@@ -790,11 +791,11 @@ def main(args: Args, explicit: set[str] | None = None):
             forwards, timing = 1 + (ref is not None) + (mu > 1), {"gen_s": gen_s, "train_s": time.perf_counter() - t0}
         else:
             lens, forwards, timing = [len(s["input_ids"]) for b in batches for s in b], 0, {}
-        flops = forwards * C.step_flops(bb.model, lens, backward=False) + mu * C.step_flops(bb.model, lens)
-        log.log(step + 1, {**{k: C.all_reduce_mean(v, d) for k, v in {**sums, **stats}.items()},
+        flops = forwards * R.step_flops(bb.model, lens, backward=False) + mu * R.step_flops(bb.model, lens)
+        log.log(step + 1, {**{k: R.all_reduce_mean(v, d) for k, v in {**sums, **stats}.items()},
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, **timing}, sum(lens), flops)
         if args.save_every and (step + 1) % args.save_every == 0:
-            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
+            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()}, keep=args.keep_checkpoints)
         if step + 1 == args.stop_after:
             break
@@ -805,10 +806,10 @@ def main(args: Args, explicit: set[str] | None = None):
     # Save and evaluate
     # ------------------------------------------------------------------------------------------------------------
     export_dir = os.path.join(args.run_dir, "export")
-    state = C.full_state_dict(model)
+    state = R.full_state_dict(model)
     head = {k: state.pop(k) for k in [k for k in state if k.startswith("lvr_head.")]}   # the head, if any, beside it
-    C.export_hf(bb, export_dir, state_dict=state, model=model,
-                dtype=C.compute_dtype(args.dtype, d.device))
+    R.export_hf(bb, export_dir, state_dict=state, model=model,
+                dtype=R.compute_dtype(args.dtype, d.device))
     if d.main:                                    # a standard HF directory; from_pretrained ignores the LVR files
         Path(export_dir, "lvr_config.json").write_text(json.dumps({"head": model.lvr_head.kind if head else "none",
                                                                    "latent_end_token": args.latent_end_token,
@@ -826,4 +827,4 @@ def main(args: Args, explicit: set[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(*C.parse_args(Args))              # (args, the fields given on the command line)
+    main(*R.parse_args(Args))              # (args, the fields given on the command line)

@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import runtime as R
 from common import IGNORE
 
 
@@ -91,7 +92,7 @@ class Args:
     max_tokens: int = field(default=16384, metadata={"help": "drop (count) examples whose full view is longer"})
     max_examples: int = field(default=0, metadata={"help": "use only the first N records per file (0 = all)"})
     activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations per block"})
-    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
+    dtype: str = field(default="auto", metadata=R.DTYPE_HELP)
     seed: int = field(default=42, metadata={"help": "seed of data order, init and dropout"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
@@ -112,12 +113,12 @@ TOY_PRESET = dict(lr=2e-3, steps=40, grad_accum=1, lora_r=8, lora_alpha=16, min_
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     if C.is_toy(args.model):
-        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+        R.apply_preset(args, TOY_PRESET, R.changed_fields(args) if explicit is None else explicit,
                        "toy preset", "model is the toy backbone")
     if args.data == "toy":
         from toy_world import ensure_toy_world
         args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
-    return C.check_args(args)
+    return R.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,9 +519,9 @@ def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
     return merged
 
 
-def export(bb, model, args: Args, d: C.Dist) -> str:
+def export(bb, model, args: Args, d: R.Dist) -> str:
     """On every rank (gathering the state dict is collective); rank 0 writes run_dir/export in the compute dtype."""
-    sd = C.full_state_dict(model)
+    sd = R.full_state_dict(model)
     export_dir = os.path.join(args.run_dir, "export")
     if d.main:
         token_ids = [bb.token_id(t) for t in predictor_tokens(args.num_predictors)]
@@ -530,7 +531,7 @@ def export(bb, model, args: Args, d: C.Dist) -> str:
         plain.load_state_dict(merged, strict=False, assign=True)
         missing = [n for n, p in plain.named_parameters() if p.is_meta]
         assert not missing, f"export: parameters missing from the merged state dict: {missing[:5]}"
-        C.export_hf(bb, export_dir, state_dict=merged, model=plain, dtype=C.compute_dtype(args.dtype, d.device))
+        R.export_hf(bb, export_dir, state_dict=merged, model=plain, dtype=R.compute_dtype(args.dtype, d.device))
         C.print0(f"exported a plain {type(plain).__name__} to {export_dir}")
     return export_dir
 
@@ -563,16 +564,16 @@ def evaluate_export(args: Args, export_dir: str) -> dict:
 # Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args, explicit: set[str] | None = None):
-    d = C.init_distributed()
+    d = R.init_distributed()
     resolve(args, explicit)
     if args.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
         from toy_base import ensure_toy_base
         args.model = ensure_toy_base()
-    C.save_run_config(args.run_dir, args)
-    C.seed_everything(args.seed)
+    R.save_run_config(args.run_dir, args)
+    R.seed_everything(args.seed)
     # trained weights: fp32 masters; LoRA's frozen base: the compute dtype (memory arithmetic: docs/pearl.md)
     bb = C.load_backbone(args.model, d.device,
-                         dtype=torch.float32 if args.lora_r == 0 else C.compute_dtype(args.dtype, d.device))
+                         dtype=torch.float32 if args.lora_r == 0 else R.compute_dtype(args.dtype, d.device))
     frozen_lm_head = setup_model(bb, args)
     skips = C.Skips()
     data = load_data(bb, args, skips)
@@ -580,45 +581,45 @@ def main(args: Args, explicit: set[str] | None = None):
     if not data:
         raise SystemExit(f"{args.data}: no usable examples ({skips.summary()})")
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
-    model = C.shard_model(bb.model, d, args.activation_checkpointing, extra_units=(bb.model.pearl_dynamics,),
+    model = R.shard_model(bb.model, d, args.activation_checkpointing, extra_units=(bb.model.pearl_dynamics,),
                           dtype=args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
-        meta = C.load_checkpoint(ckpt, model, opt)
+    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
+        meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
-    log = C.RunLogger(args.run_dir, args.steps, d, desc="pearl", start_step=start)
+    log = R.RunLogger(args.run_dir, args.steps, d, desc="pearl", start_step=start)
     model.train()
     for step in range(start, args.steps):
         for g in opt.param_groups:
-            g["lr"] = C.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
+            g["lr"] = R.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
         micro = sampler.next(d.rank, d.world, args.grad_accum)
         loss_sum, tokens, flops = {}, 0, 0.0                               # loss_sum: every logged term
         for i, idx in enumerate(micro):
             examples = [data[j] for j in idx]
             torch.manual_seed((args.seed * 100_003 + step) * 1_009 + i * d.world + d.rank)  # dropout per global micro
-            with C.grad_sync(model, i == len(micro) - 1):
-                with C.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
+            with R.grad_sync(model, i == len(micro) - 1):
+                with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
                     loss, terms = pearl_loss(bb, model, frozen_lm_head, examples, args, naive=args.naive_views)
                 (loss / len(micro)).backward()
             for name, value in terms.items():                              # no host sync before backward
                 loss_sum[name] = loss_sum.get(name, 0.0) + value.detach() / len(micro)
             tokens += sum(len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input", "traj"))
-            flops += C.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input")],
+            flops += R.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input")],
                                   weight_grads=args.lora_r == 0)         # LoRA: the frozen base forms no weight grads
-            flops += C.step_flops(bb.model, [len(ex["traj"]["input_ids"]) for ex in examples], backward=False)
-        C.check_finite(loss_sum["loss"], step, loss_sum)
-        gnorm = C.clip_grad_norm(model, 1.0)
+            flops += R.step_flops(bb.model, [len(ex["traj"]["input_ids"]) for ex in examples], backward=False)
+        R.check_finite(loss_sum["loss"], step, loss_sum)
+        gnorm = R.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.log(step + 1, {**{name: C.all_reduce_mean(value.item(), d) for name, value in loss_sum.items()},
+        log.log(step + 1, {**{name: R.all_reduce_mean(value.item(), d) for name, value in loss_sum.items()},
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
-            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
+            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()}, keep=args.keep_checkpoints)
         if step + 1 == args.stop_after:
             break
@@ -638,4 +639,4 @@ def main(args: Args, explicit: set[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(*C.parse_args(Args))
+    main(*R.parse_args(Args))

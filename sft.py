@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import common as C
+import runtime as R
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ class Args:
     pack: bool = field(default=True, metadata={"help": "padding-free packing (--no-pack: the padded baseline)"})
     train_vision: bool = field(default=False, metadata={"help": "also train the vision tower and merger"})
     activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations per block"})
-    dtype: str = field(default="auto", metadata=C.DTYPE_HELP)
+    dtype: str = field(default="auto", metadata=R.DTYPE_HELP)
     seed: int = field(default=0, metadata={"help": "seed of data order and init"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
@@ -78,13 +79,13 @@ TOY_PRESET = dict(lr=1e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     if C.is_toy(args.model):
-        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+        R.apply_preset(args, TOY_PRESET, R.changed_fields(args) if explicit is None else explicit,
                        "toy preset", "model is the toy backbone")
     if args.data == "toy":
         from toy_world import ensure_toy_world
         args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
     args.image_root = args.image_root or os.path.dirname(args.data)
-    return C.check_args(args)
+    return R.check_args(args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,13 +161,13 @@ def evaluate_export(args: Args, export_dir: str) -> dict:
 # Training loop: setup → for step → for micro-batch → loss → backward → clip/step → log → checkpoint → export → eval
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args, explicit: set[str] | None = None):
-    d = C.init_distributed()
+    d = R.init_distributed()
     resolve(args, explicit)
     if args.model == "toy-base":                  # the pretrained toy "stage 0" (toy_base.py), built once on first use
         from toy_base import ensure_toy_base
         args.model = ensure_toy_base()
-    C.save_run_config(args.run_dir, args)
-    C.seed_everything(args.seed)
+    R.save_run_config(args.run_dir, args)
+    R.seed_everything(args.seed)
     bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed)  # fp32 masters; compute: --dtype
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
@@ -176,40 +177,40 @@ def main(args: Args, explicit: set[str] | None = None):
     if not data:
         raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
-    model = C.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
+    model = R.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (ckpt := C.latest_checkpoint(args.run_dir)):
-        meta = C.load_checkpoint(ckpt, model, opt)
+    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
+        meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
         sampler.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
-    log = C.RunLogger(args.run_dir, args.steps, d, desc="sft", start_step=start)
+    log = R.RunLogger(args.run_dir, args.steps, d, desc="sft", start_step=start)
     model.train()
     for step in range(start, args.steps):
         for g in opt.param_groups:
-            g["lr"] = C.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
+            g["lr"] = R.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
         micro = sampler.next(d.rank, d.world, args.grad_accum)
         loss_sum, tokens, flops = torch.zeros((), device=d.device), 0, 0.0
         for i, idx in enumerate(micro):
             samples = [data[j] for j in idx]
-            with C.grad_sync(model, i == len(micro) - 1):
-                with C.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
+            with R.grad_sync(model, i == len(micro) - 1):
+                with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
                     loss = sft_loss(model, samples, bb, args, d.device)
                 (loss / len(micro)).backward()
             loss_sum += loss.detach() / len(micro)                         # no host sync before backward
             tokens += sum(len(s["input_ids"]) for s in samples)
-            flops += C.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
-        C.check_finite(loss_sum, step)
-        gnorm = C.clip_grad_norm(model, 1.0)
+            flops += R.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
+        R.check_finite(loss_sum, step)
+        gnorm = R.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        log.log(step + 1, {"loss": C.all_reduce_mean(loss_sum.item(), d), "lr": opt.param_groups[0]["lr"],
+        log.log(step + 1, {"loss": R.all_reduce_mean(loss_sum.item(), d), "lr": opt.param_groups[0]["lr"],
                            "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
-            C.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
+            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()}, keep=args.keep_checkpoints)
         if step + 1 == args.stop_after:
             break
@@ -219,8 +220,8 @@ def main(args: Args, explicit: set[str] | None = None):
     # Save and evaluate
     # ------------------------------------------------------------------------------------------------------------
     export_dir = os.path.join(args.run_dir, "export")
-    C.export_hf(bb, export_dir, state_dict=C.full_state_dict(model), model=model,
-                dtype=C.compute_dtype(args.dtype, d.device))
+    R.export_hf(bb, export_dir, state_dict=R.full_state_dict(model), model=model,
+                dtype=R.compute_dtype(args.dtype, d.device))
     C.print0(f"exported {export_dir}")
     if d.world > 1:
         dist.barrier()
@@ -231,4 +232,4 @@ def main(args: Args, explicit: set[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(*C.parse_args(Args))
+    main(*R.parse_args(Args))

@@ -4,7 +4,7 @@
 Real methods start from an instruction-tuned VLM that already reads images and answers in format; a random-init toy
 model trained for 60 steps learns neither. `ensure_toy_base()` trains the toy backbone once, with plain SFT (full
 fine-tuning, vision tower included) on a GENERIC toy curriculum, and exports it as a normal Hugging Face folder
-(`common.export_hf`, `config.toy_backbone = True`) that `common.load_backbone(path)` and `eval.py --model path` load.
+(`runtime.export_hf`, `config.toy_backbone = True`) that `common.load_backbone(path)` and `eval.py --model path` load.
 
 The curriculum (`curriculum_sample`), drawn fresh from its own RNG streams (never the files' scenes), in two kinds
 of scene: the toy world's own scenes (`toy_world.make_scene`: large distractors plus one small target) and generic
@@ -59,6 +59,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common as C
+import runtime as R
 import toy_world as T
 
 BASE_CODE_VERSION = 2  # bump whenever the curriculum or the training loop changes what a recipe produces
@@ -277,10 +278,10 @@ def sft(bb: C.Backbone, samples: list[dict], steps: int, per_micro: int, lr: flo
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = C.cosine_lr(step, steps, lr, 0.03, 0.1)
+            g["lr"] = R.cosine_lr(step, steps, lr, 0.03, 0.1)
         batch = C.pack(bb, [samples[j] for j in order.next()[0]])
         loss = C.next_token_loss(model(**C.model_inputs(batch, model.device)).logits, batch["labels"].to(model.device))
-        C.check_finite(loss, step)
+        R.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -295,7 +296,7 @@ def sft(bb: C.Backbone, samples: list[dict], steps: int, per_micro: int, lr: flo
 
 
 def train_base(recipe: Recipe, seed: int, log_every: int = 100) -> tuple[C.Backbone, dict]:
-    C.seed_everything(seed)
+    R.seed_everything(seed)
     bb = build_model(recipe, seed)
     t0 = time.perf_counter()
     rngs = (np.random.default_rng([seed, STREAM_BASE]),)
@@ -356,7 +357,7 @@ def ensure_toy_base(out_dir: str = "data/toy/base", seed: int = 0, recipe: Recip
         t0 = time.perf_counter()
         bb, stats = train_base(recipe, seed, log_every)
         bb.model.config.toy_backbone = True
-        C.export_hf(bb, partial, state_dict={k: v.detach().clone() for k, v in bb.model.state_dict().items()})
+        R.export_hf(bb, partial, state_dict={k: v.detach().clone() for k, v in bb.model.state_dict().items()})
         stats["wall_s"] = round(time.perf_counter() - t0, 1)
         (partial / "TOY_BASE.json").write_text(json.dumps(
             {"fingerprint": fp, "seed": seed, "recipe": dataclasses.asdict(recipe), "world_format": T.FORMAT_VERSION,
@@ -391,7 +392,7 @@ def finetune_base(base_dir: str, out_dir: str, records_path: str, steps: int = 6
                   lr: float = 1e-3, seed: int = 0, freeze_vision: bool = False) -> str:
     """Base + `steps` of plain SFT on the toy LVR records (full image, `<lvr>` dropped; full fine-tuning: with the
     vision tower frozen, as lvr.py does, 60 steps do not move the toy scores - README); exported to out_dir."""
-    C.seed_everything(seed)
+    R.seed_everything(seed)
     bb = C.load_backbone(base_dir)
     if freeze_vision:
         for p in bb.model.model.visual.parameters():
@@ -400,7 +401,7 @@ def finetune_base(base_dir: str, out_dir: str, records_path: str, steps: int = 6
         if (pathlib.Path(base_dir) / "TOY_BASE.json").exists() else dataclasses.asdict(RECIPE)
     samples = lvr_records_as_sft(bb, records_path, cfg["min_pixels"], cfg["max_pixels"])
     sft(bb, samples, steps, per_micro, lr, seed, desc="finetune")
-    C.export_hf(bb, out_dir, state_dict={k: v.detach().clone() for k, v in bb.model.state_dict().items()})
+    R.export_hf(bb, out_dir, state_dict={k: v.detach().clone() for k, v in bb.model.state_dict().items()})
     return out_dir
 
 

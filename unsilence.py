@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import common as C
+import runtime as R
 import eval as E
 import lvr
 
@@ -113,7 +114,7 @@ TOY_PRESET = dict(modes="slots,latent", limit=24, max_new_tokens=32, min_pixels=
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
     models = args.model.split(",")       # the toy, a toy export, or the default export `python lvr.py` will train
     if all(C.is_toy(m) or m == "runs/lvr/export" and not Path(m, "config.json").exists() for m in models):
-        C.apply_preset(args, TOY_PRESET, C.changed_fields(args) if explicit is None else explicit,
+        R.apply_preset(args, TOY_PRESET, R.changed_fields(args) if explicit is None else explicit,
                        "toy preset", "model is the toy backbone")
     if "toy-base" in models:             # the pretrained toy "stage 0" (toy_base.py), built once on first use
         from toy_base import ensure_toy_base
@@ -614,7 +615,7 @@ def print_table(header: list[str], rows: list[list[str]]):
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: Args, explicit: set[str] | None = None):
     resolve(args, explicit)
-    C.seed_everything(args.seed)
+    R.seed_everything(args.seed)
     os.makedirs(args.run_dir, exist_ok=True)
     models = [m for m in args.model.split(",") if m]
     for m in models:
@@ -670,4 +671,4 @@ def main(args: Args, explicit: set[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(*C.parse_args(Args))
+    main(*R.parse_args(Args))

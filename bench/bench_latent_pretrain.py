@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
+import runtime as R  # noqa: E402
 import latent_pretrain as L  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def main():
     # 2. target extraction throughput (a fresh cache, so the tower really runs)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        L.extract_targets(bb, args, C.Dist(), {k: images[k] for k in keys}, Path(tmp))
+        L.extract_targets(bb, args, R.Dist(), {k: images[k] for k in keys}, Path(tmp))
         extract_s = time.perf_counter() - t0
         cache = L.TargetCache(Path(tmp))
         cache.center = True
@@ -58,7 +59,7 @@ def main():
             z_tok, z_glob = cache.get([k for _, k in batch_pairs])
             loss, _ = L.pretrain_loss(module, batch, z_tok, z_glob, image_ids, args, cache, dev)
             loss.backward()
-            C.clip_grad_norm(module, 1.0)
+            R.clip_grad_norm(module, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -66,7 +67,7 @@ def main():
             batch = C.pack(bb, samples, extra_keys=("caption_mask",))
             loss = C.next_token_loss(bb.model(**C.model_inputs(batch, dev)).logits, batch["labels"])
             loss.backward()
-            C.clip_grad_norm(module, 1.0)
+            R.clip_grad_norm(module, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 

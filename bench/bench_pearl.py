@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import runtime as R  # noqa: E402
 import pearl as P  # noqa: E402
 from toy_world import ensure_toy_world  # noqa: E402
 
@@ -44,7 +45,7 @@ def main():
         t = time.perf_counter()
         loss, _ = P.pearl_loss(bb, model, frozen, examples, args, naive=naive)
         loss.backward()
-        C.clip_grad_norm(model, 1.0)
+        R.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t

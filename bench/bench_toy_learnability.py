@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import runtime as R  # noqa: E402
 import toy_world as T  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def accuracy(bb, items: list[dict], letter_ids: list[int]) -> dict:
 
 
 def run(args: Args, condition: str) -> list[tuple]:
-    C.seed_everything(args.seed)
+    R.seed_everything(args.seed)
     bb = C.load_backbone("toy", seed=args.seed)
     crop = condition == "crop"
     train, held_out = make_items(bb, args, 201, args.n_train, crop), make_items(bb, args, 202, args.n_eval, crop)
@@ -91,10 +92,10 @@ def run(args: Args, condition: str) -> list[tuple]:
     print(f"[{condition}] {len(train)} training scenes, {tokens:.0f} tokens/sample on average")
     for step in range(1, args.steps + 1):
         for g in opt.param_groups:
-            g["lr"] = C.cosine_lr(step, args.steps, args.lr, 20 / args.steps)
+            g["lr"] = R.cosine_lr(step, args.steps, args.lr, 20 / args.steps)
         batch = C.pack(bb, [train[j] for j in rng.choice(len(train), args.per_micro, replace=False)])
         loss = C.next_token_loss(bb.model(**C.model_inputs(batch, "cpu")).logits, batch["labels"])
-        C.check_finite(loss, step, {})
+        R.check_finite(loss, step, {})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(bb.model.parameters(), 1.0)

@@ -30,10 +30,10 @@ def test_bad_argument_is_one_line_and_exit_2(script, argv, message, tmp_path):
 
 
 def test_args_built_in_code_are_checked_too():
-    import common as C
+    import runtime as R
     import lvr
     with pytest.raises(SystemExit) as e:
-        C.check_args(lvr.Args(stage="gpro", model="toy", data="toy"))
+        R.check_args(lvr.Args(stage="gpro", model="toy", data="toy"))
     assert e.value.code == 2
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import common as C
+import runtime as R
 from bench.bench_packing import PackedMicroBatches, greedy_bins
 from conftest import metrics, run_script
 from helpers import token_logprobs
@@ -260,15 +261,15 @@ def test_micro_batches_world_size_independent_and_resumable():
 
 
 def test_cosine_lr_values():
-    assert C.cosine_lr(0, 100, 1.0, 0.1) == pytest.approx(0.1)
-    assert C.cosine_lr(9, 100, 1.0, 0.1) == pytest.approx(1.0)
-    assert C.cosine_lr(55, 100, 1.0, 0.1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert C.cosine_lr(100, 100, 1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert R.cosine_lr(0, 100, 1.0, 0.1) == pytest.approx(0.1)
+    assert R.cosine_lr(9, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert R.cosine_lr(55, 100, 1.0, 0.1) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert R.cosine_lr(100, 100, 1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_check_finite_reports_terms():
     with pytest.raises(FloatingPointError, match="lvr=nan"):
-        C.check_finite(torch.tensor(float("nan")), 3, {"ce": 1.0, "lvr": float("nan")})
+        R.check_finite(torch.tensor(float("nan")), 3, {"ce": 1.0, "lvr": float("nan")})
 
 
 # ---------------------------------------------------------------- training infrastructure (sft.py, subprocesses)
@@ -317,26 +318,26 @@ def test_latest_checkpoint_falls_back_past_a_torn_sidecar(tmp_path):
     _fake_checkpoint(tmp_path, 4, '{"step": 4, "rng": {"pyth')  # torn: killed while writing
     _fake_checkpoint(tmp_path, 6, None)                           # killed before the sidecar
     (tmp_path / "checkpoint-x").mkdir()                           # not a checkpoint
-    assert C.latest_checkpoint(tmp_path) == good
-    assert C.latest_checkpoint(tmp_path / "nothing") is None
+    assert R.latest_checkpoint(tmp_path) == good
+    assert R.latest_checkpoint(tmp_path / "nothing") is None
 
 
 def test_checkpoint_retention_run_id_and_refusal(tmp_path):
     bb = C.load_backbone("toy")
     opt = torch.optim.AdamW(bb.model.parameters(), lr=1e-3)
     for step in (1, 2, 3, 4):
-        C.save_checkpoint(tmp_path / f"checkpoint-{step}", bb.model, opt, step, {"data": {}}, keep=2)
-    assert [p.name for p in C._checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
-    meta = C.load_checkpoint(C.latest_checkpoint(tmp_path), bb.model, opt)
-    assert meta["step"] == 4 and meta["run_id"] == C.run_id(tmp_path)
+        R.save_checkpoint(tmp_path / f"checkpoint-{step}", bb.model, opt, step, {"data": {}}, keep=2)
+    assert [p.name for p in R._checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    meta = R.load_checkpoint(R.latest_checkpoint(tmp_path), bb.model, opt)
+    assert meta["step"] == 4 and meta["run_id"] == R.run_id(tmp_path)
     (tmp_path / "run_id").write_text("someone-else")  # a checkpoint from another run directory
     with pytest.raises(RuntimeError, match="refusing"):
-        C.load_checkpoint(tmp_path / "checkpoint-4", bb.model, opt)
+        R.load_checkpoint(tmp_path / "checkpoint-4", bb.model, opt)
 
 
 def test_non_finite_loss_names_the_one_based_step():
     with pytest.raises(FloatingPointError, match="at step 8:"):
-        C.check_finite(torch.tensor(float("inf")), 7)
+        R.check_finite(torch.tensor(float("inf")), 7)
 
 
 def test_hf_export_round_trip(tmp_path):
@@ -346,7 +347,7 @@ def test_hf_export_round_trip(tmp_path):
         bb = C.load_backbone(name)
         C.add_special_tokens(bb, ["<|latent_pad|>"])
         out = tmp_path / name
-        C.export_hf(bb, out)
+        R.export_hf(bb, out)
         model = AutoModelForImageTextToText.from_pretrained(out).eval()
         tok = AutoTokenizer.from_pretrained(out)
         ip = Qwen2VLImageProcessorPil.from_pretrained(out)
@@ -367,11 +368,11 @@ def test_hf_export_round_trip(tmp_path):
 
 
 def test_activation_checkpointing_same_loss_and_grads():
-    d = C.Dist()
+    d = R.Dist()
     results = []
     for ac in (False, True):
         bb = C.load_backbone("toy", seed=1)
-        model = C.shard_model(bb.model, d, activation_checkpointing=ac).train()
+        model = R.shard_model(bb.model, d, activation_checkpointing=ac).train()
         b = C.pack(bb, [C.encode_chat(bb, chat([(60, 90)]), **SMALL), C.encode_chat(bb, chat([]), **SMALL)])
         loss = C.next_token_loss(model(**C.model_inputs(b, "cpu")).logits, b["labels"])
         loss.backward()
@@ -399,12 +400,12 @@ def test_step_flops_hand_counted():
     V = bb.model.config.text_config.vocab_size
     per_layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128
     n = 2 * per_layer + V * 64
-    assert C.matmul_params(bb.model) == n
+    assert R.matmul_params(bb.model) == n
     lens = [7, 30]  # a packed row of two samples: attention is per sample (Σ L²), not over the row
     fwd = sum(2 * n * L + 4 * 2 * 64 * L * L for L in lens)
-    assert C.step_flops(bb.model, lens, backward=False) == fwd
-    assert C.step_flops(bb.model, lens) == 3 * fwd
+    assert R.step_flops(bb.model, lens, backward=False) == fwd
+    assert R.step_flops(bb.model, lens) == 3 * fwd
     # frozen matmul weights (LoRA): no weight gradients, so the backward is 2·N·L + 2·attention, not 4·N·L + 2·attention
     bwd_frozen = sum(2 * n * L + 2 * 4 * 2 * 64 * L * L for L in lens)
-    assert C.step_flops(bb.model, lens, weight_grads=False) == fwd + bwd_frozen
-    assert C.step_flops(bb.model, [37]) > C.step_flops(bb.model, lens)  # one 37-token sample attends over more pairs
+    assert R.step_flops(bb.model, lens, weight_grads=False) == fwd + bwd_frozen
+    assert R.step_flops(bb.model, [37]) > R.step_flops(bb.model, lens)  # one 37-token sample attends over more pairs

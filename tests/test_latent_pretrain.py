@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common as C
+import runtime as R
 import latent_io as A
 import latent_pretrain as L
 from conftest import metrics, run_script
@@ -62,7 +63,7 @@ def test_cache_round_trip_and_tower_not_rerun(bb, tmp_path, monkeypatch):
     images = _tiny_images(tmp_path / "img", 5)
     images["missing"] = str(tmp_path / "img" / "nope.png")
     args = L.Args(image_size=56, shard_size=2)                   # 56 px → 2×2 merged tokens: K = 4 is the identity
-    L.extract_targets(bb, args, C.Dist(), images, tmp_path / "cache")
+    L.extract_targets(bb, args, R.Dist(), images, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("targets-*.safetensors"))) == 3
     cache = L.TargetCache(tmp_path / "cache")
     assert cache.skipped == {"missing": "missing image"}       # counted per caption by load_targets, every run
@@ -83,7 +84,7 @@ def test_cache_round_trip_and_tower_not_rerun(bb, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("vision tower ran although the cache exists")
     monkeypatch.setattr(bb.model.model, "get_image_features", boom)
-    L.extract_targets(bb, args, C.Dist(), images, tmp_path / "cache")
+    L.extract_targets(bb, args, R.Dist(), images, tmp_path / "cache")
     torch.testing.assert_close(L.TargetCache(tmp_path / "cache").get(keys)[0], z_tok)
 
 
@@ -92,7 +93,7 @@ def test_changed_image_set_gets_a_fresh_cache(bb, tmp_path):
     args = L.Args(image_size=56, center="false")
 
     def targets():
-        _, cache = L.load_targets(bb, args, C.Dist(), str(captions), str(img), C.Skips(), tmp_path / "cache")
+        _, cache = L.load_targets(bb, args, R.Dist(), str(captions), str(img), C.Skips(), tmp_path / "cache")
         return cache.dir, cache.get(["1"])[1]
     before, z_before = targets()
     assert targets()[0] == before                                 # unchanged data: the same cache is reused
@@ -281,7 +282,7 @@ def test_latent_rows_train_at_head_lr_and_export_is_plain(name, tmp_path):
     module.eval()
     with torch.no_grad():
         want = module(batch["input_ids"], batch["position_ids"], batch["caption_mask"], batch["seq_lens"])[0]
-        C.export_hf(b, tmp_path, state_dict=module.export_state_dict(C.full_state_dict(module)), model=b.model)
+        R.export_hf(b, tmp_path, state_dict=module.export_state_dict(R.full_state_dict(module)), model=b.model)
         plain = C.load_backbone(str(tmp_path)).model.eval()      # a plain HF model, no project code in forward
         got = plain(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -367,7 +368,7 @@ def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
                     tar.addfile(info, io.BytesIO(data))
     pairs, images = L.read_pairs(str(tmp_path / "cc-{00..01}.tar"), "", C.Skips())
     assert pairs is None and len(images["__wds__"]) == 2
-    L.extract_targets(bb, L.Args(image_size=56), C.Dist(), images, tmp_path / "cache")
+    L.extract_targets(bb, L.Args(image_size=56), R.Dist(), images, tmp_path / "cache")
     cache = L.TargetCache(tmp_path / "cache")
     assert cache.skipped == {"010002": "unreadable image"}         # kept in the shard for every later run
     assert sorted(cache.captions) == sorted((f"caption {s} {i}", f"{s:02d}{i:04d}")
@@ -401,7 +402,7 @@ def test_skips_count_captions_on_fresh_and_reused_caches(bb, tmp_path):
     captions.write_text(json.dumps(data))
     for run in ("fresh", "reused"):
         skips = C.Skips()
-        pairs, _ = L.load_targets(bb, L.Args(image_size=56), C.Dist(), str(captions), str(img), skips,
+        pairs, _ = L.load_targets(bb, L.Args(image_size=56), R.Dist(), str(captions), str(img), skips,
                                   tmp_path / "cache")
         assert dict(skips.counts) == {"missing image": 5}, run
         assert len(pairs) == 6 and all(k != "7" for _, k in pairs)

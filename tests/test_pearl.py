@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common as C
+import runtime as R
 import pearl as P
 from common import IGNORE
 from conftest import metrics, run_script
@@ -404,7 +405,7 @@ def test_export_merges_lora_exactly(tmp_path, model_name):
             if "lora_B" in n or "trainable_tokens_delta" in n:
                 p.add_(0.05 * torch.randn_like(p))
     args.run_dir = str(tmp_path)
-    out = P.export(bb, bb.model, args, C.Dist())
+    out = P.export(bb, bb.model, args, R.Dist())
     ex = encode(bb, args, lvr_record(tmp_path), tmp_path)
     batch = C.model_inputs(C.pack(bb, [ex["input"]]), "cpu")  # contains the predictor tokens
     bb.model.eval()

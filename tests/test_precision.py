@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common as C
+import runtime as R
 import lvr
 import pearl
 from conftest import run_script
@@ -65,13 +66,13 @@ LR = {"lr", "head_lr"}  # given explicitly: lr 1e-5 equals the paper default, an
 
 def run_lvr(records, run_dir, **kw):
     a = lvr.Args(model="toy", data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, dtype="bf16", **kw)
-    lvr.main(a, explicit=C.changed_fields(a) | LR | set(kw))   # eval=False equals the default: say it was given
+    lvr.main(a, explicit=R.changed_fields(a) | LR | set(kw))   # eval=False equals the default: say it was given
 
 
 def run_pearl(records, run_dir, **kw):
     a = pearl.Args(model="toy", data=records, run_dir=str(run_dir), steps=1, per_micro=2, lr=1e-5, lora_r=0, dtype="bf16",
                    eval="", **kw)
-    pearl.main(a, explicit=C.changed_fields(a) | LR | {"eval"})
+    pearl.main(a, explicit=R.changed_fields(a) | LR | {"eval"})
 
 
 def test_lvr_sft_step_bf16_compute_moves_fp32_masters(records, steps, tmp_path):
@@ -124,27 +125,27 @@ def test_pearl_lora_keeps_frozen_base_in_compute_dtype(records, steps, tmp_path)
     """Default LoRA: base weights frozen in bf16, everything trained (adapters, predictor rows, head) fp32."""
     a = pearl.Args(model="toy", data=records, run_dir=str(tmp_path), steps=1, per_micro=2, dtype="bf16", eval="",
                    export=False)
-    bb = pearl.main(a, explicit=C.changed_fields(a) | {"eval"})
+    bb = pearl.main(a, explicit=R.changed_fields(a) | {"eval"})
     frozen = {p.dtype for p in bb.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and steps[0]["dtypes"] == {torch.float32}
 
 
 def test_fp32_export_stays_fp32(tmp_path):
     bb = C.load_backbone("toy")
-    C.export_hf(bb, tmp_path, dtype=torch.float32)
+    R.export_hf(bb, tmp_path, dtype=torch.float32)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
     assert C.load_backbone(str(tmp_path)).model.dtype == torch.float32
 
 
 def test_compute_dtype_and_context():
-    assert C.compute_dtype("auto", "cpu") == torch.float32 and C.compute_dtype("auto", "cuda") == torch.bfloat16
-    assert C.compute_dtype("bf16", "cpu") == torch.bfloat16
+    assert R.compute_dtype("auto", "cpu") == torch.float32 and R.compute_dtype("auto", "cuda") == torch.bfloat16
+    assert R.compute_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
-        C.compute_dtype("fp16", "cpu")
-    with C.compute_context("bf16", "cpu"):
+        R.compute_dtype("fp16", "cpu")
+    with R.compute_context("bf16", "cpu"):
         assert torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with C.compute_context("fp32", "cpu"):
+    with R.compute_context("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -177,7 +178,7 @@ def test_latent_pretrain_bf16_compute_moves_fp32_masters(stage, steps, tmp_path,
     else:
         a = LP.Args(model="toy", stage="finetune", init="toy", gqa_dir=str(toy_world / "gqa"), per_micro=2, eval_limit=0)
     a.steps, a.lr, a.head_lr, a.dtype, a.run_dir = 1, 1e-5, 1e-5, "bf16", str(tmp_path / "run")
-    LP.main(a, explicit=C.changed_fields(a) | LR)
+    LP.main(a, explicit=R.changed_fields(a) | LR)
     (s,) = steps
     print(f"latent_pretrain {stage} step, bf16 compute over fp32 masters: {100 * s['fraction']:.2f} % changed")
     assert s["dtypes"] == {torch.float32} and s["fraction"] > 0.99

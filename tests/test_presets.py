@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import common as C
+import runtime as R
 import latent_pretrain as L
 import lvr
 import pearl as P
@@ -47,7 +48,7 @@ def resolve(name, argv):
         i = argv.index("--data") + 1
         argv = [*argv[:i], str(Path(tempfile.mkdtemp()) / argv[i]), *argv[i + 1:]]
         Path(argv[i]).write_text("[]")
-    args, explicit = C.parse_args(MODULES[name].Args, argv)
+    args, explicit = R.parse_args(MODULES[name].Args, argv)
     return MODULES[name].resolve(args, explicit)
 
 
@@ -112,7 +113,8 @@ def test_lvr_grpo_real_export_gets_the_stage2_recipe(tmp_path, monkeypatch, caps
 
 
 # ------------------------------------------------------------------- (c) the toy and a toy export get the preset
-def test_is_toy(tmp_path):
+def test_is_toy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                      # "runs/lvr/export" below must not exist (a toy run leaves one)
     assert C.is_toy("toy") and C.is_toy("toy-qwen3vl")
     assert C.is_toy(str(write_config(tmp_path / "a", toy_backbone=True)))
     assert not C.is_toy(str(write_config(tmp_path / "b", toy_backbone=False)))
@@ -123,10 +125,10 @@ def test_is_toy(tmp_path):
 def test_toy_export_is_marked_and_stays_marked(tmp_path):
     """load_backbone("toy") marks its config; export_hf writes it; from_pretrained → re-export keeps it."""
     bb = C.load_backbone("toy")
-    C.export_hf(bb, tmp_path / "one")
+    R.export_hf(bb, tmp_path / "one")
     assert json.loads((tmp_path / "one/config.json").read_text())["toy_backbone"] is True
     again = C.load_backbone(str(tmp_path / "one"))
-    C.export_hf(again, tmp_path / "two")
+    R.export_hf(again, tmp_path / "two")
     assert C.is_toy(str(tmp_path / "one")) and C.is_toy(str(tmp_path / "two"))
 
 
@@ -157,7 +159,7 @@ def test_parse_args_sees_every_spelling():
                         (["--pack", "false"], {"pack"}), (["--pack"], {"pack"}), (["--step", "3"], {"steps"}),
                         (["--eval=false", "--no-activation-checkpointing"], {"eval", "activation_checkpointing"}),
                         ([], set())]:
-        args, explicit = C.parse_args(lvr.Args, argv)
+        args, explicit = R.parse_args(lvr.Args, argv)
         assert explicit == given, argv
 
 
@@ -192,7 +194,7 @@ def test_args_built_in_code_count_changed_fields_as_explicit(tmp_path):
 # --------------------------------------------------------------------------------- (e) run_config.json
 def test_save_run_config_is_atomic_and_complete(tmp_path):
     a = resolve("pearl.py", ["--lr", "0.5", "--data", "x.json"])
-    path = C.save_run_config(tmp_path / "run", a)
+    path = R.save_run_config(tmp_path / "run", a)
     rec = json.loads(path.read_text())
     assert rec["args"]["lr"] == 0.5 and rec["args"]["lora_r"] == 8 and rec["args"]["data"] == a.data
     assert set(rec["versions"]) >= {"torch", "transformers"} and "command" in rec

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import common as C
 import eval as E
+import runtime as R
 import lvr
 import unsilence as U
 
@@ -74,7 +74,7 @@ def test_toy_preset_fills_only_fields_not_given():
     released = U.resolve(U.Args(model="Qwen/Qwen2.5-VL-7B-Instruct"))
     assert (released.modes, released.limit, released.max_new_tokens) == ("slots", 0, 2048)
     assert (released.min_pixels, released.max_pixels) == (128 * 784, 256 * 784)
-    args, given = C.parse_args(U.Args, ["--model", "toy", "--limit", "0", "--max-new-tokens", "2048"])
+    args, given = R.parse_args(U.Args, ["--model", "toy", "--limit", "0", "--max-new-tokens", "2048"])
     U.resolve(args, given)
     assert (args.modes, args.limit, args.max_new_tokens) == ("slots,latent", 0, 2048)
     assert (args.min_pixels, args.max_pixels) == (16 * 784, 64 * 784)
