@@ -4,23 +4,20 @@
 After `<|lvr_start|>` the language model "thinks" in the visual embedding space: its final hidden state is fed back
 as the next input embedding for a few steps (the latent span), trained (stage 1, SFT) to reconstruct the
 post-merger visual tokens of the question's region of interest (ROI bbox): L = L_CE + λ·L_lvr. Then text decoding
-gives the answer. Stage 2 (GRPO_latent) runs GRPO on the text tokens with the latent span as context: rollouts
-decode latents with the KV cache, store them, and write them back in one teacher-forced pass.
+gives the answer. Stage 2 (GRPO_latent, lvr_grpo.py) runs GRPO on the text tokens with the latent span as context,
+using this file's decoder (latent_generate) for the rollouts.
 
 Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
     python lvr.py                                   # CPU toy: stage 1 on data/toy, export runs/lvr/export, eval N=4/8
-    python lvr.py --stage grpo                      # CPU toy: GRPO_latent from runs/lvr/export
+    python lvr_grpo.py                              # CPU toy: stage 2 (GRPO_latent) from runs/lvr/export
     python lvr.py --model Qwen/Qwen2.5-VL-3B-Instruct --data VisualCoT/lvr_train.json --image-root VisualCoT \\
         --grad-accum 64 --run-dir runs/lvr3b                                      # 1 GPU, the paper's batch (slow)
     torchrun --nproc_per_node 8 lvr.py --model Qwen/Qwen2.5-VL-7B-Instruct --data VisualCoT/lvr_train.json \\
         --image-root VisualCoT --run-dir runs/lvr7b --save-every 250              # 8 GPUs: the paper's stage 1
-    torchrun --nproc_per_node 8 lvr.py --stage grpo --model runs/lvr3b/export --data ViRL39K/lvr_grpo.json \\
-        --run-dir runs/lvr3b_grpo                                                 # stage 2 (GRPO_DEFAULTS)
     python eval.py --benchmark vstar --data-dir data/vstar_bench --model runs/lvr7b/export --mode latent --prompt answer-tag
 
-Defaults are the paper's recipe: Args holds stage 1, GRPO_DEFAULTS the fields where stage 2 differs. On the toy
-backbone (or an export of it) TOY_PRESET replaces the fields not given on the command line, printed at start-up;
-run_config.json records what the run used. Every detail, with the paper's equations, is in docs/lvr.md.
+Defaults are the paper's stage-1 recipe. On the toy backbone (or an export of it) TOY_PRESET replaces the fields
+not given on the command line, printed at start-up. Every detail, with the paper's equations, is in docs/lvr.md.
 
 | choice | default | flag | source |
 |---|---|---|---|
@@ -31,26 +28,18 @@ run_config.json records what the run used. Every detail, with the paper's equati
 | ROI length | all T tokens | `--max-roi-tokens K` (evenly spaced) | released; repo issue #7 |
 | stage-1 batches | padding-free packing | `--no-pack` (same loss and gradients) | this repo |
 | decoding | N = 8 fixed latent steps, greedy, KV cache | eval.py `--latent-steps`; `latent_generate(mode="token")` | paper |
-| invalid tokens | logit −inf in sampling and in the GRPO log-probs | — | this repo (released: none) |
-| GRPO latents | stored at rollout, written back at their recorded positions | — | this repo (released: replay) |
-| reference model | same images, latents, layout and temperature as the policy | — | fixes the released code |
-| stage-2 lr | 5e-6 (stage 1: 1e-5) | `--lr 1e-5` (paper) | released script |
-| rewards | format regex with DOTALL; accuracy = normalised exact match in `<answer>` | `--format-dotall false` | this repo |
-| advantages, rollouts | unbiased group std; rollouts seeded per global micro-batch | — | TRL; this repo |
-| batch | 3 per micro (8 × 8 × 3 ≈ released 200); GRPO 2 prompts × G 8 | `--per-micro`, `--num-generations` | this repo (paper: none) |
+| batch | 3 per micro (8 × 8 × 3 ≈ released 200) | `--per-micro` | this repo (paper: none) |
 | latent ablations | none | `--eval-ablations`, eval.py `--latent-ablation` | this repo |
-| precision | fp32 master weights, bf16 compute; reference and export in the compute dtype | `--dtype` | this repo |
+| precision | fp32 master weights, bf16 compute; export in the compute dtype | `--dtype` | this repo |
 
 Qwen3-VL is not supported (deepstack features would need their own ROI taps).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import re
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,17 +61,15 @@ LVR_TOKENS = [LVR_START, LVR, LVR_LATENT_END, LVR_END]
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
-    stage: str = field(default="sft", metadata={"help": "sft (stage 1, ROI reconstruction) | grpo (stage 2)",
-                                                "choices": ["sft", "grpo"]})
     model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | hub id "
-                                                              "| local dir (grpo: runs/lvr/export)"})
-    data: str = field(default="toy", metadata={"help": "records, or 'toy' (data/toy/lvr_train.json | lvr_grpo.json)"})
+                                                              "| local dir"})
+    data: str = field(default="toy", metadata={"help": "records, or 'toy' (data/toy/lvr_train.json)"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
-    run_dir: str = field(default="runs/lvr", metadata={"help": "output directory (grpo: runs/lvr_grpo)"})
-    steps: int = field(default=2500, metadata={"help": "optimizer steps (grpo: 1500)"})
-    grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step (grpo: 1)"})
-    per_micro: int = field(default=3, metadata={"help": "samples (sft) or prompts (grpo: 2) per micro-batch"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (grpo: 5e-6)"})
+    run_dir: str = field(default="runs/lvr", metadata={"help": "output directory"})
+    steps: int = field(default=2500, metadata={"help": "optimizer steps"})
+    grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step"})
+    per_micro: int = field(default=3, metadata={"help": "samples per micro-batch"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     min_pixels: int = field(default=128 * 28 * 28, metadata={"help": "image pixel budget, min (128 tokens)"})
@@ -96,16 +83,6 @@ class Args:
                                                     "choices": ["none", "simple", "glu"]})
     latent_end_token: bool = field(default=True, metadata={"help": "insert <|lvr_latent_end|> (released layout)"})
     max_roi_tokens: int = field(default=0, metadata={"help": "keep at most K evenly spaced ROI tokens (0 = all)"})
-    num_latent_steps: int = field(default=8, metadata={"help": "latent steps N for rollouts"})
-    num_generations: int = field(default=8, metadata={"help": "GRPO group size G"})
-    temperature: float = field(default=0.9, metadata={"help": "rollout sampling temperature"})
-    max_new_tokens: int = field(default=512, metadata={"help": "max completion tokens per rollout"})
-    beta: float = field(default=0.04, metadata={"help": "k3 KL coefficient β"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip ε"})
-    loss_type: str = field(default="bnpo", metadata={"help": "bnpo | grpo | dr_grpo aggregation",
-                                                     "choices": ["bnpo", "grpo", "dr_grpo"]})
-    num_iterations: int = field(default=1, metadata={"help": "optimizer passes per rollout batch (μ)"})
-    format_dotall: bool = field(default=True, metadata={"help": "format regex with DOTALL (released: false)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N resume checkpoints (0 = all)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
@@ -123,33 +100,23 @@ class Args:
     dtype: str = field(default="auto", metadata=R.DTYPE_HELP)
 
 
-# Stage 2 (GRPO_latent) differs from stage 1's recipe in these fields (lr: the released script's).
-GRPO_DEFAULTS = dict(model="runs/lvr/export", run_dir="runs/lvr_grpo", lr=5e-6, steps=1500, per_micro=2, grad_accum=1)
-
-# A tiny model needs a large lr, small images, few steps and short rollouts to move in a CPU minute: applied (and
+# A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and
 # printed) only when the model is the toy backbone or an export of it, and only to the fields not given. lr 3e-3:
 # at 1e-3 the toy never learns to emit <|lvr_start|> in 60 steps; even at 3e-3 it opens the span on ≤ 36 % of eval
 # prompts, so the toy evaluates with the span forced (bench/bench_lvr_guard.py, docs/lvr.md).
-_TOY = dict(grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28, activation_checkpointing=False, eval=True,
-            eval_limit=100, eval_force_span=True)
-TOY_PRESET = {"sft": dict(lr=3e-3, steps=60, per_micro=8, **_TOY),
-              "grpo": dict(lr=1e-4, steps=6, per_micro=2, max_new_tokens=48, **_TOY)}
+TOY_PRESET = dict(lr=3e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
+                  activation_checkpointing=False, eval=True, eval_limit=100, eval_force_span=True)
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
-    """Stage-2 defaults, then the toy preset (toy backbone only), each on the fields not in `explicit` (default: the
-    fields still at their dataclass default); `--data toy` → the toy world. No model is loaded."""
-    if args.stage not in TOY_PRESET:
-        R.arg_error(f"--stage {args.stage!r}: choose from sft, grpo")
+    """The toy preset (toy backbone only) on the fields not in `explicit` (default: the fields still at their
+    dataclass default); `--data toy` → the toy world. No model is loaded."""
     explicit = R.changed_fields(args) if explicit is None else explicit
-    if args.stage == "grpo":
-        R.apply_preset(args, GRPO_DEFAULTS, explicit, "grpo defaults", "stage 2 recipe")
     if C.is_toy(args.model):
-        R.apply_preset(args, TOY_PRESET[args.stage], explicit, "toy preset", "model is the toy backbone")
+        R.apply_preset(args, TOY_PRESET, explicit, "toy preset", "model is the toy backbone")
     if args.data == "toy":
         from toy_world import ensure_toy_world
-        split = "train" if args.stage == "sft" else "grpo"
-        args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / f"lvr_{split}.json")
+        args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_train.json")
     args.image_root = args.image_root or os.path.dirname(args.data)
     return R.check_args(args)
 
@@ -206,24 +173,9 @@ def convert_sft(rec, bb: C.Backbone, args: Args, with_span: bool = True) -> dict
     return s
 
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def convert_grpo(rec, bb: C.Backbone, args: Args) -> dict:
-    """A ViRL39K-style record → the encoded prompt (generation prompt open) plus its ground-truth answer."""
-    user, answer, _ = read_record(rec, args)
-    truth = (m.group(1) if (m := ANSWER_RE.search(answer)) else answer).strip()
-    if not truth:
-        raise C.SkipSample("empty answer")
-    s = C.encode_chat(bb, [user], add_generation_prompt=True, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    s["answer"] = truth
-    return s
-
-
 def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> list[dict]:
-    convert = convert_sft if args.stage == "sft" else convert_grpo
-    return C.build_dataset(C.read_records(args.data, skips), lambda rec: convert(rec, bb, args), skips,
-                           args.max_tokens, desc=args.stage)
+    return C.build_dataset(C.read_records(args.data, skips), lambda rec: convert_sft(rec, bb, args), skips,
+                           args.max_tokens, desc="sft")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,7 +305,7 @@ def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> 
 # Latent decoding: batched, left-padded, per-row latent state, KV cache (one new position per latent step)
 # ----------------------------------------------------------------------------------------------------------------
 # Valid tokens in a completion: ONE rule, used by the sampler (latent_generate) and by the GRPO log-probs
-# (completion_logprobs), so the policy π in the loss is exactly the masked distribution the rollout drew from.
+# (lvr_grpo.completion_logprobs), so the policy π in the loss is exactly the masked distribution the rollout drew from.
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 ABLATIONS = ("none", "zeros", "noise", "shuffle", "remove")
 
@@ -552,107 +504,32 @@ def generate_latent(bb: C.Backbone, items: list[dict], ea) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# RL (stage 2): GRPO_latent — rewards, advantages, teacher-forced log-probs with stored latents, clipped loss + k3 KL
+# Export and evaluation (called at the end of main, here and in lvr_grpo.py): eval.py's one seam, in process
 # ----------------------------------------------------------------------------------------------------------------
-def _normalise(s: str) -> str:
-    return re.sub(r"\s+", " ", s.strip().strip("().").strip()).lower()
+def export(bb: C.Backbone, model, args, d: R.Dist, latent_end_token: bool = True) -> str:
+    """run_dir/export: a standard HF directory in the compute dtype (from_pretrained ignores the LVR files), plus
+    lvr_config.json (head kind, span layout, tokens) and, if a head was trained, lvr_head.safetensors beside it."""
+    export_dir = os.path.join(args.run_dir, "export")
+    state = R.full_state_dict(model)
+    head = {k: state.pop(k) for k in [k for k in state if k.startswith("lvr_head.")]}
+    R.export_hf(bb, export_dir, state_dict=state, model=model, dtype=R.compute_dtype(args.dtype, d.device))
+    if d.main:
+        Path(export_dir, "lvr_config.json").write_text(json.dumps({"head": model.lvr_head.kind if head else "none",
+                                                                   "latent_end_token": latent_end_token,
+                                                                   "tokens": LVR_TOKENS}))
+        if head:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in head.items()}, str(Path(export_dir, "lvr_head.safetensors")))
+    C.print0(f"exported {export_dir}")
+    return export_dir
 
 
-def accuracy_reward(text: str, truth: str) -> float:
-    """1 if the text inside the first <answer>…</answer> equals the ground truth (normalised), else 0."""
-    m = ANSWER_RE.search(text)
-    return float(m is not None and _normalise(m.group(1)) == _normalise(truth))
+def saved_layout(path: str) -> bool:
+    """The latent_end_token layout an export was trained with (True when it has no lvr_config.json)."""
+    cfg = Path(path, "lvr_config.json")
+    return json.loads(cfg.read_text()).get("latent_end_token", True) if cfg.exists() else True
 
 
-def format_reward(text: str, dotall: bool = True) -> float:
-    """1 for `<|lvr_start|>…<|lvr_end|>` followed by `<answer>…</answer>` (whitespace around allowed)."""
-    pattern = r"\s*<\|lvr_start\|>.*?<\|lvr_end\|>\s*<answer>.*?</answer>\s*"
-    return float(re.fullmatch(pattern, text, re.DOTALL if dotall else 0) is not None)
-
-
-def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """A = (R − mean_group) / (std_group + 1e-4), std unbiased (TRL)."""
-    r = rewards.view(-1, group)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
-
-
-def completion_logprobs(bb: C.Backbone, model, prompts: list[dict], outs: list[dict], temperature: float,
-                        device) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(o_t | q, o_<t) for every completion token, π = softmax(logits / temperature) over the tokens valid at
-    that place (SpanState, as latent_generate sampled), from ONE packed teacher-forced forward in which the stored
-    latents are written back at the recorded `latent_positions` (constants; never where a `<|lvr|>` id happens to
-    be). A token the sampler could not have produced at its place is a ValueError. Returns (logp [B, T], loss mask
-    [B, T]): completion tokens up to EOS, excluding `<|lvr_start|>` and the latent slots."""
-    t = {k: bb.token_id(k) for k in LVR_TOKENS}
-    ctrl = control_ids(bb)
-    where = {k: i for i, k in enumerate(ctrl.tolist())}
-    samples, dst, vals, rows, blocked, slots, off = [], [], [], [], [], [], 0
-    for i, (p, o) in enumerate(zip(prompts, outs)):
-        comp = torch.tensor(o["token_ids"], dtype=torch.long)
-        pos = torch.as_tensor(o["latent_positions"], dtype=torch.long).cpu()
-        if len(pos) != len(o["latents"]):
-            raise ValueError(f"completion {i}: {len(pos)} latent positions but {len(o['latents'])} latents")
-        slot = torch.zeros(len(comp), dtype=torch.bool)
-        slot[pos] = True
-        st, blk = SpanState(open=int(p["input_ids"][-1]) == t[LVR_START]), []
-        for j, k in enumerate(comp.tolist()):                      # replay the sampler's mask, position by position
-            blk.append(st.blocked())
-            if slot[j]:
-                continue
-            if k in where and blk[-1][where[k]]:
-                raise ValueError(f"completion {i}: token {bb.tokenizer.convert_ids_to_tokens(k)!r} at index {j} "
-                                 f"is invalid there (latent_generate never samples it)")
-            st.step(k, t)
-        n_p = len(p["input_ids"])
-        ids = torch.cat([p["input_ids"], comp.masked_fill(slot, t[LVR])])
-        samples.append(dict(p, input_ids=ids, labels=torch.full_like(ids, C.IGNORE),
-                            mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros_like(comp, dtype=torch.int32)])))
-        dst.append(pos + off + n_p)
-        vals.append(o["latents"].to(device))
-        rows.append(torch.arange(len(comp)) + off + n_p - 1)          # logits at t−1 predict token t
-        blocked.append(torch.tensor(blk, dtype=torch.bool).view(-1, len(ctrl)))
-        slots.append(slot)
-        off += len(ids)
-    dst = torch.cat(dst)
-    dst = torch.stack([torch.zeros_like(dst), dst], 1).to(device)
-    with latent_inputs(model, dst, values=torch.cat(vals)):        # logits at the completion positions only
-        keep = torch.cat(rows).to(device)
-        logits = model(**C.model_inputs(C.pack(bb, samples), device), logits_to_keep=keep).logits
-    logp, mask = [], []
-    for o, z, blk, slot in zip(outs, logits[0].split([len(r) for r in rows]), blocked, slots):
-        comp = torch.tensor(o["token_ids"], device=device)
-        z = mask_invalid(z.float() / (temperature or 1.0), blk, ctrl)
-        logp.append(torch.log_softmax(z, -1).gather(-1, comp[:, None])[:, 0].masked_fill(slot.to(device), 0.0))
-        mask.append(~slot.to(device) & (comp != t[LVR_START]))
-    return nn.utils.rnn.pad_sequence(logp, batch_first=True), nn.utils.rnn.pad_sequence(mask, batch_first=True)
-
-
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon: float = 0.2, beta: float = 0.04,
-              loss_type: str = "bnpo", max_len: int | None = None) -> tuple[torch.Tensor, dict]:
-    """Per token: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + β·KL_k3, ρ = exp(logp − logp_old),
-    KL_k3 = exp(ref − logp) − (ref − logp) − 1. Aggregation: bnpo = Σ/Σmask; grpo = mean over sequences of
-    per-sequence means; dr_grpo = Σ / (B · max_len)."""
-    m = mask.float()
-    ratio = torch.exp(logp - old_logp)
-    A = adv[:, None]
-    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if beta else torch.zeros_like(logp)   # KL_k3
-    per_tok = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * A) + beta * kl  # clipped + β·KL
-    if loss_type == "bnpo":
-        loss = (per_tok * m).sum() / m.sum().clamp(min=1)
-    elif loss_type == "grpo":
-        loss = ((per_tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        loss = (per_tok * m).sum() / (logp.shape[0] * (max_len or logp.shape[1]))
-    else:
-        raise ValueError(f"unknown loss type {loss_type!r}")
-    clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon) & (A > 0))
-    n = m.sum().clamp(min=1)
-    return loss, {"kl": float((kl.detach() * m).sum() / n), "clip_ratio": float((clipped.float() * m).sum() / n)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation of the export (called at the end of main): eval.py's one seam, in process
-# ----------------------------------------------------------------------------------------------------------------
 def evaluate_export(args: Args, export_dir: str, device) -> dict:
     """Latent decoding (N in --eval-steps, each latent ablation in --eval-ablations) on the toy eval sets through
     eval.py (answer-tag protocol). Files: eval/<bench>_N<n>.json (intact), eval/<bench>_N<n>_<ablation>.json."""
@@ -709,7 +586,7 @@ def main(args: Args, explicit: set[str] | None = None):
     R.save_run_config(args.run_dir, args)
     R.seed_everything(args.seed)
     bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
-    prepare_model(bb, args.lvr_head if args.stage == "sft" else "none")  # model surgery: the LVR tokens (+ head)
+    prepare_model(bb, args.lvr_head)                                     # model surgery: the LVR tokens (+ head)
     attach_saved_head(bb)
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(False)                                          # vision tower + merger frozen
@@ -717,10 +594,6 @@ def main(args: Args, explicit: set[str] | None = None):
     data = load_data(bb, args, skips)
     C.print0(f"{len(data)} samples from {args.data}; {skips.summary()}")
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
-    ref = None
-    if args.stage == "grpo" and args.beta:        # the frozen stage-1 model of the k3 KL, no optimizer: compute dtype
-        ref = copy.deepcopy(bb.model).requires_grad_(False).to(R.compute_dtype(args.dtype, d.device))
-        ref = shard(ref, d, False, args.dtype)
     model = shard(bb.model, d, args.activation_checkpointing, args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
@@ -731,69 +604,26 @@ def main(args: Args, explicit: set[str] | None = None):
         sampler.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
-    log = R.RunLogger(args.run_dir, args.steps, d, desc=f"lvr-{args.stage}", start_step=start)
-    mu = args.num_iterations if args.stage == "grpo" else 1          # GRPO: μ optimizer passes per rollout batch
+    log = R.RunLogger(args.run_dir, args.steps, d, desc="lvr-sft", start_step=start)
     model.train()
     for step in range(start, args.steps):
-        micro = sampler.next(d.rank, d.world, args.grad_accum)
-        batches, stats = [[data[j] for j in idx] for idx in micro], {}
-        if args.stage == "grpo":                  # GRPO_latent rollouts: G per prompt, latents recorded, R → A
-            t0, G, batches = time.perf_counter(), args.num_generations, []
-            model.eval()
-            for i, idx in enumerate(micro):
-                prompts = [data[j] for j in idx for _ in range(G)]
-                gen = torch.Generator(d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + i * d.world + d.rank)
-                with R.compute_context(args.dtype, d.device):
-                    outs = latent_generate(bb, prompts, args.num_latent_steps, args.max_new_tokens, "fixed",
-                                           args.temperature, generator=gen, model=model, sync=True)
-                acc = torch.tensor([accuracy_reward(o["text"], p["answer"]) for o, p in zip(outs, prompts)])
-                fmt = torch.tensor([format_reward(o["text"], args.format_dotall) for o in outs])
-                adv = group_advantages(acc + fmt, G).to(d.device)                      # R = accuracy + format
-                with torch.no_grad(), R.compute_context(args.dtype, d.device):
-                    ref_lp = completion_logprobs(bb, ref, prompts, outs, args.temperature, d.device)[0] if ref else None
-                    old_lp = (completion_logprobs(bb, model, prompts, outs, args.temperature, d.device)[0]
-                              if mu > 1 else None)
-                batches.append((prompts, outs, adv, ref_lp, old_lp))
-                for k, v in (("reward", (acc + fmt).mean()), ("reward_accuracy", acc.mean()), ("reward_format",
-                             fmt.mean()), ("latent_len", sum(len(o["latents"]) for o in outs) / len(outs)),
-                             ("completion_len", sum(len(o["token_ids"]) for o in outs) / len(outs))):
-                    stats[k] = stats.get(k, 0.0) + float(v) / len(micro)
-            gen_s, t0 = time.perf_counter() - t0, time.perf_counter()
-            model.train()
-        sums = {}
-        for it in range(mu):
-            for g in opt.param_groups:
-                g["lr"] = R.cosine_lr(step * mu + it, args.steps * mu, args.lr, args.warmup_ratio)
-            for i, batch in enumerate(batches):
-                with R.grad_sync(model, i == len(batches) - 1):
-                    if args.stage == "sft":
-                        with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
-                            loss, terms = sft_loss(model, batch, bb, args, d.device)        # L_CE + λ·L_lvr
-                    else:
-                        prompts, outs, adv, ref_lp, old_lp = batch
-                        with R.compute_context(args.dtype, d.device):
-                            logp, mask = completion_logprobs(bb, model, prompts, outs, args.temperature, d.device)
-                        old = old_lp if old_lp is not None else logp.detach()           # μ = 1 ⇒ ρ ≡ 1
-                        loss, terms = grpo_loss(logp, old, ref_lp if ref_lp is not None else logp.detach(), adv, mask,
-                                                args.epsilon, args.beta if ref is not None else 0.0, args.loss_type,
-                                                args.max_new_tokens)                     # clipped ρ·A + β·KL_k3
-                    (loss / len(batches)).backward()
-                for k, v in {"loss": loss.detach(), **terms}.items():              # on the device: no host sync
-                    sums[k] = sums.get(k, 0.0) + v / len(batches) / mu
-            R.check_finite(sums["loss"], step, sums)                      # before the update, after backward
-            gnorm = R.clip_grad_norm(model, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        # model FLOPs: stage 1, forward + backward; GRPO adds the rollout (KV-cached decoding ≈ one forward over prompt
-        # + completion) and the reference and old-policy forwards, and makes μ forward + backward passes
-        if args.stage == "grpo":
-            lens = [len(p["input_ids"]) + len(o["token_ids"]) for b in batches for p, o in zip(b[0], b[1])]
-            forwards, timing = 1 + (ref is not None) + (mu > 1), {"gen_s": gen_s, "train_s": time.perf_counter() - t0}
-        else:
-            lens, forwards, timing = [len(s["input_ids"]) for b in batches for s in b], 0, {}
-        flops = forwards * R.step_flops(bb.model, lens, backward=False) + mu * R.step_flops(bb.model, lens)
-        log.log(step + 1, {**{k: R.all_reduce_mean(v, d) for k, v in {**sums, **stats}.items()},
-                           "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, **timing}, sum(lens), flops)
+        for g in opt.param_groups:
+            g["lr"] = R.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
+        batches, sums = [[data[j] for j in idx] for idx in sampler.next(d.rank, d.world, args.grad_accum)], {}
+        for i, batch in enumerate(batches):
+            with R.grad_sync(model, i == len(batches) - 1):
+                with R.compute_context(args.dtype, d.device):                  # bf16 compute over fp32 weights
+                    loss, terms = sft_loss(model, batch, bb, args, d.device)            # L_CE + λ·L_lvr
+                (loss / len(batches)).backward()
+            for k, v in {"loss": loss.detach(), **terms}.items():              # on the device: no host sync
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        R.check_finite(sums["loss"], step, sums)                          # before the update, after backward
+        gnorm = R.clip_grad_norm(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lens = [len(s["input_ids"]) for b in batches for s in b]
+        log.log(step + 1, {**{k: R.all_reduce_mean(v, d) for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
+                           "grad_norm": gnorm}, sum(lens), R.step_flops(bb.model, lens))
         if args.save_every and (step + 1) % args.save_every == 0:
             R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
                               {"data": sampler.state()}, keep=args.keep_checkpoints)
@@ -805,19 +635,7 @@ def main(args: Args, explicit: set[str] | None = None):
     # ------------------------------------------------------------------------------------------------------------
     # Save and evaluate
     # ------------------------------------------------------------------------------------------------------------
-    export_dir = os.path.join(args.run_dir, "export")
-    state = R.full_state_dict(model)
-    head = {k: state.pop(k) for k in [k for k in state if k.startswith("lvr_head.")]}   # the head, if any, beside it
-    R.export_hf(bb, export_dir, state_dict=state, model=model,
-                dtype=R.compute_dtype(args.dtype, d.device))
-    if d.main:                                    # a standard HF directory; from_pretrained ignores the LVR files
-        Path(export_dir, "lvr_config.json").write_text(json.dumps({"head": model.lvr_head.kind if head else "none",
-                                                                   "latent_end_token": args.latent_end_token,
-                                                                   "tokens": LVR_TOKENS}))
-        if head:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in head.items()}, str(Path(export_dir, "lvr_head.safetensors")))
-    C.print0(f"exported {export_dir}")
+    export_dir = export(bb, model, args, d, latent_end_token=args.latent_end_token)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()

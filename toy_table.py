@@ -120,7 +120,7 @@ def seed_jobs(seed: int, args, base: str) -> list:
              "--eval", "false"], r / "lvr_l0.log")
         rows["LVR λ = 0 (vanilla SFT, same layout), N = 8"] = evaluate(str(r / "lvr_l0/export"), r / "eval/lvr_l0",
                                                                        args, *latent, "--latent-steps", "8")
-        run(["lvr.py", "--stage", "grpo", "--model", str(r / "lvr/export"), "--seed", str(seed),
+        run(["lvr_grpo.py", "--model", str(r / "lvr/export"), "--seed", str(seed),
              "--steps", str(args.grpo_steps), "--run-dir", str(r / "grpo"), "--eval", "false"], r / "grpo.log")
         rows["LVR + GRPO_latent, N = 8"] = evaluate(str(r / "grpo/export"), r / "eval/grpo", args, *latent,
                                                     "--latent-steps", "8")

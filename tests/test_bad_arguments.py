@@ -1,11 +1,11 @@
 """Every bad argument is one line and exit code 2, before anything is loaded or trained (issue: a typo in
-`lvr.py --stage` silently ran GRPO; `--steps -5` exported an untrained model; `--per-micro -3` crashed deep inside)."""
+`lvr.py --stage gpro` silently ran GRPO; `--steps -5` exported an untrained model; `--per-micro -3` crashed deep inside)."""
 import pytest
 
 from conftest import run_script
 
 CASES = [
-    ("lvr.py", ["--stage", "gpro"], "argument --stage: invalid choice: 'gpro'"),
+    ("lvr_grpo.py", ["--loss-type", "gpro"], "--loss-type: invalid choice: 'gpro'"),
     ("lvr.py", ["--steps", "-5"], "--steps must be ≥ 1 (got -5)"),
     ("lvr.py", ["--per-micro", "-3"], "--per-micro must be ≥ 1"),
     ("pearl.py", ["--per-micro", "0"], "--per-micro must be ≥ 1 (got 0)"),
@@ -31,9 +31,9 @@ def test_bad_argument_is_one_line_and_exit_2(script, argv, message, tmp_path):
 
 def test_args_built_in_code_are_checked_too():
     import runtime as R
-    import lvr
+    import lvr_grpo
     with pytest.raises(SystemExit) as e:
-        R.check_args(lvr.Args(stage="gpro", model="toy", data="toy"))
+        R.check_args(lvr_grpo.Args(loss_type="gpro", model="toy", data="toy"))
     assert e.value.code == 2
 
 

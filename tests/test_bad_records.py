@@ -8,6 +8,7 @@ from PIL import Image
 import common as C
 import latent_pretrain as L
 import lvr
+import lvr_grpo
 import pearl as P
 
 
@@ -48,7 +49,7 @@ def test_lvr_loader_counts_every_bad_record(tmp_path, lvr_bb):
     data = C.build_dataset(records, lambda r: lvr.convert_sft(r, lvr_bb, a), skips)
     assert len(data) == 1 and sum(skips.counts.values()) == len(bad), dict(skips.counts)
     skips = C.Skips()
-    assert len(C.build_dataset(records, lambda r: lvr.convert_grpo(r, lvr_bb, a), skips)) == 3
+    assert len(C.build_dataset(records, lambda r: lvr_grpo.convert_grpo(r, lvr_bb, a), skips)) == 3
     assert sum(skips.counts.values()) == len(bad) - 2  # GRPO reads no bbox
 
 

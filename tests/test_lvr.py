@@ -13,6 +13,7 @@ from PIL import Image
 import common as C
 import eval as E
 import lvr
+import lvr_grpo
 from conftest import metrics, run_script
 
 
@@ -266,7 +267,7 @@ def test_stored_latents_equal_replay_and_logprobs_match(bb):
                 bb.model(**C.model_inputs(C.pad_batch(bb, [full]), "cpu"))
             torch.testing.assert_close(tap["hidden"][0, -1], o["latents"][i], atol=1e-4, rtol=1e-4)
     with torch.no_grad():
-        logp, mask = lvr.completion_logprobs(bb, bb.model, samples, outs, 1.0, "cpu")
+        logp, mask = lvr_grpo.completion_logprobs(bb, bb.model, samples, outs, 1.0, "cpu")
     start = bb.token_id(lvr.LVR_START)
     for b, o in enumerate(outs):
         n_forced = len(prefixes[b])
@@ -366,7 +367,7 @@ def test_rollout_never_samples_invalid_tokens_and_grpo_places_latents_by_positio
                 torch.testing.assert_close(E[b, Lp + j], v)
         # a GRPO step: latents written back at the recorded positions of the packed row, tokens elsewhere
         with fed_embeddings(bb) as rec:
-            logp, mask = lvr.completion_logprobs(bb, bb.model, samples, outs, 1.0, "cpu")
+            logp, mask = lvr_grpo.completion_logprobs(bb, bb.model, samples, outs, 1.0, "cpu")
         row, off = rec.calls[0][0], 0
         emb = bb.model.get_input_embeddings().weight
         for s, o in zip(samples, outs):
@@ -377,7 +378,7 @@ def test_rollout_never_samples_invalid_tokens_and_grpo_places_latents_by_positio
             torch.testing.assert_close(row[off + n_p + torch.arange(len(comp))[~slot]], emb[comp[~slot]].detach())
             off += n_p + len(comp)
         adv = torch.linspace(-1, 1, len(outs))
-        loss, _ = lvr.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask)
+        loss, _ = lvr_grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask)
         loss.backward()
         assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in bb.model.parameters()
                                             if p.grad is not None)
@@ -396,7 +397,7 @@ def test_masked_logprobs_equal_softmax_over_allowed_tokens(bb):
         outs = lvr.latent_generate(bb, samples, num_latent_steps=2, max_new_tokens=8, temperature=0.7, generator=gen,
                                    prefix_tokens=prefixes)
         with torch.no_grad():
-            logp, mask = lvr.completion_logprobs(bb, bb.model, samples, outs, 0.7, "cpu")
+            logp, mask = lvr_grpo.completion_logprobs(bb, bb.model, samples, outs, 0.7, "cpu")
         t = {k: bb.token_id(k) for k in lvr.LVR_TOKENS}
         vision = [bb.token_id(k) for k in lvr.VISION_TOKENS]
         for b, (s, o) in enumerate(zip(samples, outs)):
@@ -434,7 +435,7 @@ def test_positions_not_ids_decide_negative_control(bb):
     outs = lvr.latent_generate(bb, samples, num_latent_steps=3, max_new_tokens=6, prefix_tokens=prefixes)
     o, s, lvr_id = outs[0], samples[0], bb.token_id(lvr.LVR)
     with torch.no_grad():
-        base = lvr.completion_logprobs(bb, bb.model, [s], [o], 1.0, "cpu")[0][0]
+        base = lvr_grpo.completion_logprobs(bb, bb.model, [s], [o], 1.0, "cpu")[0][0]
     old_rule = lambda ids: (torch.tensor(ids) == lvr_id).nonzero()[:, 0]       # noqa: E731
     # (1) a stray <|lvr|> id after the span: the old rule finds 4 slots for 3 latents → shape crash
     j = max(o["latent_positions"].tolist()) + 1
@@ -443,17 +444,17 @@ def test_positions_not_ids_decide_negative_control(bb):
     with pytest.raises(RuntimeError):
         e.index_put((torch.zeros_like(old_rule(stray["token_ids"])), old_rule(stray["token_ids"])), o["latents"])
     with pytest.raises(ValueError, match=rf"index {j} is invalid"):
-        lvr.completion_logprobs(bb, bb.model, [s], [stray], 1.0, "cpu")
+        lvr_grpo.completion_logprobs(bb, bb.model, [s], [stray], 1.0, "cpu")
     stray_pad = dict(o, token_ids=o["token_ids"][:j] + [bb.token_id("<|image_pad|>")] + o["token_ids"][j + 1:])
     with pytest.raises(ValueError, match="image_pad"):                      # not "tokens: 579, features: 576"
-        lvr.completion_logprobs(bb, bb.model, [s], [stray_pad], 1.0, "cpu")
+        lvr_grpo.completion_logprobs(bb, bb.model, [s], [stray_pad], 1.0, "cpu")
     # (2) the slots carry other ids: the old rule finds no slot (latents dropped); positions give the same log-probs
     other = bb.tokenizer.encode(" a", add_special_tokens=False)[0]
     relabel = dict(o, token_ids=[other if q in set(o["latent_positions"].tolist()) else k
                                  for q, k in enumerate(o["token_ids"])])
     assert len(old_rule(relabel["token_ids"])) == 0 < len(o["latents"])
     with torch.no_grad(), fed_embeddings(bb) as rec:
-        same = lvr.completion_logprobs(bb, bb.model, [s], [relabel], 1.0, "cpu")[0][0]
+        same = lvr_grpo.completion_logprobs(bb, bb.model, [s], [relabel], 1.0, "cpu")[0][0]
     torch.testing.assert_close(rec.calls[0][0, len(s["input_ids"]) + o["latent_positions"]], o["latents"])
     torch.testing.assert_close(same, base)
 
@@ -542,14 +543,14 @@ SPAN = "<|lvr_start|><|lvr|><|lvr|><|lvr_latent_end|><|lvr_end|>"
     (SPAN + "<answer> blue car </answer>", "Blue  car", 1, 1, 1),
 ])
 def test_rewards(text, truth, acc, fmt, fmt_released):
-    assert lvr.accuracy_reward(text, truth) == acc
-    assert lvr.format_reward(text) == fmt
-    assert lvr.format_reward(text, dotall=False) == fmt_released
+    assert lvr_grpo.accuracy_reward(text, truth) == acc
+    assert lvr_grpo.format_reward(text) == fmt
+    assert lvr_grpo.format_reward(text, dotall=False) == fmt_released
 
 
 def test_group_advantages():
     r = torch.tensor([2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    adv = lvr.group_advantages(r, 4)
+    adv = lvr_grpo.group_advantages(r, 4)
     g = [2.0, 1.0, 0.0, 1.0]
     mean = sum(g) / 4
     std = math.sqrt(sum((x - mean) ** 2 for x in g) / 3)
@@ -568,7 +569,7 @@ def test_grpo_loss_against_slow_loop(loss_type):
     mask = torch.rand(B, T, generator=g) > 0.3
     mask[2] = False
     mask[2, 0] = True
-    loss, stats = lvr.grpo_loss(logp, old, ref, adv, mask, eps, beta, loss_type, max_len=10)
+    loss, stats = lvr_grpo.grpo_loss(logp, old, ref, adv, mask, eps, beta, loss_type, max_len=10)
     per_seq, tot, cnt = [], 0.0, 0
     for i in range(B):
         s, c = 0.0, 0
@@ -586,7 +587,7 @@ def test_grpo_loss_against_slow_loop(loss_type):
     assert loss.item() == pytest.approx(want, rel=1e-10)
     # ρ ≡ 1 and ref = logp: the gradient is −A per token (normalised), KL 0
     lp = logp.clone().requires_grad_(True)
-    l1, s1 = lvr.grpo_loss(lp, lp.detach(), lp.detach(), adv, mask, eps, beta, "bnpo")
+    l1, s1 = lvr_grpo.grpo_loss(lp, lp.detach(), lp.detach(), adv, mask, eps, beta, "bnpo")
     l1.backward()
     assert s1["kl"] == 0.0
     torch.testing.assert_close(lp.grad, -(adv[:, None] * mask) / mask.sum())
@@ -596,10 +597,12 @@ def test_grpo_loss_against_slow_loop(loss_type):
 # Training runs as subprocesses (tiny): 2 processes (torchrun, FSDP2, gloo) vs 1 process, kill-and-resume
 # ---------------------------------------------------------------------------------------------------------------
 def train(run_dir, data, *extra, procs=1):
-    """Run lvr.py (toy, no eval, 1 sample per micro-batch) with `procs` processes; return its metrics.jsonl rows."""
-    stage = "lvr_grpo.json" if "grpo" in extra else "lvr_train.json"
+    """Run lvr.py, or lvr_grpo.py when `extra` starts with GRPO (toy, no eval, 1 sample or prompt per micro-batch)
+    with `procs` processes; return its metrics.jsonl rows."""
+    script, records = ("lvr_grpo.py", "lvr_grpo.json") if extra[:1] == ("grpo",) else ("lvr.py", "lvr_train.json")
+    extra = extra[1:] if script == "lvr_grpo.py" else extra
     extra = extra if "--model" in extra else ("--model", "toy", *extra)     # the random toy: fast, no base needed
-    run_script("lvr.py", "--data", data / stage, "--eval", "false", "--per-micro", 1, "--run-dir", run_dir, *extra,
+    run_script(script, "--data", data / records, "--eval", "false", "--per-micro", 1, "--run-dir", run_dir, *extra,
                nproc=procs, timeout=300)
     return metrics(run_dir)
 
@@ -607,7 +610,7 @@ def train(run_dir, data, *extra, procs=1):
 SFT = ("--steps", 4, "--save-every", 2)
 # The toy policy earns no reward (advantages 0, step-1 loss 0), so lr 1 with weight decay 0.3 shrinks the policy
 # away from the frozen reference in step 1: step 2 then has a non-zero k3 KL, loss and gradient to compare.
-GRPO = ("--stage", "grpo", "--steps", 2, "--num-generations", 2, "--max-new-tokens", 6, "--lr", 1, "--weight-decay", 0.3)
+GRPO = ("grpo", "--steps", 2, "--num-generations", 2, "--max-new-tokens", 6, "--lr", 1, "--weight-decay", 0.3)
 SFT_KEYS, GRPO_KEYS = ("loss", "loss_ce", "loss_lvr"), ("loss", "kl", "grad_norm", "reward", "completion_len")
 
 
