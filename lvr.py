@@ -437,11 +437,11 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
         logp = torch.log_softmax(mask_invalid(logits.float() / (temperature or 1.0), blocked, ctrl), -1)
         tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0] if temperature > 0 else logp.argmax(-1)
         lp = logp.gather(-1, tok[:, None])[:, 0]
-        step_ids = torch.full((B,), pad, dtype=torch.long, device=dev)
+        tok_h, lp_h, step_ids = tok.tolist(), lp.tolist(), [pad] * B    # ONE device → host copy per step, not 2·B
         for b in range(B):
             if done[b]:
                 continue
-            k = int(tok[b])
+            k = tok_h[b]
             if latent_left[b] > 0 and (mode == "fixed" or k not in (t[LVR_LATENT_END], t[LVR_END])):
                 latent_left[b] -= 1                                 # a latent step: feed the previous state back
                 own[b].append(latent_vec[b].clone())
@@ -450,7 +450,7 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
                 if force_end and latent_left[b] == 0:
                     queue[b] = [t[LVR_LATENT_END], t[LVR_END]]
             else:
-                k, lpk = (queue[b].pop(0), 0.0) if queue[b] else (k, float(lp[b]))
+                k, lpk = (queue[b].pop(0), 0.0) if queue[b] else (k, lp_h[b])
                 state[b].step(k, t)
                 latent_left[b] = span if k == t[LVR_START] and ablate != "remove" else 0
                 if k == t[LVR_START] and ablate == "remove":        # the span closes at once: no latent slot
@@ -459,17 +459,19 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
                 done[b] = k == eos or n_tok[b] >= max_new_tokens
             toks[b].append(k), lps[b].append(lpk), fed[b].append(k)
             step_ids[b] = k
-        finished = torch.tensor(float(all(done)), device=dev)
-        if sync and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(finished, op=dist.ReduceOp.MIN)
-        if finished.item() == 1.0:
+        finished = all(done)
+        if sync and dist.is_initialized() and dist.get_world_size() > 1:   # every rank: the same number of forwards
+            flag = torch.tensor(float(finished), device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finished = flag.item() == 1.0
+        if finished:
             break
         for b in range(B):                                          # done rows keep a dummy column (ignored)
             fed[b] += [pad] * (max(map(len, fed)) - len(fed[b]))
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], 1)
         if use_cache:                                               # one new position per row
             dst = [[b, 0] for b in range(B) if fed[b] and len(fed[b]) - 1 in lat[b]]
-            inputs = dict(input_ids=step_ids[:, None], attention_mask=attn, cache=cache,
+            inputs = dict(input_ids=torch.tensor(step_ids, device=dev)[:, None], attention_mask=attn, cache=cache,
                           position_ids=next_pos.view(1, B, 1).expand(3, B, 1))
             vals = [lat[b][len(fed[b]) - 1] for b, _ in dst]
         else:  # recompute the whole sequence: positions come from get_rope_index of the full sequence

@@ -1,4 +1,4 @@
-# Docs: README.md ("The toy base model"). Builds the "stage 0" model every toy default can start from.
+# Docs: docs/toy_base.md. Builds the "stage 0" model every toy default can start from.
 """The toy base model ("stage 0"): a stand-in for Qwen2.5-VL-Instruct on the toy world.
 
 Real methods start from an instruction-tuned VLM that already reads images and answers in format; a random-init toy

@@ -1,4 +1,4 @@
-# Docs: README.md ("The toy world"). Generates the offline default data of every script, and builds the toy model.
+# Docs: docs/toy_world.md. Generates the offline default data of every script, and builds the toy model.
 """The offline toy world: data and a tiny model. A deterministic stand-in for every data set the four methods and
 eval.py read, and (`toy_model_parts`, loaded by `common.load_backbone("toy" | "toy-qwen3vl")`) the tokenizer and
 tiny configs of the real Qwen2.5-VL / Qwen3-VL classes that the tests and toy defaults train.
