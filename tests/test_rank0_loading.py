@@ -62,6 +62,8 @@ def _rank_worker(rank, world, init_file, checkpoints, out_dir):
     head = P.setup_model(bb, args)
     R.shard_model(bb.model, d, extra_units=(bb.model.pearl_dynamics, head))
     out["pearl_head"] = (head.weight.to_local().shape, head.weight.full_tensor(), bb.model.lm_head.weight.full_tensor())
+    bb = C.load_backbone(checkpoints[0], d.device, rank0_only=True)   # latent_pretrain: the tower whole on every rank
+    out["tower"] = gathered(R.replicate_from_rank0(bb.model.model.visual, d)), bb.model.lm_head.weight.is_meta
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -100,9 +102,14 @@ def test_rank0_loading_equals_the_checkpoint_and_one_process(checkpoints, tmp_pa
             for n in grads:
                 torch.testing.assert_close(got["step"][1][n], grads[n], atol=1e-6, rtol=1e-4)
     assert tied(C.load_backbone(checkpoints[1]).model)                 # the tied case is really exercised
+    tower = gathered(C.load_backbone(checkpoints[0]).model.model.visual)
     for r in ranks:
         local_shape, head, lm_head = r["pearl_head"]
         assert local_shape[0] * 2 == head.shape[0] and torch.equal(head, lm_head)   # sharded, equal to the LM head
+        (weights, buffers), rest_meta = r["tower"]
+        for got, want in ((weights, tower[0]), (buffers, tower[1])):
+            assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert [r["tower"][1] for r in ranks] == [False, True]             # only the tower: the rest stays on meta
 
 
 def test_one_process_frozen_copy(checkpoints):
