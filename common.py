@@ -66,13 +66,17 @@ RANDOM_PREFIX = "random:"
 
 
 def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  seed: int = 0, attn_implementation: str | None = None, num_layers: int | None = None) -> Backbone:
+                  seed: int = 0, attn_implementation: str | None = None, num_layers: int | None = None,
+                  rank0_only: bool = False) -> Backbone:
     """`toy` / `toy-qwen3vl`: the real transformers classes with a tiny seeded random init and an in-memory tokenizer.
     `random:qwen2.5-vl-3b` / `random:qwen2.5-vl-7b`: the published config and the real tokenizer with a seeded random
     init (qwen_offline.py), cut to its first `num_layers` decoder layers when given; device="meta" allocates nothing.
     Anything else: a hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on GPU by default, for
     inference; training passes dtype=torch.float32: trainable weights are fp32 master weights). Never trusts
-    remote code; offline users set HF_HUB_OFFLINE=1 and pass a local directory."""
+    remote code; offline users set HF_HUB_OFFLINE=1 and pass a local directory.
+    rank0_only (training under torchrun): rank 0 loads as one process would, every other rank builds the same model
+    on the meta device (nothing read, nothing allocated); surgery runs on all ranks (shapes only on meta), then
+    runtime.shard_model fills every rank's shards from rank 0. One process: no effect."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -82,10 +86,13 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
         raise ValueError("'toy-base' is built by toy_base.ensure_toy_base(), which returns its path: pass that path")
     device = torch.device(device)
     attn = attn_implementation or pick_attn_implementation(device)
+    default_dtype = torch.bfloat16 if device.type == "cuda" else None   # both chosen by the compute device
+    if rank0_only and _rank() != 0:
+        device = torch.device("meta")
     if name.startswith(RANDOM_PREFIX):   # num_layers: the first k decoder layers (real widths on a CPU)
         from qwen_offline import random_model_parts
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else None)
-        parts = random_model_parts(name[len(RANDOM_PREFIX):], num_layers, device, dtype, seed, attn_implementation=attn)
+        parts = random_model_parts(name[len(RANDOM_PREFIX):], num_layers, device, dtype or default_dtype, seed,
+                                   attn_implementation=attn)
         return Backbone(*parts, "qwen2_5_vl")
     if name in ("toy", "toy-qwen3vl"):
         from toy_world import toy_model_parts
@@ -93,15 +100,20 @@ def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: 
         family = config.model_type
         config._attn_implementation = attn
         torch.manual_seed(seed)
-        model = _model_class(family)(config)
+        with torch.device("meta" if device.type == "meta" else "cpu"):    # built on the CPU (seeded), then moved
+            model = _model_class(family)(config)
     else:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
         family = config.model_type
         if family not in ("qwen2_5_vl", "qwen3_vl"):
             raise ValueError(f"{name}: model_type {family!r} is not Qwen2.5-VL or Qwen3-VL")
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = _model_class(family).from_pretrained(name, dtype=dtype, attn_implementation=attn,
-                                                     trust_remote_code=False)
+        dtype = dtype or default_dtype or torch.float32
+        if device.type == "meta":    # the same class, config and dtype as from_pretrained gives rank 0, no weights
+            with torch.device("meta"):
+                model = _model_class(family)._from_config(config, dtype=dtype, attn_implementation=attn).eval()
+        else:
+            model = _model_class(family).from_pretrained(name, dtype=dtype, attn_implementation=attn,
+                                                         trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(name)
     if dtype is not None:

@@ -532,7 +532,9 @@ def main(args: Args, explicit: set[str] | None = None):
             dist.barrier()
             dist.destroy_process_group()
         return
-    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed)  # fp32 masters; compute: --dtype
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed,  # fp32 masters; compute: --dtype
+                         rank0_only=True)                # other ranks: meta, filled from rank 0 by shard_model
+    R.replicate_from_rank0(bb.model.model.visual, d)     # but the tower whole on every rank: each extracts targets
     pairs, cache = load_targets(bb, args, d, args.data, args.image_root, skips, cache_root)  # frozen z_tok, z_glob
     model = build_module(bb, args, cache.glob_mean.numel())
     image_number = {k: i for i, k in enumerate(sorted(cache.index))}

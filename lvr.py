@@ -223,8 +223,9 @@ def attach_saved_head(bb: C.Backbone):
                                        load_file(str(path / "lvr_head.safetensors")).items()})
 
 
-def shard(model, d: R.Dist, ac: bool, dtype: str = "auto"):   # a head is its own FSDP unit: called outside the root
-    return R.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else (), dtype=dtype)
+def shard(model, d: R.Dist, ac: bool, dtype: str = "auto", **kw):  # a head: its own FSDP unit (called outside the root)
+    return R.shard_model(model, d, ac, extra_units=(model.lvr_head,) if hasattr(model, "lvr_head") else (), dtype=dtype,
+                         **kw)
 
 
 @contextmanager
@@ -587,7 +588,8 @@ def main(args: Args, explicit: set[str] | None = None):
         args.model = ensure_toy_base()
     R.save_run_config(args.run_dir, args)
     R.seed_everything(args.seed)
-    bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32,      # fp32 master weights; compute: --dtype
+                         rank0_only=True)                                # other ranks: meta, filled from rank 0
     prepare_model(bb, args.lvr_head)                                     # model surgery: the LVR tokens (+ head)
     attach_saved_head(bb)
     for p in bb.model.model.visual.parameters():

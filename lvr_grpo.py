@@ -29,7 +29,6 @@ given on the command line, printed at start-up. Every detail is in docs/lvr.md.
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 import time
@@ -245,7 +244,8 @@ def main(args: Args, explicit: set[str] | None = None):
     resolve(args, explicit)
     R.save_run_config(args.run_dir, args)
     R.seed_everything(args.seed)
-    bb = C.load_backbone(args.model, d.device, dtype=torch.float32)      # fp32 master weights; compute: --dtype
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32,      # fp32 master weights; compute: --dtype
+                         rank0_only=True)                                # other ranks: meta, filled from rank 0
     lvr.prepare_model(bb)                                                # the LVR tokens (present in a stage-1 export)
     lvr.attach_saved_head(bb)                                            # stage 1's head, if it trained one
     for p in bb.model.model.visual.parameters():
@@ -256,9 +256,10 @@ def main(args: Args, explicit: set[str] | None = None):
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
     ref = None
     if args.beta:                                 # the frozen stage-1 model of the k3 KL, no optimizer: compute dtype
-        ref = copy.deepcopy(bb.model).requires_grad_(False).to(R.compute_dtype(args.dtype, d.device))
-        ref = lvr.shard(ref, d, False, args.dtype)
+        ref = R.meta_copy(bb.model).requires_grad_(False).to(R.compute_dtype(args.dtype, d.device))   # shapes only
     model = lvr.shard(bb.model, d, args.activation_checkpointing, args.dtype)
+    if ref is not None:                           # filled from the policy's own shards: never a whole second copy
+        ref = lvr.shard(ref, d, False, args.dtype, weights_from=model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     start = 0

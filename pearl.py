@@ -34,6 +34,7 @@ Deviations and choices (details and the released code's behaviour: docs/pearl.md
 | data conversion | crop turns, tool prompt dropped, missing crops re-executed | — | *inferred* |
 | image budget | 128·28²–5120·28² pixels | `--min-pixels`, `--max-pixels` | LVR data recipe |
 """
+import copy
 import json
 import math
 import os
@@ -298,13 +299,14 @@ class DynamicsHead(nn.Module):
 def setup_model(bb, args):
     """Adds the K predictor tokens (reusing spare rows when the matrix has them), attaches the dynamics head as
     `model.pearl_dynamics` (so FSDP2, the optimiser and checkpoints see it; export drops it), copies the LM head
-    (frozen, for the NextLat token term) and applies LoRA. Returns the frozen LM-head weight."""
+    (frozen, for the NextLat token term) as `model.pearl_frozen_head`, a module of its own (FSDP2 shards it: no rank
+    holds it whole between steps; export drops it), and applies LoRA. Returns the frozen LM-head module."""
     ids = C.add_special_tokens(bb, predictor_tokens(args.num_predictors), init="mean")
     model = bb.model
-    frozen_lm_head = model.get_output_embeddings().weight.detach().clone()
-    head = DynamicsHead(model.config.text_config.hidden_size).to(frozen_lm_head.device, torch.float32)  # trained: fp32
+    frozen_lm_head = copy.deepcopy(model.get_output_embeddings()).requires_grad_(False)   # Linear(D, V), no bias
+    head = DynamicsHead(model.config.text_config.hidden_size).to(frozen_lm_head.weight.device, torch.float32)  # fp32
     if args.lora_r == 0:
-        model.pearl_dynamics = head
+        model.pearl_dynamics, model.pearl_frozen_head = head, frozen_lm_head
         return frozen_lm_head
     from peft import LoraConfig, get_peft_model
     if args.released_quirks:  # head inside the model before peft: base weights frozen, "all-linear" LoRA on it
@@ -314,6 +316,7 @@ def setup_model(bb, args):
     get_peft_model(model, cfg)  # injects adapters in place: bb.model stays the HF model class
     if not args.released_quirks:
         model.pearl_dynamics = head  # trained fully
+    model.pearl_frozen_head = frozen_lm_head  # after peft: no adapters on it
     return frozen_lm_head
 
 
@@ -461,7 +464,8 @@ def nextlat_loss(head, hidden: list, embeds: list, labels: list, frozen_lm_head,
             st.append(F.smooth_l1_loss(cur.float(), h[t + k].detach().float(), reduction="none").mean(-1))
             if token_target != "off":
                 tgt = y[t + k] if token_target == "released" else F.pad(y, (0, 1), value=IGNORE)[t + k + 1]
-                logits = F.linear(cur, frozen_lm_head.to(cur.dtype)).float()
+                logits = (frozen_lm_head(cur) if callable(frozen_lm_head)   # the module, or a [V, H] weight
+                          else F.linear(cur, frozen_lm_head.to(cur.dtype))).float()
                 ce = ce + F.cross_entropy(logits, tgt, ignore_index=IGNORE, reduction="sum")
                 n_ce += int((tgt != IGNORE).sum())
         states.append(torch.stack(st).mean())
@@ -486,6 +490,9 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
         target = torch.stack([h[ex["traj"]["emb_pos"]] for h, ex in zip(per_view["traj"][0], examples)])  # h_R
         terms["loss_jepa"] = jepa_loss(pred, target, args.jepa_metric)
         loss = loss + args.lam * terms["loss_jepa"]  # + λ·L_JEPA
+    if use_nextlat and args.nextlat_token != "off" and hasattr(frozen_lm_head, "unshard"):
+        frozen_lm_head.set_reshard_after_forward(False, recurse=False)  # FSDP2: gathered once per step on every rank
+        frozen_lm_head.unshard()          # (however many calls its examples make), kept through backward, then freed
     if use_nextlat:
         state, token = nextlat_loss(model.pearl_dynamics, *per_view["full"], labels, frozen_lm_head,
                                     args.nextlat_horizon, args.nextlat_token)
@@ -500,10 +507,10 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
 # ----------------------------------------------------------------------------------------------------------------
 def merge_lora_state_dict(sd: dict, scale: float, token_ids: list[int]) -> dict:
     """W = W0 + (α/r)·B·A for every LoRA layer; trainable-token rows written into their matrix; `pearl_dynamics.*`
-    dropped. Keys come back as the plain model class names them."""
+    and `pearl_frozen_head.*` dropped. Keys come back as the plain model class names them."""
     merged = {}
     for k, v in sd.items():
-        if k.startswith("pearl_dynamics.") or ".lora_" in k or ".trainable_tokens_delta" in k:
+        if k.startswith(("pearl_dynamics.", "pearl_frozen_head.")) or ".lora_" in k or ".trainable_tokens_delta" in k:
             continue
         if ".token_adapter.base_layer." in k:  # an embedding matrix with trainable predictor rows
             prefix = k.split(".token_adapter.")[0]
@@ -572,7 +579,7 @@ def main(args: Args, explicit: set[str] | None = None):
     R.save_run_config(args.run_dir, args)
     R.seed_everything(args.seed)
     # trained weights: fp32 masters; LoRA's frozen base: the compute dtype (memory arithmetic: docs/pearl.md)
-    bb = C.load_backbone(args.model, d.device,
+    bb = C.load_backbone(args.model, d.device, rank0_only=True,   # other ranks: meta, filled from rank 0 by shard_model
                          dtype=torch.float32 if args.lora_r == 0 else R.compute_dtype(args.dtype, d.device))
     frozen_lm_head = setup_model(bb, args)
     skips = C.Skips()
@@ -581,8 +588,8 @@ def main(args: Args, explicit: set[str] | None = None):
     if not data:
         raise SystemExit(f"{args.data}: no usable examples ({skips.summary()})")
     sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
-    model = R.shard_model(bb.model, d, args.activation_checkpointing, extra_units=(bb.model.pearl_dynamics,),
-                          dtype=args.dtype)
+    model = R.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype,
+                          extra_units=(bb.model.pearl_dynamics, bb.model.pearl_frozen_head))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     start = 0

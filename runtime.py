@@ -2,8 +2,8 @@
 """The machinery every training script shares, around the method (details and tests: docs/common.md).
 
   precision     --dtype: compute_dtype, compute_context (fp32 master weights, bf16 compute)
-  distributed   init_distributed (python or torchrun), shard_model (FSDP2), grad_sync, all_reduce_mean,
-                cosine_lr, clip_grad_norm
+  distributed   init_distributed (python or torchrun), shard_model (FSDP2, weights from rank 0), meta_copy,
+                replicate_from_rank0, grad_sync, all_reduce_mean, cosine_lr, clip_grad_norm
   checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), export_hf
   run config    parse_args, check_args, apply_preset, save_run_config
   logging       RunLogger (one dense line per step, metrics.jsonl, loss_curve.png), step_flops (MFU), check_finite
@@ -89,24 +89,102 @@ def seed_everything(seed: int):
 
 
 def shard_model(model: torch.nn.Module, d: Dist, activation_checkpointing: bool = False,
-                extra_units: tuple = (), dtype: str | torch.dtype = "auto") -> torch.nn.Module:
+                extra_units: tuple = (), dtype: str | torch.dtype = "auto",
+                weights_from: torch.nn.Module | None = None) -> torch.nn.Module:
     """FSDP2 in torchtitan's order: activation checkpointing per block → fully_shard each block named in
     model._no_split_modules → `extra_units` (modules run outside the model's forward, e.g. a method's head) → the
     root. fp32 shards (the master weights AdamW steps) gathered in the compute `dtype`, gradients reduced in fp32.
-    One process: left unsharded (compute_context autocasts instead)."""
+    One process: left unsharded (compute_context autocasts instead).
+    Start-up (docs/common.md): the weights come from rank 0 — the other ranks may hold the meta device
+    (load_backbone(rank0_only=True)). Every rank shards the structure on the meta device, allocates only its own
+    shards and receives them from rank 0 one tensor at a time, so no rank holds a second full copy. `weights_from`:
+    a model of the same structure, already sharded, whose weights (cast to this model's dtypes) are copied instead:
+    a frozen copy (lvr_grpo's reference, built by meta_copy) that never exists whole."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if d.world == 1:
+    if d.world == 1 and weights_from is None:
         return model
+    if d.world == 1:
+        with _tied_weights_kept():
+            return _copy_weights(model.to_empty(device=d.device), weights_from)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     bad = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
     assert not bad, f"trainable parameters must be fp32 master weights (load_backbone(dtype=torch.float32)): {bad[:3]}"
     dtype = compute_dtype(dtype, d.device) if isinstance(dtype, str) else dtype
     mp = MixedPrecisionPolicy() if dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    full, buffers = _take_weights(model) if d.main and weights_from is None else ({}, {})
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in [m for m in model.modules() if type(m).__name__ in block_names] + list(extra_units) + [model]:
         fully_shard(module, mp_policy=mp)
+    model.to_empty(device=d.device)       # this rank's shards (and every buffer) allocated, not yet filled
+    if weights_from is not None:
+        return _copy_weights(model, weights_from)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():                 # buffers outside the state dict (rotary inv_freq): rank 0's values
+        for name, buf in _nonpersistent_buffers(model).items():
+            if d.main:
+                buf.copy_(buffers[name])
+            dist.broadcast(buf, src=0)
+    return model
+
+
+def _nonpersistent_buffers(model) -> dict:
+    keys = model.state_dict().keys()
+    return {n: b for n, b in model.named_buffers() if n not in keys}
+
+
+def _take_weights(model) -> tuple[dict, dict]:
+    """Rank 0: (state dict, buffers outside it), then the model itself moves to the meta device like the others."""
+    full, buffers = model.state_dict(), _nonpersistent_buffers(model)
+    with _tied_weights_kept():
+        model.to("meta")
+    return full, buffers
+
+
+@contextlib.contextmanager
+def _tied_weights_kept():
+    """Module.to / to_empty swap each parameter's contents instead of replacing the object: tied weights stay tied."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+@torch.no_grad()
+def replicate_from_rank0(module: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """Every rank gets rank 0's `module` whole, before sharding: for a part each rank runs on its own (latent_pretrain's
+    vision tower extracts targets on every rank) while the rest stays on the meta device (load_backbone(rank0_only))."""
+    if d.world == 1:
+        return module
+    if not d.main:
+        with _tied_weights_kept():
+            module.to_empty(device=d.device)
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t, src=0)
+    return module
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The structure of `model` (modules, names, dtypes, tied weights, requires_grad) on the meta device: the
+    skeleton of a frozen copy that shard_model(weights_from=...) fills after sharding."""
+    import copy
+    memo = {id(t): (torch.nn.Parameter(t.to("meta"), t.requires_grad) if isinstance(t, torch.nn.Parameter)
+                    else t.to("meta")) for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def _copy_weights(model, source):
+    """Each parameter and buffer of `model` ← the same-named one of `source` (local shards under FSDP2: the two are
+    sharded alike), cast to `model`'s dtype."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    src = {**dict(source.named_parameters(remove_duplicate=False)), **dict(source.named_buffers())}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        local(t).copy_(local(src[name]))
     return model
 
 

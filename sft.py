@@ -168,7 +168,8 @@ def main(args: Args, explicit: set[str] | None = None):
         args.model = ensure_toy_base()
     R.save_run_config(args.run_dir, args)
     R.seed_everything(args.seed)
-    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed)  # fp32 masters; compute: --dtype
+    bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed,  # fp32 masters; compute: --dtype
+                         rank0_only=True)                # other ranks: meta, filled from rank 0 by shard_model
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
     skips = C.Skips()
