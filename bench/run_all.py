@@ -2,8 +2,7 @@
 
     python bench/run_all.py                                             # CPU toy, 5 repeats
     python bench/run_all.py --quick                                     # 1 repeat, smallest sizes: does every row run?
-    python bench/run_all.py --model random:qwen2.5-vl-3b --num-layers 2 # real widths on a CPU (slow: the vision tower
-                                                                        # keeps its 32 blocks, the recipes their images)
+    python bench/run_all.py --model random:qwen2.5-vl-3b --num-layers 2 # real widths on a CPU, the toy's images
     python bench/run_all.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --out results/bench/run_all_3b.json
 
 The rows reuse the measurement functions of bench/bench_*.py (each still runs alone, with more detail); eval items/s
@@ -93,6 +92,13 @@ def backbone(cfg, dtype=None, **kw):
     return C.load_backbone(cfg.model, cfg.device, dtype=dtype, num_layers=cfg.num_layers, **kw)
 
 
+def images(cfg) -> dict:
+    """The image budget of every row: a random: model keeps the toy presets' (16-64 x 28² px; the targets of
+    latent_pretrain at 224 px): the widths are real, and its 32-block vision tower at the recipes' budgets does not
+    fit a CPU step in 24 GB. The toy and checkpoints keep each file's own."""
+    return dict(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28) if cfg.model.startswith("random:") else {}
+
+
 def clock_for(device):
     """time.perf_counter, after waiting for the GPU's queued work on CUDA (else a step would time its launches)."""
     import torch
@@ -130,7 +136,8 @@ def pearl(cfg):
     import pearl as P
     import runtime as R
     from bench import bench_pearl
-    args = P.resolve(P.Args(model=cfg.model, data=toy_file("lvr_train.json"), max_examples=cfg.size("pearl_examples")))
+    args = P.resolve(P.Args(model=cfg.model, data=toy_file("lvr_train.json"), max_examples=cfg.size("pearl_examples"),
+                            **images(cfg)))
     dtype = torch.float32 if args.lora_r == 0 else R.compute_dtype(args.dtype, cfg.device)   # as pearl.py loads
     m = bench_pearl.measure(backbone(cfg, dtype), args, cfg.repeats, naive=not cfg.quick)
     values = {"pearl": ratios(m["times"], "pearl", "sft"),
@@ -143,7 +150,7 @@ def lvr_sft(cfg):
 
     import lvr
     from bench import bench_lvr
-    args = lvr.resolve(lvr.Args(model=cfg.model, data=toy_file("lvr_train.json")))
+    args = lvr.resolve(lvr.Args(model=cfg.model, data=toy_file("lvr_train.json"), **images(cfg)))
     bb = backbone(cfg, torch.float32)                           # fp32 master weights, as lvr.py and sft.py load
     lvr.prepare_model(bb, args.lvr_head)
     m = bench_lvr.sft_times(bb, args, cfg.repeats, cfg.size("lvr_batch"))
@@ -155,7 +162,8 @@ def latent_pretrain(cfg):
 
     import latent_pretrain as L
     from bench import bench_latent_pretrain
-    given = dict(model=cfg.model, per_micro=cfg.size("pretrain_captions"), image_size=cfg.size("pretrain_image_size"))
+    given = dict(model=cfg.model, per_micro=cfg.size("pretrain_captions"),
+                 image_size=224 if images(cfg) else cfg.size("pretrain_image_size"))
     args = L.resolve(L.Args(**given), explicit=set(given))             # the toy preset on the other fields
     m = bench_latent_pretrain.measure(backbone(cfg, torch.float32), args, cfg.repeats, cfg.size("pretrain_images"))
     return {"latent_pretrain": ratios(m["times"], "latent", "plain")}, m
@@ -188,7 +196,7 @@ def ulr(cfg):
     import lvr
     import unsilence as U
     from bench import bench_unsilence
-    args = U.resolve(U.Args(model=cfg.model))
+    args = U.resolve(U.Args(model=cfg.model, **images(cfg)))
     bb = backbone(cfg, getattr(torch, args.dtype), attn_implementation="eager" if args.attn == "eager" else None)
     lvr.prepare_model(bb)                                       # the LVR tokens, as unsilence.load_latent_model
     bb.model.eval().requires_grad_(False)
@@ -206,7 +214,7 @@ def eval_rate(cfg):
     n, rate, clock = cfg.size("eval_items"), [], clock_for(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(cfg.repeats + 1):                        # round 0 warms up
-            ea = E.Args(benchmark="vstar", model=cfg.model, limit=n, output=f"{tmp}/vstar_{r}.json")
+            ea = E.Args(benchmark="vstar", model=cfg.model, limit=n, output=f"{tmp}/vstar_{r}.json", **images(cfg))
             t0 = clock()
             E.evaluate(ea, backbone=bb)                         # a fresh predictions file: every item predicted
             rate.append(n / (clock() - t0))
@@ -311,7 +319,8 @@ def provenance(cfg) -> dict:
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": device},
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "args": {k: v for k, v in vars(cfg).items() if k != "size"}, "argv": sys.argv}
+            "args": {k: v for k, v in vars(cfg).items() if k != "size"}, "images": images(cfg) or "each file's own",
+            "argv": sys.argv}
 
 
 def parse_args(argv=None):
