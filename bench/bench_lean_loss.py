@@ -1,6 +1,7 @@
 """Peak host memory of one forward + backward at the real Qwen2.5-VL-3B widths and vocabulary (151,936), truncated
 depth, one packed row: the plain loss (full [1, T, V] logits, then an fp32 copy) against common.lm_loss (logits only
-at the supervised positions). Each measurement runs in its own process (peak RSS is per process).
+at the supervised positions). Each measurement runs in its own process (peak RSS is per process); the step's
+memory is its peak resident size above the resident size before it (host_memory).
 
     python bench/bench_lean_loss.py                      # T = 4096, 8192; 1 % and 100 % of tokens supervised
     python bench/bench_lean_loss.py --tokens 4096 --layers 1
@@ -18,28 +19,56 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def one(mode: str, tokens: int, layers: int, supervised: float) -> dict:
+def host_memory(reset_peak: bool = False) -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process. The peak is a high-water mark since the process started,
+    so building the model (a transient above the resident size after it) would hide the step's own peak: on Linux,
+    reset_peak lowers the mark to the current size (/proc/self/clear_refs "5"); elsewhere both are ru_maxrss."""
+    try:
+        if reset_peak:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+        return kb["VmRSS"] * 1024, kb["VmHWM"] * 1024
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, peak
+
+
+# mode -> the loss of one packed batch. A third loss (a chunked cross-entropy in common.py, say) is one more entry
+# here; bench/run_all.py then adds its row "plain / <mode>" by itself.
+LOSSES = {
+    "plain": lambda C, model, batch, dev: C.next_token_loss(model(**C.model_inputs(batch, dev)).logits,
+                                                             batch["labels"].to(dev)),
+    "lm_loss": lambda C, model, batch, dev: C.lm_loss(model, batch, dev),
+}
+
+
+def one(mode: str, tokens: int, layers: int, supervised: float, model: str = "random:qwen2.5-vl-3b",
+        device: str = "cpu") -> dict:
+    """One forward + backward of LOSSES[mode] in this process; its memory: peak host RSS on the CPU, peak
+    allocated GPU memory on CUDA."""
     import torch
 
     import common as C
-    bb = C.load_backbone("random:qwen2.5-vl-3b", num_layers=layers)
+    bb = C.load_backbone(model, device, num_layers=layers)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 150000, (1, tokens), generator=g)
+    ids = torch.randint(0, min(150000, bb.model.config.text_config.vocab_size), (1, tokens), generator=g)
     labels = torch.full_like(ids, C.IGNORE)
     n = max(1, int(tokens * supervised))
     labels[0, -n:] = ids[0, -n:]                                  # the answer at the end, as in an SFT sample
     pos = torch.arange(tokens).view(1, 1, -1).expand(3, 1, -1)
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": torch.ones_like(ids)}
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else host_memory(reset_peak=True)[0]
     t0 = time.perf_counter()
-    if mode == "plain":
-        loss = C.next_token_loss(bb.model(**C.model_inputs(batch, "cpu")).logits, labels)
-    else:
-        loss = C.lm_loss(bb.model, batch, "cpu")
+    loss = LOSSES[mode](C, bb.model, batch, device)
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = torch.cuda.max_memory_allocated() if cuda else host_memory()[1]
     return {"mode": mode, "tokens": tokens, "supervised": supervised, "loss": loss.item(),
-            "peak_gb": peak / 2**20, "step_gb": (peak - base) / 2**20, "seconds": time.perf_counter() - t0}
+            "peak_gb": peak / 2**30, "step_gb": (peak - base) / 2**30, "seconds": time.perf_counter() - t0}
 
 
 def main():
@@ -48,17 +77,20 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--supervised", default="0.01,1.0")
     p.add_argument("--one", default="")
+    p.add_argument("--model", default="random:qwen2.5-vl-3b")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
     if a.one:
         mode, tokens, sup = a.one.split(":")
-        print(json.dumps(one(mode, int(tokens), a.layers, float(sup))))
+        print(json.dumps(one(mode, int(tokens), a.layers, float(sup), a.model, a.device)))
         return
     rows = []
     for tokens in map(int, a.tokens.split(",")):
         for sup in map(float, a.supervised.split(",")):
             for mode in ("plain", "lm_loss"):
                 out = subprocess.run([sys.executable, __file__, "--one", f"{mode}:{tokens}:{sup}", "--layers",
-                                      str(a.layers)], capture_output=True, text=True)
+                                      str(a.layers), "--model", a.model, "--device", a.device],
+                                     capture_output=True, text=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
                             {"mode": mode, "tokens": tokens, "supervised": sup, "error": out.stderr[-300:]})
                 print(rows[-1], flush=True)

@@ -1,7 +1,8 @@
 """LVR benchmarks (a script, not a test; CPU toy backbone).
 
-(a) LVR SFT step (λ = 0.1, ROI span teacher-forced) / plain SFT step (no <|lvr|> span, CE only) on the same toy
-    batch: forward + backward + AdamW step, interleaved repeats, median. Target ≤ 1.15.
+(a) LVR SFT step (λ = 0.1, ROI span teacher-forced) / plain SFT step (sft.py's sft_loss: no <|lvr|> span, CE only)
+    on the same toy batch: forward + backward + AdamW step, vision tower frozen (as lvr.py trains), interleaved
+    repeats, median. Target ≤ 1.15.
 (b) Latent decoding with the KV cache vs recomputing the whole prefix every step, at 512- and 2048-token prompts:
     per-latent-step cost = (time with 36 latent steps − time with 4) / 32 (fastest of the repeats: the
     CPU is shared, noise only adds), and the whole-call ratio. Target ≥ 5×
@@ -20,25 +21,35 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import lvr  # noqa: E402
+import runtime as R  # noqa: E402
 
 
-def sft_benchmark(bb, repeats: int, batch: int):
-    from toy_world import ensure_toy_world
-    data = ensure_toy_world("data/toy", seed=0) / "lvr_train.json"
-    args = lvr.resolve(lvr.Args(data=str(data)))
-    recs = list(C.read_records(str(data)))[:batch]
+clock = time.perf_counter   # bench/run_all.py --device cuda swaps in a clock that synchronises the GPU first
+
+
+def sft_times(bb, args, repeats: int, batch: int) -> dict:
+    """Step times (s) of `repeats` interleaved rounds after one warm-up, on the same `batch` records of args.data:
+    lvr.sft_loss (ROI span teacher-forced) and sft.sft_loss on them without the span (sft.py's step). Both with the
+    vision tower frozen (lvr.py always, sft.py by default; its toy preset trains it), fp32 weights, compute in
+    args.dtype. `args`: resolved lvr.Args."""
+    import sft
+    device = next(bb.model.parameters()).device
+    recs = list(C.read_records(args.data))[:batch]
     with_span = [lvr.convert_sft(r, bb, args) for r in recs]
     plain = [lvr.convert_sft(r, bb, args, with_span=False) for r in recs]
-    opt = torch.optim.AdamW(bb.model.parameters(), lr=1e-6)
+    for p in bb.model.model.visual.parameters():
+        p.requires_grad_(False)                                          # vision tower + merger frozen
+    opt = torch.optim.AdamW([p for p in bb.model.parameters() if p.requires_grad], lr=1e-6)
 
     def lvr_step():
-        loss, _ = lvr.sft_loss(bb.model, with_span, bb, args, "cpu")
+        with R.compute_context(args.dtype, device):
+            loss, _ = lvr.sft_loss(bb.model, with_span, bb, args, device)
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
 
-    def plain_step():   # sft.py's step
-        b = C.pack(bb, plain)
-        loss = C.next_token_loss(bb.model(**C.model_inputs(b, "cpu")).logits, b["labels"])
+    def plain_step():   # sft.py's step (sft_loss reads only args.pack)
+        with R.compute_context(args.dtype, device):
+            loss = sft.sft_loss(bb.model, plain, bb, args, device)
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
 
@@ -47,14 +58,21 @@ def sft_benchmark(bb, repeats: int, batch: int):
     times = {"lvr": [], "plain": []}
     for _ in range(repeats):
         for name, f in (("lvr", lvr_step), ("plain", plain_step)):
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[name].append(time.perf_counter() - t0)
-    tok_lvr = sum(len(s["input_ids"]) for s in with_span)
-    tok_plain = sum(len(s["input_ids"]) for s in plain)
-    med = {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(clock() - t0)
+    return {"times": times, "tokens_lvr": sum(len(s["input_ids"]) for s in with_span),
+            "tokens_plain": sum(len(s["input_ids"]) for s in plain), "roi": sum(len(s["roi"]) for s in with_span)}
+
+
+def sft_benchmark(bb, repeats: int, batch: int):
+    from toy_world import ensure_toy_world
+    data = ensure_toy_world("data/toy", seed=0) / "lvr_train.json"
+    m = sft_times(bb, lvr.resolve(lvr.Args(data=str(data))), repeats, batch)
+    med = {k: statistics.median(v) for k, v in m["times"].items()}
+    tok_lvr, tok_plain = m["tokens_lvr"], m["tokens_plain"]
     print(f"(a) SFT step, batch {batch} packed: LVR {med['lvr'] * 1e3:.1f} ms ({tok_lvr} tokens, "
-          f"{sum(len(s['roi']) for s in with_span)} ROI), plain {med['plain'] * 1e3:.1f} ms ({tok_plain} tokens); "
+          f"{m['roi']} ROI), plain {med['plain'] * 1e3:.1f} ms ({tok_plain} tokens); "
           f"ratio {med['lvr'] / med['plain']:.3f} (target <= 1.15); per token {med['lvr'] / tok_lvr / (med['plain'] / tok_plain):.3f}")
 
 
@@ -76,23 +94,33 @@ def lvr_image():
     return Image.new("RGB", (224, 224), (40, 90, 220))
 
 
-def decode_benchmark(bb, repeats: int):
-    for n_tok in (512, 2048):
+def decode_times(bb, repeats: int, sizes=(512, 2048)) -> list[dict]:
+    """Per prompt size: whole-call times (s) of lvr.latent_generate with 4 and 36 latent steps, with the KV cache
+    and recomputing the prefix, the four interleaved in each of `repeats` rounds (after one warm-up call each way)."""
+    out = []
+    for n_tok in sizes:
         s = long_prompt(bb, n_tok)
-        t = {}
-        for cache in (True, False):
-            for steps in (4, 36):
-                runs = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    lvr.latent_generate(bb, [s], num_latent_steps=steps, max_new_tokens=1, use_cache=cache)
-                    runs.append(time.perf_counter() - t0)
-                t[cache, steps] = min(runs)
-        per = {c: (t[c, 36] - t[c, 4]) / 32 for c in (True, False)}
-        print(f"(b) prompt {len(s['input_ids'])} tokens: per latent step cached {per[True] * 1e3:.2f} ms, "
-              f"recompute {per[False] * 1e3:.2f} ms -> {per[False] / per[True]:.1f}x; whole call (36 latent steps) "
-              f"cached {t[True, 36] * 1e3:.0f} ms vs recompute {t[False, 36] * 1e3:.0f} ms -> "
-              f"{t[False, 36] / t[True, 36]:.1f}x")
+        runs = {(cache, steps): [] for cache in (True, False) for steps in (4, 36)}
+        for cache in (True, False):                     # warm-up
+            lvr.latent_generate(bb, [s], num_latent_steps=4, max_new_tokens=1, use_cache=cache)
+        for _ in range(repeats):
+            for cache, steps in runs:
+                t0 = clock()
+                lvr.latent_generate(bb, [s], num_latent_steps=steps, max_new_tokens=1, use_cache=cache)
+                runs[cache, steps].append(clock() - t0)
+        out.append({"prompt_tokens": len(s["input_ids"]),
+                     **{f"{'cached' if c else 'recompute'}_{n}": v for (c, n), v in runs.items()}})
+    return out
+
+
+def decode_benchmark(bb, repeats: int):
+    for m in decode_times(bb, repeats):
+        t = {k: min(v) for k, v in m.items() if k != "prompt_tokens"}    # fastest: the CPU is shared, noise only adds
+        per = {c: (t[f"{c}_36"] - t[f"{c}_4"]) / 32 for c in ("cached", "recompute")}
+        print(f"(b) prompt {m['prompt_tokens']} tokens: per latent step cached {per['cached'] * 1e3:.2f} ms, "
+              f"recompute {per['recompute'] * 1e3:.2f} ms -> {per['recompute'] / per['cached']:.1f}x; whole call "
+              f"(36 latent steps) cached {t['cached_36'] * 1e3:.0f} ms vs recompute {t['recompute_36'] * 1e3:.0f} ms "
+              f"-> {t['recompute_36'] / t['cached_36']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -65,23 +65,28 @@ def visual_cot_like_lengths(n: int, seed: int = 0) -> list[int]:
     return out
 
 
+def measure(budget: int = 16384, batch: int = 8, n: int = 20000) -> dict:
+    """Real / computed tokens of the packed rows and of the padded baseline on `n` Visual-CoT-like lengths."""
+    lengths = visual_cot_like_lengths(n)
+    real = sum(lengths)
+    rows = PackedMicroBatches(lengths, token_budget=budget, seed=0).micro
+    assert sorted(i for r in rows for i in r) == list(range(n))
+    order = np.random.default_rng(0).permutation(n)
+    padded_cost = sum(len(b) * max(lengths[i] for i in b) for b in np.array_split(order, math.ceil(n / batch)))
+    return {"packed": real / (len(rows) * budget), "padded": real / padded_cost, "rows": len(rows),
+            "mean_len": float(np.mean(lengths)), "min_len": min(lengths), "max_len": max(lengths)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=int, default=16384, help="tokens per packed row")
     ap.add_argument("--batch", type=int, default=8, help="samples per padded batch (baseline)")
     ap.add_argument("--n", type=int, default=20000, help="samples")
     a = ap.parse_args()
-    lengths = visual_cot_like_lengths(a.n)
-    real = sum(lengths)
-    mb = PackedMicroBatches(lengths, token_budget=a.budget, seed=0)
-    rows = mb.micro
-    assert sorted(i for r in rows for i in r) == list(range(a.n))
-    packed = real / (len(rows) * a.budget)
-    order = np.random.default_rng(0).permutation(a.n)
-    padded_cost = sum(len(b) * max(lengths[i] for i in b) for b in np.array_split(order, math.ceil(a.n / a.batch)))
-    print(f"samples {a.n}  tokens/sample mean {np.mean(lengths):.0f} (min {min(lengths)}, max {max(lengths)})")
-    print(f"packed  (budget {a.budget}, {len(rows)} rows): real/computed = {packed:.4f}")
-    print(f"padded  (batch {a.batch}, pad to longest):      real/computed = {real / padded_cost:.4f}")
+    m = measure(a.budget, a.batch, a.n)
+    print(f"samples {a.n}  tokens/sample mean {m['mean_len']:.0f} (min {m['min_len']}, max {m['max_len']})")
+    print(f"packed  (budget {a.budget}, {m['rows']} rows): real/computed = {m['packed']:.4f}")
+    print(f"padded  (batch {a.batch}, pad to longest):      real/computed = {m['padded']:.4f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as E  # noqa: E402
 import unsilence as U  # noqa: E402
 
+clock = time.perf_counter   # bench/run_all.py --device cuda swaps in a clock that synchronises the GPU first
+
 
 def hook_slots(bb, prompt, H):
     """The released injection: overwrite the slot rows of the input embeddings inside the model's own forward."""
@@ -48,33 +50,33 @@ def full_forward(bb, sample, prompt, H, **kw):
 
 
 def ours(bb, it, args, gen, new_tokens):
-    t = [time.perf_counter()]
+    t = [clock()]
     sample, q = U.slots_sample(bb, it, args)
     s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     prompt = U.make_prompt(bb, sample, s, e, q)
     prefix = U.prefill(bb, prompt)
-    t.append(time.perf_counter())
+    t.append(clock())
     H0 = prompt.embeds[s:e].clone()
     args1 = U.Args(**{**vars(args), "stage2_steps": 0, "selection": "last"})
     H, _ = U.optimise_latents(bb, prompt, prefix, H0, args1, gen)
-    t.append(time.perf_counter())
+    t.append(clock())
     args2 = U.Args(**{**vars(args), "stage1_steps": 0})
     args2.sigma = args.sigma * args.sigma_decay ** args.stage1_steps          # σ continues from Stage I
     H, _ = U.optimise_latents(bb, prompt, prefix, H, args2, gen)
-    t.append(time.perf_counter())
+    t.append(clock())
     U.greedy_answer(bb, prompt, prefix, H, new_tokens, stop_at_eos=False)
-    t.append(time.perf_counter())
+    t.append(clock())
     return [t[i + 1] - t[i] for i in range(4)]
 
 
 def released(bb, it, args, gen, new_tokens, kv_reuse):
     """The released procedure's forwards (its arithmetic is unsilence.py's; only the work per step differs)."""
-    t = [time.perf_counter()]
+    t = [clock()]
     sample, q = U.slots_sample(bb, it, args)
     s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     prompt = U.make_prompt(bb, sample, s, e, q)
     prefix = U.prefill(bb, prompt, with_relevance=False) if kv_reuse else None   # --kv_reuse prefills once
-    t.append(time.perf_counter())
+    t.append(clock())
     H = prompt.embeds[s:e].clone().requires_grad_(True)
     adam = torch.optim.Adam([H], lr=args.lr, maximize=True)
     for _ in range(args.stage1_steps):                  # full eager forward + attention maps every step
@@ -85,7 +87,7 @@ def released(bb, it, args, gen, new_tokens, kv_reuse):
         loss = U.infonce_loss(hidden[s:e], hidden[prompt.image_positions], pos, neg, args.tau)
         (H.grad,) = torch.autograd.grad(-args.lam_align * loss, [H])
         adam.step()
-    t.append(time.perf_counter())
+    t.append(clock())
     sigma = args.sigma * args.sigma_decay ** args.stage1_steps
     with torch.no_grad():
         for _ in range(args.stage2_steps):
@@ -102,42 +104,69 @@ def released(bb, it, args, gen, new_tokens, kv_reuse):
             reward = U.confidence_reward(logits, args.top_k, args.lam_progression)
             H += args.lr * reward * eps / sigma ** 2
             sigma *= args.sigma_decay
-    t.append(time.perf_counter())
+    t.append(clock())
     hook = hook_slots(bb, prompt, H.detach())           # model.generate with the hook (prefill only in released)
     try:
-        n = len(sample["input_ids"])
-        bb.model.generate(input_ids=sample["input_ids"][None], attention_mask=torch.ones(1, n, dtype=torch.long),
-                          pixel_values=sample["pixel_values"], image_grid_thw=sample["image_grid_thw"],
-                          mm_token_type_ids=sample["mm_token_type_ids"][None], max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False)
+        bb.model.generate(**generate_inputs(bb, sample), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False)
     finally:
         hook.remove()
-    t.append(time.perf_counter())
+    t.append(clock())
     return [t[i + 1] - t[i] for i in range(4)]
 
 
-def plain(bb, it, args, gen, new_tokens):
-    t0 = time.perf_counter()
-    sample, _ = U.slots_sample(bb, it, args)
+def generate_inputs(bb, sample) -> dict:
+    """One prompt as `model.generate` takes it, on the model's device."""
     n = len(sample["input_ids"])
+    x = dict(input_ids=sample["input_ids"][None], attention_mask=torch.ones(1, n, dtype=torch.long),
+             pixel_values=sample["pixel_values"], image_grid_thw=sample["image_grid_thw"],
+             mm_token_type_ids=sample["mm_token_type_ids"][None])
+    return {k: v.to(bb.model.device) for k, v in x.items()}
+
+
+def plain(bb, it, args, gen, new_tokens):
+    t0 = clock()
+    sample, _ = U.slots_sample(bb, it, args)
     with torch.no_grad():
-        bb.model.generate(input_ids=sample["input_ids"][None], attention_mask=torch.ones(1, n, dtype=torch.long),
-                          pixel_values=sample["pixel_values"], image_grid_thw=sample["image_grid_thw"],
-                          mm_token_type_ids=sample["mm_token_type_ids"][None], max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False)
-    return [0.0, 0.0, 0.0, time.perf_counter() - t0]
+        bb.model.generate(**generate_inputs(bb, sample), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False)
+    return [0.0, 0.0, 0.0, clock() - t0]
 
 
 def plain_ours(bb, it, args, gen, new_tokens):
     """The same prompt answered with H0 by this file's decoder (no optimisation, no relevance pass)."""
-    t0 = time.perf_counter()
+    t0 = clock()
     sample, q = U.slots_sample(bb, it, args)
     s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     prompt = U.make_prompt(bb, sample, s, e, q)
     prefix = U.prefill(bb, prompt, with_relevance=False)
-    t1 = time.perf_counter()
+    t1 = clock()
     U.greedy_answer(bb, prompt, prefix, prompt.embeds[s:e], new_tokens, stop_at_eos=False)
-    return [t1 - t0, 0.0, 0.0, time.perf_counter() - t1]
+    return [t1 - t0, 0.0, 0.0, clock() - t1]
+
+
+def variants(bb) -> dict:
+    """name -> f(bb, item, args, gen, new_tokens) -> seconds [prompt + prefix, Stage I, Stage II, generation]."""
+    eager = lambda f: (lambda *x: run_eager(bb, f, *x))   # noqa: E731
+    return {"plain generation": plain, "plain generation, this file's decoder": plain_ours,
+            "ULR, this file": ours, "ULR, this file, eager everywhere": eager(ours),
+            "ULR, released procedure (eager)": eager(lambda *x: released(*x, kv_reuse=False)),
+            "ULR, released --kv_reuse (eager)": eager(lambda *x: released(*x, kv_reuse=True))}
+
+
+def measure(bb, args, items, repeats: int, new_tokens: int, names=None) -> dict:
+    """name -> per (repeat, item) the split seconds of that variant (`names`: a subset of variants(bb)); the variants
+    interleaved per item, after one warm-up round."""
+    run = {k: f for k, f in variants(bb).items() if names is None or k in names}
+    gen = torch.Generator().manual_seed(0)
+    times = {k: [] for k in run}
+    for r in range(repeats + 1):                        # repeat 0 warms up
+        for it in items:
+            for name, f in run.items():
+                split = f(bb, it, args, gen, new_tokens)
+                if r:
+                    times[name].append(split)
+    return times
 
 
 def main():
@@ -151,19 +180,7 @@ def main():
     args = U.resolve(U.Args(model=opt.model))
     bb = U.load_latent_model(opt.model, args)
     items = E.load_benchmark("vstar", "", U.eval_args("vstar", args))[0][:opt.items]
-    eager = lambda f: (lambda *x: run_eager(bb, f, *x))   # noqa: E731
-    variants = {"plain generation": plain, "plain generation, this file's decoder": plain_ours,
-                "ULR, this file": ours, "ULR, this file, eager everywhere": eager(ours),
-                "ULR, released procedure (eager)": eager(lambda *x: released(*x, kv_reuse=False)),
-                "ULR, released --kv_reuse (eager)": eager(lambda *x: released(*x, kv_reuse=True))}
-    gen = torch.Generator().manual_seed(0)
-    times = {k: [] for k in variants}
-    for r in range(opt.repeats + 1):                    # repeat 0 warms up
-        for it in items:
-            for name, f in variants.items():
-                split = f(bb, it, args, gen, opt.new_tokens)
-                if r:
-                    times[name].append(split)
+    times = measure(bb, args, items, opt.repeats, opt.new_tokens)
     med = {k: [statistics.median(x[i] for x in v) for i in range(4)] for k, v in times.items()}
     base, base_ours = sum(med["plain generation"]), sum(med["plain generation, this file's decoder"])
     print(f"toy LVR export, slots mode, {args.stage1_steps} + {args.stage2_steps} steps, {opt.new_tokens} new tokens, "
