@@ -7,7 +7,9 @@
   preprocessing smart_resize, encode_chat (a chat -> token ids, exact labels, pixels, grids)
   batches       pack (padding-free), pad_batch, model_inputs, next_token_loss, lm_loss (logits only where
                 supervised)
-  data          read_records, open_image, check_bbox, build_dataset with counted Skips, MicroBatches
+  data          Records (by index), read_records, open_image, check_bbox, counted Skips, lengths_only, build_dataset
+  order         MicroBatches (per_micro samples or a token budget), greedy_bins
+  loading       LazySamples (exact lengths at start-up), Loader (lazy encoding in DataLoader workers), to_device
   distributed   init_distributed, print0, shard_model (FSDP2), grad_sync, cosine_lr, clip_grad_norm
   checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), export_hf
   run config    parse_args, check_args, apply_preset, save_run_config
@@ -257,63 +259,63 @@ def encode_chat(bb: Backbone, messages: list[dict], add_generation_prompt: bool 
     sizes = [smart_resize(im.height, im.width, f, min_pixels, max_pixels) for im in images]
     if images and _LENGTHS_ONLY:         # lengths_only(): the grid the image processor would give, no pixels
         patch = bb.model.config.vision_config.patch_size
-        grid = torch.tensor([[1, h // patch, w // patch] for h, w in sizes])
+        grid = torch.from_numpy(np.array([[1, h // patch, w // patch] for h, w in sizes], dtype=np.int64))
     elif images:
         resized = [im.resize((w, h), Image.BICUBIC) for im, (h, w) in zip(images, sizes)]
         out = bb.image_processor(images=resized, do_resize=False, return_tensors="pt")
         pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
-    n_pad = [int(g.prod()) // merge ** 2 for g in grid] if images else []
-    ids, labels, types = [], [], []
+    n_pad = [t * h * w // merge ** 2 for t, h, w in grid.tolist()] if images else []
+    fixed = _format_pieces(tok)
+    pieces, kinds = [], []              # token-id arrays and their (supervised, mm type): concatenated once at the end
 
-    def emit(text_or_ids, supervised: bool, mm_type: int = 0, fixed: bool = True):
-        piece = text_or_ids if isinstance(text_or_ids, list) else _format_ids(tok, text_or_ids) if fixed else \
-            tok.encode(text_or_ids, add_special_tokens=False)
-        ids.extend(piece)
-        labels.extend(piece if supervised else [IGNORE] * len(piece))
-        types.extend([mm_type] * len(piece))
+    def emit(piece: np.ndarray, supervised: bool, mm_type: int = 0):
+        pieces.append(piece)
+        kinds.append((supervised, mm_type))
 
     if default_system and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
     image_i = 0
     for m in messages:
         train = m["role"] == "assistant" and m.get("train", True)
-        emit(f"<|im_start|>{m['role']}\n", False)
+        emit(fixed(f"<|im_start|>{m['role']}\n"), False)
         for p in [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]:
             if p["type"] == "image":
-                emit("<|vision_start|>", False)
-                emit([image_pad] * n_pad[image_i], False, mm_type=1)
-                emit("<|vision_end|>", False)
+                emit(fixed("<|vision_start|>"), False)
+                emit(np.full(n_pad[image_i], image_pad, dtype=np.int64), False, mm_type=1)
+                emit(fixed("<|vision_end|>"), False)
                 image_i += 1
             elif p["text"]:
-                emit(p["text"], train, fixed=p["text"] == DEFAULT_SYSTEM)
-        emit("<|im_end|>", train)
-        emit("\n", False)
+                emit(fixed(p["text"]) if p["text"] == DEFAULT_SYSTEM else
+                     np.array(tok.encode(p["text"], add_special_tokens=False), dtype=np.int64), train)
+        emit(fixed("<|im_end|>"), train)
+        emit(fixed("\n"), False)
     if add_generation_prompt:
-        emit("<|im_start|>assistant\n", False)
+        emit(fixed("<|im_start|>assistant\n"), False)
         if assistant_prefix:
-            emit(assistant_prefix, False)
-    sample = dict(input_ids=_int_tensor(ids), labels=_int_tensor(labels),                  # through numpy: 7x faster
-                  mm_token_type_ids=_int_tensor(types, np.int32), pixel_values=pixel_values, image_grid_thw=grid)
-    if ids.count(image_pad) != sum(n_pad):  # e.g. a literal <|image_pad|> in the text
+            emit(fixed(assistant_prefix), False)
+    ids, lengths = np.concatenate(pieces), [len(p) for p in pieces]
+    supervised, mm_type = (np.repeat(np.array(k), lengths) for k in zip(*kinds))
+    if np.count_nonzero(ids == image_pad) != sum(n_pad):  # e.g. a literal <|image_pad|> in the text
         raise SkipSample("image-token count != image feature count")
-    return sample
+    return dict(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(np.where(supervised, ids, IGNORE)),
+                mm_token_type_ids=torch.from_numpy(mm_type.astype(np.int32)), pixel_values=pixel_values,
+                image_grid_thw=grid)
 
 
-_FORMAT_IDS = weakref.WeakKeyDictionary()   # tokenizer -> {(vocabulary size, piece): token ids}
+_FORMAT_IDS = weakref.WeakKeyDictionary()   # tokenizer -> {vocabulary size: {piece: token ids}}
 
 
-def _format_ids(tok, piece: str) -> list[int]:
-    """Token ids of a fixed piece of the chat format (a role header, <|im_end|>, a newline, a vision marker, the
-    default system prompt), tokenised once per tokenizer: 12 of a typical sample's 14 pieces, ~40 µs each."""
-    cache = _FORMAT_IDS.setdefault(tok, {})
-    key = (len(tok), piece)
-    if key not in cache:
-        cache[key] = tok.encode(piece, add_special_tokens=False)
-    return cache[key]
+def _format_pieces(tok):
+    """piece → token ids for the fixed pieces of the chat format (role headers, <|im_end|>, newlines, vision markers,
+    the default system prompt), each tokenised once per tokenizer and vocabulary size: 12 of a typical sample's 14
+    pieces, ~40 µs each through the tokenizer."""
+    cache = _FORMAT_IDS.setdefault(tok, {}).setdefault(len(tok), {})
 
-
-def _int_tensor(values: list[int], dtype=np.int64) -> torch.Tensor:
-    return torch.from_numpy(np.array(values, dtype=dtype))
+    def ids(piece: str) -> np.ndarray:
+        if piece not in cache:
+            cache[piece] = np.array(tok.encode(piece, add_special_tokens=False), dtype=np.int64)
+        return cache[piece]
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,7 +497,10 @@ class Records:
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        rec = self.table[int(i)] if self.table is not None else json.loads(self.text[self.offsets[i]:self.offsets[i + 1]])
+        if self.table is not None:
+            rec = self.table[int(i)]
+        else:
+            rec = json.loads(self.text[self.offsets[i]:self.offsets[i + 1]])
         return rec if self.tag is None else (self.tag, rec)
 
 

@@ -23,7 +23,7 @@ line and is printed; run_config.json records what the run used.
 |---|---|---|---|
 | loss | mean CE over supervised tokens of the micro-batch | — | LVR's L_CE |
 | batches | padding-free packing | `--no-pack` | engineering.md |
-| micro-batch size | `--per-micro` samples (the papers count samples) | `--micro-tokens N` (equal work per rank) | papers / this repo |
+| micro-batch | `--per-micro` samples (as the papers count) | `--micro-tokens N`: equal work per rank | papers / repo |
 | data | token counts at start-up (no pixels); samples encoded in DataLoader workers | `--data-workers` | this repo |
 | precision | fp32 master weights, bf16 compute on CUDA | `--dtype` | this repo |
 | vision tower | frozen (as LVR stage 1) | `--train-vision` | LVR released scripts |

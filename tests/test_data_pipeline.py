@@ -39,6 +39,7 @@ def lengths_only_matches(bb, chats):
         assert (light["image_grid_thw"] is None) == (full["image_grid_thw"] is None)
         if full["image_grid_thw"] is not None:
             assert torch.equal(light["image_grid_thw"], full["image_grid_thw"])
+            assert light["image_grid_thw"].dtype == full["image_grid_thw"].dtype
 
 
 # ---------------------------------------------------------------- lengths without pixels
@@ -184,7 +185,8 @@ def test_resume_from_the_consumed_position(workers):
     started from it continues exactly as the uninterrupted one (across an epoch boundary)."""
     records, convert = synthetic(50, seed=3)
     data = C.LazySamples(records, convert, C.Skips())
-    full = ids_of(C.Loader(data, C.MicroBatches(data.lengths, per_micro=4, seed=2), C.Skips(), workers=workers).next(20))
+    full = C.Loader(data, C.MicroBatches(data.lengths, per_micro=4, seed=2), C.Skips(), workers=workers)
+    full = ids_of(full.next(20))
     first = C.Loader(data, C.MicroBatches(data.lengths, per_micro=4, seed=2), C.Skips(), workers=workers)
     head = ids_of(first.next(9))
     state = json.loads(json.dumps(first.state()))                   # as a checkpoint's sidecar stores it
