@@ -7,7 +7,9 @@
   preprocessing smart_resize, encode_chat (a chat -> token ids, exact labels, pixels, grids)
   batches       pack (padding-free), pad_batch, model_inputs, next_token_loss, lm_loss (logits only where
                 supervised)
-  data          read_records, open_image, check_bbox, build_dataset with counted Skips, MicroBatches
+  data          Records (by index), read_records, open_image, check_bbox, counted Skips, lengths_only, build_dataset
+  order         MicroBatches (per_micro samples or a token budget), greedy_bins
+  loading       LazySamples (exact lengths at start-up), Loader (lazy encoding in DataLoader workers), to_device
   distributed   init_distributed, print0, shard_model (FSDP2), grad_sync, cosine_lr, clip_grad_norm
   checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), export_hf
   run config    parse_args, check_args, apply_preset, save_run_config
@@ -19,9 +21,15 @@ A sample is a chat: ``[{"role": "system"|"user"|"assistant", "content": str | [p
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import itertools
 import json
 import math
+import weakref
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,53 +260,74 @@ def encode_chat(bb: Backbone, messages: list[dict], add_generation_prompt: bool 
     Every assistant message with train != False supervises its content tokens and its closing <|im_end|> (not the
     newline after it). Each image is resized by smart_resize (here, so the rule is explicit and tested), patchified
     by the image processor and becomes <|vision_start|><|image_pad|>×(t·h·w/merge²)<|vision_end|>.
-    `assistant_prefix` opens the assistant turn after the generation prompt (e.g. "<answer>")."""
+    `assistant_prefix` opens the assistant turn after the generation prompt (e.g. "<answer>"). Under lengths_only()
+    the grid comes from smart_resize alone and pixel_values is None: the same tokens, no pixels."""
     tok, f = bb.tokenizer, bb.patch_factor
     merge = bb.model.config.vision_config.spatial_merge_size
     image_pad = bb.token_id("<|image_pad|>")
     images = [p["image"].convert("RGB") for m in messages if not isinstance(m["content"], str)
               for p in m["content"] if p["type"] == "image"]
     pixel_values = grid = None
-    if images:
-        resized = [im.resize(smart_resize(im.height, im.width, f, min_pixels, max_pixels)[::-1], Image.BICUBIC)
-                   for im in images]
+    sizes = [smart_resize(im.height, im.width, f, min_pixels, max_pixels) for im in images]
+    if images and _LENGTHS_ONLY:         # lengths_only(): the grid the image processor would give, no pixels
+        patch = bb.model.config.vision_config.patch_size
+        grid = torch.from_numpy(np.array([[1, h // patch, w // patch] for h, w in sizes], dtype=np.int64))
+    elif images:
+        resized = [im.resize((w, h), Image.BICUBIC) for im, (h, w) in zip(images, sizes)]
         out = bb.image_processor(images=resized, do_resize=False, return_tensors="pt")
         pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
-    n_pad = [int(g.prod()) // merge ** 2 for g in grid] if images else []
-    ids, labels, types = [], [], []
+    n_pad = [t * h * w // merge ** 2 for t, h, w in grid.tolist()] if images else []
+    fixed = _format_pieces(tok)
+    pieces, kinds = [], []              # token-id arrays and their (supervised, mm type): concatenated once at the end
 
-    def emit(text_or_ids, supervised: bool, mm_type: int = 0):
-        piece = text_or_ids if isinstance(text_or_ids, list) else tok.encode(text_or_ids, add_special_tokens=False)
-        ids.extend(piece)
-        labels.extend(piece if supervised else [IGNORE] * len(piece))
-        types.extend([mm_type] * len(piece))
+    def emit(piece: np.ndarray, supervised: bool, mm_type: int = 0):
+        pieces.append(piece)
+        kinds.append((supervised, mm_type))
 
     if default_system and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
     image_i = 0
     for m in messages:
         train = m["role"] == "assistant" and m.get("train", True)
-        emit(f"<|im_start|>{m['role']}\n", False)
+        emit(fixed(f"<|im_start|>{m['role']}\n"), False)
         for p in [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]:
             if p["type"] == "image":
-                emit("<|vision_start|>", False)
-                emit([image_pad] * n_pad[image_i], False, mm_type=1)
-                emit("<|vision_end|>", False)
+                emit(fixed("<|vision_start|>"), False)
+                emit(np.full(n_pad[image_i], image_pad, dtype=np.int64), False, mm_type=1)
+                emit(fixed("<|vision_end|>"), False)
                 image_i += 1
             elif p["text"]:
-                emit(p["text"], train)
-        emit("<|im_end|>", train)
-        emit("\n", False)
+                emit(fixed(p["text"]) if p["text"] == DEFAULT_SYSTEM else
+                     np.array(tok.encode(p["text"], add_special_tokens=False), dtype=np.int64), train)
+        emit(fixed("<|im_end|>"), train)
+        emit(fixed("\n"), False)
     if add_generation_prompt:
-        emit("<|im_start|>assistant\n", False)
+        emit(fixed("<|im_start|>assistant\n"), False)
         if assistant_prefix:
-            emit(assistant_prefix, False)
-    sample = dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
-                  mm_token_type_ids=torch.tensor(types, dtype=torch.int32), pixel_values=pixel_values,
-                  image_grid_thw=grid)
-    if int((sample["input_ids"] == image_pad).sum()) != sum(n_pad):  # e.g. a literal <|image_pad|> in the text
+            emit(fixed(assistant_prefix), False)
+    ids, lengths = np.concatenate(pieces), [len(p) for p in pieces]
+    supervised, mm_type = (np.repeat(np.array(k), lengths) for k in zip(*kinds))
+    if np.count_nonzero(ids == image_pad) != sum(n_pad):  # e.g. a literal <|image_pad|> in the text
         raise SkipSample("image-token count != image feature count")
-    return sample
+    return dict(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(np.where(supervised, ids, IGNORE)),
+                mm_token_type_ids=torch.from_numpy(mm_type.astype(np.int32)), pixel_values=pixel_values,
+                image_grid_thw=grid)
+
+
+_FORMAT_IDS = weakref.WeakKeyDictionary()   # tokenizer -> {vocabulary size: {piece: token ids}}
+
+
+def _format_pieces(tok):
+    """piece → token ids for the fixed pieces of the chat format (role headers, <|im_end|>, newlines, vision markers,
+    the default system prompt), each tokenised once per tokenizer and vocabulary size: 12 of a typical sample's 14
+    pieces, ~40 µs each through the tokenizer."""
+    cache = _FORMAT_IDS.setdefault(tok, {}).setdefault(len(tok), {})
+
+    def ids(piece: str) -> np.ndarray:
+        if piece not in cache:
+            cache[piece] = np.array(tok.encode(piece, add_special_tokens=False), dtype=np.int64)
+        return cache[piece]
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,7 +423,7 @@ def lm_loss(model, batch: dict, device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: records, images, counted skips, deterministic micro-batches
+# Data: records by index, images, counted skips, lengths without pixels
 # ----------------------------------------------------------------------------------------------------------------
 class SkipSample(Exception):
     """Raised by a converter for a bad record; the reason becomes a counted skip."""
@@ -456,6 +485,46 @@ def _jsonl_rows(path: str, skips: Skips | None):
             yield f"{path}:{i + 1}", rec
 
 
+class Records:
+    """The records of one data file by index (the order of read_records), never held as Python objects: json / jsonl
+    records as their compact JSON text in one buffer (memory = that text, and DataLoader workers share it without the
+    copy-on-write growth a list of dicts causes); parquet rows in the memory-mapped Arrow table, image columns left
+    undecoded. Malformed lines and non-objects are counted skips. `limit`: the first N records only. With `tag`, an
+    item is (tag, record): several files concatenate with torch.utils.data.ConcatDataset and keep their tag (pearl.py
+    tags each file with its image root)."""
+
+    def __init__(self, path, skips: Skips | None = None, limit: int = 0, tag=None):
+        self.path, self.tag, self.table = str(path), tag, None
+        if self.path.endswith(".parquet"):
+            self.table = _arrow_table(self.path, limit)
+            return
+        buf, offsets = io.BytesIO(), [0]
+        for rec in itertools.islice(read_records(self.path, skips), limit or None):
+            offsets.append(offsets[-1] + buf.write(json.dumps(rec, separators=(",", ":")).encode()))
+        self.text, self.offsets = buf.getvalue(), np.array(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.table) if self.table is not None else len(self.offsets) - 1
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.table is not None:
+            rec = self.table[int(i)]
+        else:
+            rec = json.loads(self.text[self.offsets[i]:self.offsets[i + 1]])
+        return rec if self.tag is None else (self.tag, rec)
+
+
+def _arrow_table(path: str, limit: int):
+    from datasets import Image as ImageFeature, load_dataset
+    table = load_dataset("parquet", data_files=path, split="train")
+    for name, feature in table.features.items():      # {"bytes", "path"} structs: open_image decodes when needed
+        if isinstance(feature, ImageFeature):
+            table = table.cast_column(name, ImageFeature(decode=False))
+    return table.select(range(min(limit, len(table)))) if limit else table
+
+
 def text_field(value, what: str = "text") -> str:
     """A record's text field, stripped; SkipSample if it is not a string or is empty (a number, a list, None)."""
     if not isinstance(value, str) or not value.strip():
@@ -463,13 +532,49 @@ def text_field(value, what: str = "text") -> str:
     return value.strip()
 
 
+_LENGTHS_ONLY = False                   # set by lengths_only(); read by open_image and encode_chat
+
+
+@contextmanager
+def lengths_only():
+    """Inside, open_image reads an image file's header only (an ImageSize, no pixels) and encode_chat takes each image
+    grid from smart_resize instead of resizing and patchifying: every method's unchanged converter then yields a
+    sample with its exact token count (pixel_values None) in a fraction of a millisecond (bench/bench_startup.py).
+    Equal to the full encode's lengths: tests/test_data_pipeline.py."""
+    global _LENGTHS_ONLY
+    before, _LENGTHS_ONLY = _LENGTHS_ONLY, True
+    try:
+        yield
+    finally:
+        _LENGTHS_ONLY = before
+
+
+class ImageSize:
+    """An image's size without its pixels (under lengths_only): the PIL calls converters make before encode_chat —
+    `size`, `width`, `height`, `convert`, `crop` (PIL's rounding of the box) — so they run unchanged."""
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def convert(self, mode: str = "RGB") -> "ImageSize":
+        return self
+
+    def crop(self, box) -> "ImageSize":
+        x0, y0, x1, y1 = (round(v) for v in box)
+        return ImageSize(x1 - x0, y1 - y0)
+
+
 def open_image(ref, root: str | Path = ".") -> Image.Image:
-    """A path (relative to `root`), an HF Image struct {"bytes", "path"}, raw bytes or a PIL image → RGB PIL.
-    Raises SkipSample for a missing or unreadable file."""
-    import io
+    """A path (relative to `root`), an HF Image struct {"bytes", "path"}, raw bytes or a PIL image → RGB PIL (an
+    ImageSize from the header alone under lengths_only). Raises SkipSample for a missing or unreadable file; a file
+    whose header reads but whose pixels do not fails only at the full encode (a counted skip there: LazySamples)."""
     try:
         if isinstance(ref, Image.Image):
-            return ref.convert("RGB")
+            return ImageSize(*ref.size) if _LENGTHS_ONLY else ref.convert("RGB")
         if isinstance(ref, dict):
             ref = ref.get("bytes") or ref.get("path")
         if isinstance(ref, (bytes, bytearray)):
@@ -478,8 +583,11 @@ def open_image(ref, root: str | Path = ".") -> Image.Image:
             if not (Path(root) / ref).exists():
                 raise SkipSample("missing image")
             im = Image.open(Path(root) / ref)
-        im.load()
-        return im.convert("RGB")
+        with im:
+            if _LENGTHS_ONLY:
+                return ImageSize(*im.size)
+            im.load()
+            return im.convert("RGB")
     except SkipSample:
         raise
     except Exception as e:  # PIL raises many types for corrupt files
@@ -499,37 +607,72 @@ def check_bbox(b) -> list[float]:
     return [x0, y0, x1, y1]
 
 
+def _convert_or_skip(convert, rec, skips, max_tokens: int | None, where: str) -> dict | None:
+    """convert(rec), or None with the reason counted: a bad record, or a sample over `max_tokens` (dropped, never
+    truncated: truncation could cut an image's token run)."""
+    try:
+        s = convert(rec)
+    except SkipSample as e:
+        skips.add(str(e), where)
+        return None
+    if max_tokens and len(s["input_ids"]) > max_tokens:
+        skips.add("over the token budget", f"{where} ({len(s['input_ids'])} > {max_tokens})")
+        return None
+    return s
+
+
 def build_dataset(records, convert, skips: Skips, max_tokens: int | None = None, desc: str = "data") -> list:
-    """`convert(record) -> sample` over all records; bad records and over-long samples become counted skips (an
-    over-long sample is dropped, never truncated: truncation could cut an image's token run)."""
-    out = []
-    for i, rec in enumerate(records):
-        try:
-            s = convert(rec)
-        except SkipSample as e:
-            skips.add(str(e), f"{desc}[{i}]")
-            continue
-        if max_tokens and len(s["input_ids"]) > max_tokens:
-            skips.add("over the token budget", f"{desc}[{i}] ({len(s['input_ids'])} > {max_tokens})")
-            continue
-        out.append(s)
-    return out
+    """Eager: `convert(record) -> sample` over all records, pixels included, all held in memory (small sets: the toy
+    base, tests, lvr.py until it moves to LazySamples). Bad records and over-long samples are counted skips."""
+    samples = (_convert_or_skip(convert, rec, skips, max_tokens, f"{desc}[{i}]") for i, rec in enumerate(records))
+    return [s for s in samples if s is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Order: deterministic micro-batches of `per_micro` samples or of at most `token_budget` tokens
+# ----------------------------------------------------------------------------------------------------------------
+def greedy_bins(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of sample indices under a token budget (each bin = one packed row)."""
+    bins, loads = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= budget:
+                bins[b].append(i)
+                loads[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(lengths[i])
+    return [sorted(b) for b in bins]
 
 
 class MicroBatches:
     """Deterministic, world-size-independent order of global micro-batches: epoch e is a permutation seeded by
-    (seed, e) cut into micro-batches of `per_micro` samples. Rank r of W takes global micro-batches r, r+W, ..., so
+    (seed, e) cut into micro-batches of `per_micro` samples, or, with `token_budget` > 0, into packed rows of at most
+    that many tokens (first-fit-decreasing inside windows of `window` consecutive samples of the permutation, each
+    window's rows shuffled), so that ranks do near-equal work. Rank r of W takes global micro-batches r, r+W, ..., so
     2 processes × k accumulation see exactly the micro-batches of 1 process × 2k. state() / load_state() resume the
     exact data position."""
 
-    def __init__(self, lengths: list[int], per_micro: int = 1, seed: int = 0):
-        self.lengths, self.per_micro, self.seed = lengths, per_micro, seed
+    def __init__(self, lengths, per_micro: int = 1, seed: int = 0, token_budget: int = 0, window: int = 512):
+        self.lengths = [int(n) for n in lengths]
+        if token_budget and max(self.lengths, default=0) > token_budget:
+            raise ValueError(f"a sample of {max(self.lengths)} tokens does not fit a {token_budget}-token micro-batch")
+        self.per_micro, self.seed, self.token_budget, self.window = per_micro, seed, token_budget, window
         self.epoch, self.cursor = 0, 0
         self._plan()
 
     def _plan(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths)).tolist()
-        self.micro = [order[i:i + self.per_micro] for i in range(0, len(order) - self.per_micro + 1, self.per_micro)]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths)).tolist()
+        if not self.token_budget:
+            p = self.per_micro
+            self.micro = [order[i:i + p] for i in range(0, len(order) - p + 1, p)]
+            return
+        self.micro = []
+        for c in (order[i:i + self.window] for i in range(0, len(order), self.window)):
+            rows = [[c[j] for j in b] for b in greedy_bins([self.lengths[j] for j in c], self.token_budget)]
+            self.micro += [rows[k] for k in rng.permutation(len(rows))]
 
     def next(self, rank: int = 0, world: int = 1, n: int = 1) -> list[list[int]]:
         """The next n micro-batches of this rank (all ranks advance the cursor by n·world)."""
@@ -538,6 +681,8 @@ class MicroBatches:
             if self.cursor + world > len(self.micro):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._plan()
+                if len(self.micro) < world:
+                    raise ValueError(f"{len(self.micro)} micro-batches per epoch, fewer than the {world} ranks")
             out.append(self.micro[self.cursor + rank])
             self.cursor += world
         return out
@@ -546,8 +691,189 @@ class MicroBatches:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state(self, s: dict):
-        self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
-        self._plan()
+        epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._plan()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: exact lengths first (no pixels), then each rank's micro-batches encoded lazily in DataLoader workers
+# ----------------------------------------------------------------------------------------------------------------
+LENGTH_CHUNK = 512                      # records per task of the lengths pass (split across ranks and workers)
+
+
+class LazySamples:
+    """A data set that holds its records and each sample's exact token count, and encodes a sample (decode, resize,
+    patchify, tokenise) only when a micro-batch needs it. Start-up is one lengths pass: every record through
+    `convert` under lengths_only(), so bad records and samples over `max_tokens` are counted skips before any order is
+    planned (as build_dataset counts them), in record order. The pass is split across ranks (all_gather_object) and
+    `workers` DataLoader workers. `data[j]` is sample j fully encoded; `lengths[j]` its token count."""
+
+    def __init__(self, records, convert, skips: Skips, max_tokens: int | None = None, desc: str = "data",
+                 workers: int = 0):
+        self.records, self.convert, self.desc = records, convert, desc
+        self.keep, self.lengths = _lengths_pass(_LengthTask(records, convert, max_tokens, desc), skips, workers)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def where(self, j: int) -> str:
+        return f"{self.desc}[{self.keep[j]}]"
+
+    def __getitem__(self, j: int) -> dict:
+        s = self.convert(self.records[self.keep[j]])
+        if len(s["input_ids"]) != self.lengths[j]:  # the planned budget would not hold: a bug, never a silent change
+            raise RuntimeError(f"{self.where(j)}: {len(s['input_ids'])} tokens encoded, {self.lengths[j]} planned "
+                               "(lengths_only() disagrees with the full encode)")
+        return s
+
+    def micro_batch(self, idx: list[int]) -> tuple[list[dict], list[tuple[str, str]]]:
+        """The samples of one micro-batch, encoded, and the (reason, where) of those that failed only now (e.g. an
+        image whose header reads but whose pixels do not): dropped and reported, never a crash. If none is left, the
+        next samples in data order stand in, so this rank still computes a micro-batch and the others never wait."""
+        samples, failed = [], []
+        for j in idx:
+            try:
+                samples.append(self[j])
+            except SkipSample as e:
+                failed.append((str(e), self.where(j)))
+        for k in range(1, len(self)):      # a stand-in's own failure is counted in its own micro-batch, not here
+            if samples:
+                break
+            with contextlib.suppress(SkipSample):
+                samples.append(self[(idx[-1] + k) % len(self)])
+        if not samples:
+            raise RuntimeError(f"no sample of {self.desc} encodes (e.g. {failed[:3]})")
+        return samples, failed
+
+
+class _LengthTask(torch.utils.data.Dataset):
+    """Task c of the lengths pass: records [c·LENGTH_CHUNK, (c+1)·LENGTH_CHUNK) under lengths_only → (kept record
+    indices, their token counts, the (reason, where) of each skip, in record order)."""
+
+    def __init__(self, records, convert, max_tokens, desc):
+        self.records, self.convert, self.max_tokens, self.desc = records, convert, max_tokens, desc
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.records) / LENGTH_CHUNK)
+
+    def __getitem__(self, c: int):
+        keep, lengths, skipped = [], [], _SkipList()
+        with lengths_only():
+            for i in range(c * LENGTH_CHUNK, min((c + 1) * LENGTH_CHUNK, len(self.records))):
+                s = _convert_or_skip(self.convert, self.records[i], skipped, self.max_tokens, f"{self.desc}[{i}]")
+                if s is not None:
+                    keep.append(i)
+                    lengths.append(len(s["input_ids"]))
+        return keep, lengths, list(skipped)
+
+
+class _SkipList(list):
+    def add(self, reason: str, where: str = ""):
+        self.append((reason, where))
+
+
+def _lengths_pass(tasks: _LengthTask, skips: Skips, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank r runs tasks r, r+W, ... (in `workers` processes, or here), all ranks gather every result: the same kept
+    samples, lengths and skip counts on every rank."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(tasks), world))
+    if workers:
+        results = list(zip(mine, _data_loader(tasks, workers, sampler=mine)))
+    else:
+        results = [(c, tasks[c]) for c in mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = sorted((r for part in gathered for r in part), key=lambda r: r[0])
+    keep, lengths = [], []
+    for _, (k, n, skipped) in results:
+        keep += k
+        lengths += n
+        for reason, where in skipped:
+            skips.add(reason, where)
+    return np.array(keep, dtype=np.int64), np.array(lengths, dtype=np.int64)
+
+
+def _data_loader(dataset, workers: int, **kw) -> torch.utils.data.DataLoader:
+    """Items as the dataset returns them (no collation). Workers are forked (they inherit the converters, closures
+    over the backbone, without pickling; they never touch CUDA); the private generator keeps the global RNG (dropout,
+    init) untouched by the workers' seeds."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                       multiprocessing_context="fork" if workers else None,
+                                       generator=torch.Generator(), **kw)
+
+
+def _as_is(item):
+    return item
+
+
+class _RankStream(torch.utils.data.IterableDataset):
+    """This rank's micro-batches of `order` from its state at construction, encoded and `collate`d. Worker w of n
+    encodes this rank's micro-batches w, w+n, ... (the DataLoader hands them back in order); each comes with the
+    order's state after it and the skips it met."""
+
+    def __init__(self, data: LazySamples, order: MicroBatches, rank: int, world: int, collate):
+        self.data, self.order, self.rank, self.world, self.collate = data, copy.copy(order), rank, world, collate
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = copy.copy(self.order)      # shares the epoch's plan; next() rebinds, never mutates it
+        for k in itertools.count():
+            idx = order.next(self.rank, self.world)[0]
+            if k % workers == worker:
+                samples, failed = self.data.micro_batch(idx)
+                yield {"batch": self.collate(samples) if self.collate else samples, "state": order.state(),
+                       "failed": failed}
+
+
+class Loader:
+    """This rank's micro-batches of `data`, in `order` from its current state, encoded lazily: in `workers` DataLoader
+    workers (0: in this process), then `collate`d there (e.g. pack: the M-RoPE position ids are computed there too),
+    pinned when `device` is CUDA. next(n) returns the next n batches on the host (move each with to_device when it is
+    needed); state() is the position after the micro-batches returned so far, not after those prefetched: what a
+    checkpoint saves. Samples that fail only at the full encode are counted in `skips` as they arrive."""
+
+    def __init__(self, data: LazySamples, order: MicroBatches, skips: Skips, rank: int = 0, world: int = 1,
+                 collate=None, workers: int = 0, device=None):
+        self.skips, self._state, self._it = skips, order.state(), None
+        pin = device is not None and torch.device(device).type == "cuda"
+        self._loader = _data_loader(_RankStream(data, order, rank, world, collate), workers, pin_memory=pin)
+
+    def next(self, n: int = 1) -> list:
+        if self._it is None:                              # workers start on first use
+            self._it = iter(self._loader)
+        out = []
+        for _ in range(n):
+            item = next(self._it)
+            for reason, where in item["failed"]:
+                self.skips.add(reason, where)
+            self._state = item["state"]
+            out.append(item["batch"])
+        return out
+
+    def state(self) -> dict:
+        return dict(self._state)
+
+    def close(self):
+        """Stop the workers (they would otherwise prefetch until the process exits)."""
+        self._it = None
+
+
+def to_device(batch, device, keys: tuple[str, ...] | None = None):
+    """The tensors of a (nested) batch on `device`, copied non-blocking (from pinned memory the host does not wait);
+    with `keys`, only the tensors under those dict keys (e.g. pearl.py's pixel_values: its views pack on the host)."""
+    def move(x, selected: bool):
+        if isinstance(x, torch.Tensor):
+            return x.to(device, non_blocking=True) if selected else x
+        if isinstance(x, dict):
+            return {k: move(v, selected or (keys is not None and k in keys)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v, selected) for v in x)
+        return x
+    return move(batch, keys is None)
 
 
 def _rank() -> int:

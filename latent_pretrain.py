@@ -93,6 +93,12 @@ class Args:
     mask_same_image: bool = field(default=True, metadata={"help": "captions of one image are not negatives"})
     steps: int = field(default=2000, metadata={"help": "optimizer steps (≈ 0.9 COCO epoch at batch 256)"})
     per_micro: int = field(default=32, metadata={"help": "captions (finetune: samples) per micro-batch per rank"})
+    micro_tokens: int = field(default=0, metadata={"help": "finetune: tokens per micro-batch (0 = --per-micro samples, "
+                                                           "the papers' batches; N = at most N, equal work per rank); "
+                                                           "pretraining counts captions: L_batch gathers as many from "
+                                                           "every rank"})
+    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode samples; 0 = in "
+                                                           "the training process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per rank per step"})
     lr: float = field(default=1e-5, metadata={"help": "peak LLM learning rate"})
     head_lr: float = field(default=1e-4, metadata={"help": "head / temperature / new token rows lr"})
@@ -118,7 +124,7 @@ class Args:
 # A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
 # the model is the toy backbone or an export of it (--init for finetune / analyze), and only to the fields not given.
 TOY_PRESET = dict(lr=1e-3, steps=60, head_lr=1e-3, activation_checkpointing=False, min_pixels=16 * 28 * 28,
-                  max_pixels=64 * 28 * 28, eval_limit=48)
+                  max_pixels=64 * 28 * 28, eval_limit=48, data_workers=0)
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
@@ -133,6 +139,9 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
                 setattr(args, k, v)
     if args.init not in ("", "toy"):
         C.check_model_name(args.init)
+    if args.micro_tokens and args.stage == "pretrain":
+        R.arg_error("--micro-tokens: pretraining micro-batches count captions (L_batch gathers as many from every "
+                    "rank); use --per-micro")
     return R.check_args(args)
 
 
@@ -491,8 +500,9 @@ def finetune(args: Args, d: R.Dist, skips: C.Skips):
         C.print0(f"finetune records: {records}; {skips.summary()}")
     if d.world > 1:
         dist.barrier()                                               # the records exist before any rank reads them
-    same = ("run_dir", "steps", "per_micro", "grad_accum", "lr", "warmup_ratio", "weight_decay", "min_pixels",
-            "max_pixels", "max_tokens", "pack", "activation_checkpointing", "dtype", "seed", "save_every",
+    same = ("run_dir", "steps", "per_micro", "micro_tokens", "data_workers", "grad_accum", "lr", "warmup_ratio",
+            "weight_decay", "min_pixels", "max_pixels", "max_tokens", "pack", "activation_checkpointing", "dtype",
+            "seed", "save_every",
             "keep_checkpoints", "resume")
     sft_args = sft.Args(model=args.init or args.model, data=str(records), train_vision=False, eval="",
                         **{k: getattr(args, k) for k in same})
@@ -538,12 +548,13 @@ def main(args: Args, explicit: set[str] | None = None):
     pairs, cache = load_targets(bb, args, d, args.data, args.image_root, skips, cache_root)  # frozen z_tok, z_glob
     model = build_module(bb, args, cache.glob_mean.numel())
     image_number = {k: i for i, k in enumerate(sorted(cache.index))}
-    data = C.build_dataset(pairs, lambda pair: {**encode_caption(bb, pair[0], args.num_latents), "image_key": pair[1],
-                                                "image_id": image_number[pair[1]]}, skips, args.max_tokens, "pretrain")
+    data = C.LazySamples(pairs, lambda pair: {**encode_caption(bb, pair[0], args.num_latents), "image_key": pair[1],
+                                              "image_id": image_number[pair[1]]}, skips, args.max_tokens, "pretrain",
+                         args.data_workers)                      # text only: every caption encodes as it measured
     C.print0(f"pretrain: {len(data)} captions of {len(image_number)} images; {skips.summary()}")
     if not data:
         raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
-    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
+    order = C.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed)  # captions: as many on every rank
     if args.activation_checkpointing:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = R.shard_model(model, d, dtype=args.dtype)
@@ -552,30 +563,35 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
         meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
-        sampler.load_state(meta["data"])
+        order.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+
+    def collate(samples):           # in the workers: the packed (or padded) row, its captions' image keys and numbers
+        return {"batch": (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",)),
+                "image_keys": [s["image_key"] for s in samples],
+                "image_ids": torch.tensor([s["image_id"] for s in samples])}
+    loader = C.Loader(data, order, skips, d.rank, d.world, collate, args.data_workers, d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="pretrain", start_step=start)
     model.train()
     for step in range(start, args.steps):
         for g, peak in zip(opt.param_groups, (args.lr, args.head_lr)):
             g["lr"] = R.cosine_lr(step, args.steps, peak, args.warmup_ratio)
-        micro = sampler.next(d.rank, d.world, args.grad_accum)
+        micro = loader.next(args.grad_accum)                              # this rank's captions, encoded and packed
         loss_sum, tokens, flops = torch.zeros((), device=d.device), 0, 0.0
         term_sums = {}
-        for i, idx in enumerate(micro):
-            samples = [data[j] for j in idx]
-            z_tok, z_glob = (t.to(d.device) for t in cache.get([s["image_key"] for s in samples]))
-            image_ids = torch.tensor([s["image_id"] for s in samples], device=d.device)
-            batch = (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",))
+        for i, item in enumerate(micro):
+            z_tok, z_glob = (t.to(d.device) for t in cache.get(item["image_keys"]))
+            image_ids, batch = item["image_ids"].to(d.device), item["batch"]
+            lengths = batch["seq_lens"].tolist()
             with R.grad_sync(model, i == len(micro) - 1):
                 loss, terms = pretrain_loss(model, batch, z_tok, z_glob, image_ids, args, cache, d.device)
                 (loss / len(micro)).backward()
             loss_sum += loss.detach() / len(micro)                         # no host sync before backward
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.detach() / len(micro)
-            tokens += sum(len(s["input_ids"]) for s in samples)
-            flops += R.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
+            tokens += sum(lengths)
+            flops += R.step_flops(bb.model, lengths)
         R.check_finite(loss_sum, step, term_sums)
         gnorm = R.clip_grad_norm(model, 1.0)
         opt.step()
@@ -585,7 +601,8 @@ def main(args: Args, explicit: set[str] | None = None):
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
+    loader.close()
     log.close()
 
     # ------------------------------------------------------------------------------------------------------------

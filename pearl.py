@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import ConcatDataset
 
 import common as C
 import runtime as R
@@ -81,6 +82,12 @@ class Args:
     # training
     steps: int = field(default=2500, metadata={"help": "optimizer steps (LVR data: 2500)"})
     per_micro: int = field(default=4, metadata={"help": "examples per micro-batch (each becomes three views)"})
+    micro_tokens: int = field(default=0, metadata={"help": "full-view tokens per micro-batch: 0 = --per-micro examples "
+                                                           "(the papers' batches); N = at most N, so ranks do equal "
+                                                           "work (longer examples are counted skips)"})
+    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode examples "
+                                                           "(decode, crop, resize, tokenise); 0 = in the training "
+                                                           "process"})
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per rank per step (8 GPUs × 4 × 2 = 64)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "linear warmup fraction, then cosine"})
@@ -109,7 +116,7 @@ class Args:
 # A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
 # the model is the toy backbone or an export of it, and only to the fields not given on the command line.
 TOY_PRESET = dict(lr=2e-3, steps=40, grad_accum=1, lora_r=8, lora_alpha=16, min_pixels=16 * 28 * 28,
-                  max_pixels=64 * 28 * 28, activation_checkpointing=False, eval="vstar,mmvp,blink")
+                  max_pixels=64 * 28 * 28, activation_checkpointing=False, eval="vstar,mmvp,blink", data_workers=0)
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
@@ -268,16 +275,15 @@ def encode_example(bb, episode, args) -> dict:
     return views
 
 
-def load_data(bb, args, skips: C.Skips) -> list[dict]:
-    data = []
-    for path in args.data.split(","):
-        root = args.image_root or os.path.dirname(path)
-        records = C.read_records(path, skips)
-        if args.max_examples:
-            records = (r for i, r in zip(range(args.max_examples), records))
-        data += C.build_dataset(records, lambda r: encode_example(bb, convert_record(r, root), args), skips,
-                                args.max_tokens, desc=os.path.basename(path))
-    return data
+def load_data(bb, args, skips: C.Skips) -> C.LazySamples:
+    """Every example's exact full-view token count now (no pixels); the examples themselves when a micro-batch needs
+    them. The files' records concatenate, each tagged with its file's image root."""
+    paths = args.data.split(",")
+    records = ConcatDataset([C.Records(p, skips, args.max_examples, tag=args.image_root or os.path.dirname(p))
+                             for p in paths])
+    convert = lambda item: encode_example(bb, convert_record(item[1], item[0]), args)  # noqa: E731 (root, record)
+    max_tokens = min(args.max_tokens, args.micro_tokens or args.max_tokens)      # an example must fit its micro-batch
+    return C.LazySamples(records, convert, skips, max_tokens, "+".join(map(os.path.basename, paths)), args.data_workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -587,7 +593,7 @@ def main(args: Args, explicit: set[str] | None = None):
     C.print0(f"{len(data)} examples from {args.data}; {skips.summary()}")
     if not data:
         raise SystemExit(f"{args.data}: no usable examples ({skips.summary()})")
-    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
+    order = C.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed, token_budget=args.micro_tokens)
     model = R.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype,
                           extra_units=(bb.model.pearl_dynamics, bb.model.pearl_frozen_head))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
@@ -596,22 +602,23 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
         meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
-        sampler.load_state(meta["data"])
+        order.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    loader = C.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="pearl", start_step=start)
     model.train()
     for step in range(start, args.steps):
         for g in opt.param_groups:
             g["lr"] = R.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
-        micro = sampler.next(d.rank, d.world, args.grad_accum)
+        micro = loader.next(args.grad_accum)                              # this rank's examples, encoded
         loss_sum, tokens, flops = {}, 0, 0.0                               # loss_sum: every logged term
-        for i, idx in enumerate(micro):
-            examples = [data[j] for j in idx]
+        for i, examples in enumerate(micro):
+            on_device = C.to_device(examples, d.device, keys=("pixel_values",))  # the views pack on the host
             torch.manual_seed((args.seed * 100_003 + step) * 1_009 + i * d.world + d.rank)  # dropout per global micro
             with R.grad_sync(model, i == len(micro) - 1):
                 with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
-                    loss, terms = pearl_loss(bb, model, frozen_lm_head, examples, args, naive=args.naive_views)
+                    loss, terms = pearl_loss(bb, model, frozen_lm_head, on_device, args, naive=args.naive_views)
                 (loss / len(micro)).backward()
             for name, value in terms.items():                              # no host sync before backward
                 loss_sum[name] = loss_sum.get(name, 0.0) + value.detach() / len(micro)
@@ -627,9 +634,10 @@ def main(args: Args, explicit: set[str] | None = None):
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
         if step + 1 == args.stop_after:
             break
+    loader.close()
     log.close()
     C.print0(skips.summary())
 

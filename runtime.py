@@ -371,7 +371,7 @@ def arg_error(message: str):
 
 POSITIVE = ("steps", "per_micro", "grad_accum", "max_tokens", "num_generations", "num_latent_steps")
 NON_NEGATIVE = ("save_every", "keep_checkpoints", "stop_after", "eval_limit", "limit", "warmup_ratio", "warmup",
-                "weight_decay")
+                "weight_decay", "micro_tokens", "data_workers")
 
 
 def check_args(args):

@@ -23,6 +23,8 @@ line and is printed; run_config.json records what the run used.
 |---|---|---|---|
 | loss | mean CE over supervised tokens of the micro-batch | — | LVR's L_CE |
 | batches | padding-free packing | `--no-pack` | engineering.md |
+| micro-batch | `--per-micro` samples (as the papers count) | `--micro-tokens N`: equal work per rank | papers / repo |
+| data | token counts at start-up (no pixels); samples encoded in DataLoader workers | `--data-workers` | this repo |
 | precision | fp32 master weights, bf16 compute on CUDA | `--dtype` | this repo |
 | vision tower | frozen (as LVR stage 1) | `--train-vision` | LVR released scripts |
 """
@@ -50,7 +52,14 @@ class Args:
     run_dir: str = field(default="runs/sft", metadata={"help": "output directory"})
     steps: int = field(default=2500, metadata={"help": "optimizer steps"})
     grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step"})
-    per_micro: int = field(default=3, metadata={"help": "samples per micro-batch"})
+    per_micro: int = field(default=3, metadata={"help": "samples per micro-batch (the papers give batch sizes in "
+                                                        "samples; see --micro-tokens)"})
+    micro_tokens: int = field(default=0, metadata={"help": "tokens per micro-batch: 0 = --per-micro samples (the "
+                                                           "papers' batches); N = packed rows of at most N tokens, so "
+                                                           "ranks do equal work (longer samples are counted skips)"})
+    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode samples "
+                                                           "(decode, resize, tokenise, pack); 0 = in the training "
+                                                           "process"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
@@ -74,7 +83,7 @@ class Args:
 # A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
 # the model is the toy backbone or an export of it, and only to the fields not given on the command line.
 TOY_PRESET = dict(lr=1e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
-                  activation_checkpointing=False, train_vision=True, eval="vstar,mmvp,blink")
+                  activation_checkpointing=False, train_vision=True, eval="vstar,mmvp,blink", data_workers=0)
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
@@ -121,18 +130,19 @@ def to_chat(rec: dict, image_root: str) -> list[dict]:
             {"role": "assistant", "content": answer}]
 
 
-def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> list[dict]:
+def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> C.LazySamples:
+    """Every sample's exact token count now (no pixels); the samples themselves when a micro-batch needs them."""
     convert = lambda rec: C.encode_chat(bb, to_chat(rec, args.image_root),  # noqa: E731
                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    return C.build_dataset(C.read_records(args.data, skips), convert, skips, args.max_tokens, desc="sft")
+    max_tokens = min(args.max_tokens, args.micro_tokens or args.max_tokens)      # a sample must fit its micro-batch
+    return C.LazySamples(C.Records(args.data, skips), convert, skips, max_tokens, "sft", args.data_workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------------------
-def sft_loss(model, samples: list[dict], bb: C.Backbone, args: Args, device) -> torch.Tensor:
-    """L_CE: next-token cross-entropy over the supervised (answer) tokens of the micro-batch."""
-    batch = C.pack(bb, samples) if args.pack else C.pad_batch(bb, samples)
+def sft_loss(model, batch: dict, device) -> torch.Tensor:
+    """L_CE: next-token cross-entropy over the supervised (answer) tokens of the micro-batch (packed, or padded)."""
     return C.lm_loss(model, batch, device)                       # the LM head only at the supervised positions
 
 
@@ -177,7 +187,7 @@ def main(args: Args, explicit: set[str] | None = None):
     C.print0(f"{len(data)} samples from {args.data}; {skips.summary()}")
     if not data:
         raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
-    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
+    order = C.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed, token_budget=args.micro_tokens)
     model = R.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
@@ -185,25 +195,27 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
         meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
-        sampler.load_state(meta["data"])
+        order.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    collate = lambda samples: (C.pack if args.pack else C.pad_batch)(bb, samples)  # noqa: E731 (in the workers)
+    loader = C.Loader(data, order, skips, d.rank, d.world, collate, args.data_workers, d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="sft", start_step=start)
     model.train()
     for step in range(start, args.steps):
         for g in opt.param_groups:
             g["lr"] = R.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
-        micro = sampler.next(d.rank, d.world, args.grad_accum)
+        micro = loader.next(args.grad_accum)                              # this rank's batches, encoded and packed
         loss_sum, tokens, flops = torch.zeros((), device=d.device), 0, 0.0
-        for i, idx in enumerate(micro):
-            samples = [data[j] for j in idx]
+        for i, batch in enumerate(micro):
+            lengths = batch["seq_lens"].tolist()
             with R.grad_sync(model, i == len(micro) - 1):
                 with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
-                    loss = sft_loss(model, samples, bb, args, d.device)
+                    loss = sft_loss(model, C.to_device(batch, d.device), d.device)
                 (loss / len(micro)).backward()
             loss_sum += loss.detach() / len(micro)                         # no host sync before backward
-            tokens += sum(len(s["input_ids"]) for s in samples)
-            flops += R.step_flops(bb.model, [len(s["input_ids"]) for s in samples])
+            tokens += sum(lengths)
+            flops += R.step_flops(bb.model, lengths)
         R.check_finite(loss_sum, step)
         gnorm = R.clip_grad_norm(model, 1.0)
         opt.step()
@@ -212,9 +224,10 @@ def main(args: Args, explicit: set[str] | None = None):
                            "grad_norm": gnorm}, tokens, flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
         if step + 1 == args.stop_after:
             break
+    loader.close()
     log.close()
 
     # ------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
 
 Length model (documented, not measured from the real data): one image per sample with width and height drawn
 log-uniformly in [320, 1600] px, resized by Qwen's smart-resize rule under LVR's SFT budget (128·28² to 5120·28²
-pixels, one token per 28×28 px), plus 30–150 text tokens. Packed rows come from `PackedMicroBatches` below
-(common.MicroBatches with a token budget: first-fit-decreasing inside windows of 512 shuffled samples, rows shuffled;
+pixels, one token per 28×28 px), plus 30–150 text tokens. Packed rows come from common.MicroBatches with a token
+budget (every method's `--micro-tokens`: first-fit-decreasing inside windows of 512 shuffled samples, rows shuffled;
 2 ranks × k see the rows of 1 rank × 2k, tests/test_common.py); computed
 tokens for packing count every row as a full budget (the cost if rows were padded to a static shape; varlen
 attention computes only real tokens, so this is a lower bound on its efficiency). The padded baseline batches
@@ -22,39 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 
 
-def greedy_bins(lengths: list[int], budget: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing of sample indices under a token budget (each bin = one packed row)."""
-    bins, loads = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for b, load in enumerate(loads):
-            if load + lengths[i] <= budget:
-                bins[b].append(i)
-                loads[b] += lengths[i]
-                break
-        else:
-            bins.append([i])
-            loads.append(lengths[i])
-    return [sorted(b) for b in bins]
-
-
-class PackedMicroBatches(C.MicroBatches):
-    """common.MicroBatches whose micro-batches are packed rows under `token_budget` tokens: epoch e's permutation
-    (seeded by (seed, e)) is cut into windows of `window` samples, each packed first-fit-decreasing, its rows
-    shuffled. Same rank / resume semantics as MicroBatches."""
-
-    def __init__(self, lengths: list[int], token_budget: int, seed: int = 0, window: int = 512):
-        self.budget, self.window = token_budget, window
-        super().__init__(lengths, seed=seed)
-
-    def _plan(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths)).tolist()
-        self.micro = []
-        for c in (order[i:i + self.window] for i in range(0, len(order), self.window)):
-            rows = [[c[j] for j in b] for b in greedy_bins([self.lengths[j] for j in c], self.budget)]
-            self.micro += [rows[k] for k in rng.permutation(len(rows))]
-
-
 def visual_cot_like_lengths(n: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     out = []
@@ -69,7 +36,7 @@ def measure(budget: int = 16384, batch: int = 8, n: int = 20000) -> dict:
     """Real / computed tokens of the packed rows and of the padded baseline on `n` Visual-CoT-like lengths."""
     lengths = visual_cot_like_lengths(n)
     real = sum(lengths)
-    rows = PackedMicroBatches(lengths, token_budget=budget, seed=0).micro
+    rows = C.MicroBatches(lengths, token_budget=budget, seed=0).micro
     assert sorted(i for r in rows for i in r) == list(range(n))
     order = np.random.default_rng(0).permutation(n)
     padded_cost = sum(len(b) * max(lengths[i] for i in b) for b in np.array_split(order, math.ceil(n / batch)))

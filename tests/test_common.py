@@ -10,7 +10,6 @@ from PIL import Image
 
 import common as C
 import runtime as R
-from bench.bench_packing import PackedMicroBatches, greedy_bins
 from conftest import metrics, run_script
 from helpers import token_logprobs
 
@@ -151,7 +150,7 @@ def test_pack_labels_do_not_cross_samples(toy_bb):
 def test_greedy_bins_respects_budget():
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(50, 900, (300,), generator=g).tolist()
-    bins = greedy_bins(lengths, 2048)
+    bins = C.greedy_bins(lengths, 2048)
     assert sorted(i for b in bins for i in b) == list(range(300))
     assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
     assert sum(lengths) / (2048 * len(bins)) > 0.95
@@ -243,9 +242,9 @@ def test_micro_batches_world_size_independent_and_resumable():
         single = one.next(0, 1, 4)
         two = [x for pair in zip(a.next(0, 2, 2), b.next(1, 2, 2)) for x in pair]
         assert single == two
-    packed_one = PackedMicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
-    p0, p1 = PackedMicroBatches(lengths * 20, token_budget=120, seed=5, window=64), \
-        PackedMicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
+    packed_one = C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
+    p0, p1 = C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64), \
+        C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
     seen = []
     for _ in range(30):
         single = packed_one.next(0, 1, 2)
