@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common as C
+import dataloader as D
 import runtime as R
 
 
@@ -49,7 +50,7 @@ def iter_wds(shard: str):
         yield sample
 
 
-def read_pairs(path: str, image_root: str, skips: C.Skips):
+def read_pairs(path: str, image_root: str, skips: D.Skips):
     """→ (pairs [(caption, image_key)], images {image_key: path}). COCO official JSON (images + annotations),
     Karpathy parquet (filename / filepath, sentences), or WebDataset shards: (None, {"__wds__": shard paths}), the
     captions then come back from the target cache (they are read while extracting)."""
@@ -73,7 +74,7 @@ def read_pairs(path: str, image_root: str, skips: C.Skips):
             images[str(ann["image_id"])] = os.path.join(image_root, files[ann["image_id"]])
             pairs.append((caption, str(ann["image_id"])))
     elif path.endswith(".parquet"):
-        for r in C.read_records(path):
+        for r in D.read_records(path):
             if not isinstance(r.get("filename"), str) or not r["filename"]:
                 skips.add("row without filename")
                 continue
@@ -118,7 +119,7 @@ def write_target_cache(encode, images: dict, cache_dir: Path, d: R.Dist, shard_s
         source = iter_wds(jobs[i]) if wds else ({"__key__": k, "file": images[k]} for k in jobs[i])
         for s in tqdm(source, desc=f"targets {i}", disable=not d.main, leave=False):
             try:
-                pil.append(C.open_image((s.get("jpg") or s.get("png") or b"") if wds else s["file"]))
+                pil.append(D.open_image((s.get("jpg") or s.get("png") or b"") if wds else s["file"]))
             except C.SkipSample as e:   # kept in the shard, so a reused cache reports it too (load_targets)
                 skipped[str(s["__key__"])] = str(e)
                 continue
@@ -183,7 +184,7 @@ class TargetCache:
 # ----------------------------------------------------------------------------------------------------------------
 # Downstream data: GQA / ScienceQA as sft.py records
 # ----------------------------------------------------------------------------------------------------------------
-def write_finetune_records(args, out: Path, skips: C.Skips):
+def write_finetune_records(args, out: Path, skips: D.Skips):
     """The lmms-lab parquet layouts of GQA (instructions joined with images on imageId) and ScienceQA-IMG (answer =
     option index → letter) → sft.py's canonical {"messages": [...]} records (JSONL), each image's bytes written once
     beside them. The prompts are eval.py's lmms presets, so train and test match."""

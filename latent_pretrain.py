@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import dataloader as D
 import runtime as R
 from latent_io import TargetCache, latent_report, read_pairs, write_finetune_records, write_target_cache
 
@@ -334,8 +335,8 @@ def build_module(bb: C.Backbone, args: Args, d_z: int) -> LatentPretrainer:
     and the temperature parameters the chosen losses do not use frozen (an optimizer state for a never-stepped
     parameter breaks resuming)."""
     ids = C.add_special_tokens(bb, [LATENT_START, LATENT_PAD, LATENT_END])  # no-op on an export that has them
-    D = bb.model.config.text_config.hidden_size
-    head = LatentHead(args.head, D, d_z, args.head_hidden or round(D * 4096 / 3584), args.num_latents,
+    dim = bb.model.config.text_config.hidden_size
+    head = LatentHead(args.head, dim, d_z, args.head_hidden or round(dim * 4096 / 3584), args.num_latents,
                       args.temperature, args.batch_loss).to(bb.model.device, bb.model.dtype)
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(False)
@@ -451,7 +452,7 @@ def save_head(args: Args, sd: dict, cache: TargetCache, export_dir: str):
 
 
 @torch.no_grad()
-def analyze(args: Args, d: R.Dist, skips: C.Skips, export: str | Path | None = None):
+def analyze(args: Args, d: R.Dist, skips: D.Skips, export: str | Path | None = None):
     """--stage analyze (and after pretraining): retrieval R@k of ẑ against z on held-out pairs, matched vs random
     cosines, k-means NMI by category, analysis.png and analysis.json in --run-dir."""
     if not d.main:
@@ -489,7 +490,7 @@ def analyze(args: Args, d: R.Dist, skips: C.Skips, export: str | Path | None = N
 # ----------------------------------------------------------------------------------------------------------------
 # Downstream stage: GQA / ScienceQA as sft.py records (latent_io.py) → sft.py from --init → eval.py on their tests
 # ----------------------------------------------------------------------------------------------------------------
-def finetune(args: Args, d: R.Dist, skips: C.Skips):
+def finetune(args: Args, d: R.Dist, skips: D.Skips):
     """--stage finetune: plain SFT (sft.py: answer CE only, vision tower frozen) from --init on GQA / ScienceQA, then
     eval.py on their test splits. The baseline of the comparison is the same command from the untouched backbone."""
     import eval as E
@@ -529,7 +530,7 @@ def main(args: Args, explicit: set[str] | None = None):
     R.save_run_config(args.run_dir, args, "run_config.json" if args.stage == "pretrain"
                       else f"run_config_{args.stage}.json")               # finetune: sft.py writes run_config.json
     R.seed_everything(args.seed)
-    skips = C.Skips()
+    skips = D.Skips()
     cache_root = Path(args.cache_dir or Path(args.run_dir).parent / "latent_targets")
     if args.stage != "pretrain":
         if args.stage == "extract":
@@ -548,13 +549,13 @@ def main(args: Args, explicit: set[str] | None = None):
     pairs, cache = load_targets(bb, args, d, args.data, args.image_root, skips, cache_root)  # frozen z_tok, z_glob
     model = build_module(bb, args, cache.glob_mean.numel())
     image_number = {k: i for i, k in enumerate(sorted(cache.index))}
-    data = C.LazySamples(pairs, lambda pair: {**encode_caption(bb, pair[0], args.num_latents), "image_key": pair[1],
+    data = D.LazySamples(pairs, lambda pair: {**encode_caption(bb, pair[0], args.num_latents), "image_key": pair[1],
                                               "image_id": image_number[pair[1]]}, skips, args.max_tokens, "pretrain",
                          args.data_workers)                      # text only: every caption encodes as it measured
     C.print0(f"pretrain: {len(data)} captions of {len(image_number)} images; {skips.summary()}")
     if not data:
         raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
-    order = C.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed)  # captions: as many on every rank
+    order = D.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed)  # captions: as many on every rank
     if args.activation_checkpointing:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = R.shard_model(model, d, dtype=args.dtype)
@@ -571,7 +572,7 @@ def main(args: Args, explicit: set[str] | None = None):
         return {"batch": (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",)),
                 "image_keys": [s["image_key"] for s in samples],
                 "image_ids": torch.tensor([s["image_id"] for s in samples])}
-    loader = C.Loader(data, order, skips, d.rank, d.world, collate, args.data_workers, d.device)
+    loader = D.Loader(data, order, skips, d.rank, d.world, collate, args.data_workers, d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="pretrain", start_step=start)
     model.train()
     for step in range(start, args.steps):

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common as C
+import dataloader as D
 import runtime as R
 
 LVR_START, LVR, LVR_LATENT_END, LVR_END = "<|lvr_start|>", "<|lvr|>", "<|lvr_latent_end|>", "<|lvr_end|>"
@@ -69,6 +70,11 @@ class Args:
     steps: int = field(default=2500, metadata={"help": "optimizer steps"})
     grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step"})
     per_micro: int = field(default=3, metadata={"help": "samples per micro-batch"})
+    micro_tokens: int = field(default=0, metadata={"help": "tokens per micro-batch: 0 = --per-micro samples (the "
+                                                           "paper's batches); N = packed rows of at most N tokens, so "
+                                                           "ranks do equal work (longer samples are counted skips)"})
+    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode samples "
+                                                           "(decode, resize, tokenise); 0 = in the training process"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
@@ -105,7 +111,7 @@ class Args:
 # at 1e-3 the toy never learns to emit <|lvr_start|> in 60 steps; even at 3e-3 it opens the span on ≤ 36 % of eval
 # prompts, so the toy evaluates with the span forced (bench/bench_lvr_guard.py, docs/lvr.md).
 TOY_PRESET = dict(lr=3e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
-                  activation_checkpointing=False, eval=True, eval_limit=100, eval_force_span=True)
+                  activation_checkpointing=False, eval=True, eval_limit=100, eval_force_span=True, data_workers=0)
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
@@ -145,10 +151,10 @@ def read_record(rec, args: Args):
     img = img if not isinstance(img, list) else img[0] if len(img) == 1 else None
     if img is None or isinstance(img, (bool, int, float, list, tuple)) or not img:  # a path, bytes or PIL image
         raise C.SkipSample("not exactly one image")
-    q = C.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "").strip()
-    img = C.open_image(img, args.image_root)
+    q = D.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "").strip()
+    img = D.open_image(img, args.image_root)
     user = {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}
-    return user, C.text_field(conv[1].get("value"), "answer"), img
+    return user, D.text_field(conv[1].get("value"), "answer"), img
 
 
 def convert_sft(rec, bb: C.Backbone, args: Args, with_span: bool = True) -> dict:
@@ -158,7 +164,7 @@ def convert_sft(rec, bb: C.Backbone, args: Args, with_span: bool = True) -> dict
     user, answer, image = read_record(rec, args)
     if "<lvr>" not in answer or not re.sub(r"<lvr>|<answer>|</answer>|\s", "", answer):
         raise C.SkipSample("answer without <lvr> or empty")
-    bbox = C.check_bbox((rec.get("bboxes") or [None])[0])
+    bbox = D.check_bbox((rec.get("bboxes") or [None])[0])
     patch = bb.model.config.vision_config.patch_size
     rh, rw = C.smart_resize(image.height, image.width, bb.patch_factor, args.min_pixels, args.max_pixels)
     roi = roi_token_indices(bbox, (1, rh // patch, rw // patch))
@@ -173,9 +179,11 @@ def convert_sft(rec, bb: C.Backbone, args: Args, with_span: bool = True) -> dict
     return s
 
 
-def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> list[dict]:
-    return C.build_dataset(C.read_records(args.data, skips), lambda rec: convert_sft(rec, bb, args), skips,
-                           args.max_tokens, desc="sft")
+def load_data(bb: C.Backbone, args: Args, skips: D.Skips) -> D.LazySamples:
+    """Exact lengths now (no pixels); each sample is encoded when its micro-batch is due (dataloader.Loader)."""
+    max_tokens = min(args.max_tokens, args.micro_tokens or args.max_tokens)      # a sample must fit its micro-batch
+    return D.LazySamples(D.Records(args.data, skips), lambda rec: convert_sft(rec, bb, args), skips, max_tokens,
+                         "sft", args.data_workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,8 +494,8 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
             vals = [lat[b][j] for b in range(B) for j in sorted(lat[b])]
         cache, logits, hidden = forward(inputs, dst, torch.stack(vals) if vals else None)
         next_pos = next_pos + 1
-    D = model.config.text_config.hidden_size
-    stack = lambda vs: torch.stack(vs) if vs else torch.zeros(0, D, device=dev)   # noqa: E731
+    dim = model.config.text_config.hidden_size
+    stack = lambda vs: torch.stack(vs) if vs else torch.zeros(0, dim, device=dev)   # noqa: E731
     res = [{"token_ids": toks[b], "logprobs": torch.tensor(lps[b]), "text": bb.tokenizer.decode(
                 [k for k in toks[b] if k != eos], skip_special_tokens=False),
             "latents": stack([lat[b][j] for j in sorted(lat[b])]),
@@ -594,10 +602,12 @@ def main(args: Args, explicit: set[str] | None = None):
     attach_saved_head(bb)
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(False)                                          # vision tower + merger frozen
-    skips = C.Skips()
+    skips = D.Skips()
     data = load_data(bb, args, skips)
     C.print0(f"{len(data)} samples from {args.data}; {skips.summary()}")
-    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
+    if not data:
+        raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
+    order = D.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed, token_budget=args.micro_tokens)
     model = shard(bb.model, d, args.activation_checkpointing, args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
@@ -605,15 +615,16 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
         meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
-        sampler.load_state(meta["data"])
+        order.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    loader = D.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="lvr-sft", start_step=start)
     model.train()
     for step in range(start, args.steps):
         for g in opt.param_groups:
             g["lr"] = R.cosine_lr(step, args.steps, args.lr, args.warmup_ratio)
-        batches, sums = [[data[j] for j in idx] for idx in sampler.next(d.rank, d.world, args.grad_accum)], {}
+        batches, sums = loader.next(args.grad_accum), {}                  # this rank's samples, encoded lazily
         for i, batch in enumerate(batches):
             with R.grad_sync(model, i == len(batches) - 1):
                 with R.compute_context(args.dtype, d.device):                  # bf16 compute over fp32 weights
@@ -630,9 +641,10 @@ def main(args: Args, explicit: set[str] | None = None):
                            "grad_norm": gnorm}, sum(lens), R.step_flops(bb.model, lens))
         if args.save_every and (step + 1) % args.save_every == 0:
             R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
         if step + 1 == args.stop_after:
             break
+    loader.close()
     log.close()
     C.print0(skips.summary())
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import common as C
+import dataloader as D
 import lvr
 import runtime as R
 from lvr import LVR, LVR_START, LVR_TOKENS
@@ -57,6 +58,8 @@ class Args:
     steps: int = field(default=1500, metadata={"help": "optimizer steps"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per rank per step"})
     per_micro: int = field(default=2, metadata={"help": "prompts per micro-batch (each rolled out G times)"})
+    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode prompts "
+                                                           "(decode, resize, tokenise); 0 = in the training process"})
     lr: float = field(default=5e-6, metadata={"help": "peak learning rate (released script; paper: 1e-5)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
@@ -92,7 +95,7 @@ class Args:
 # A tiny model needs a large lr, small images, few steps and short rollouts to move in a CPU minute: applied (and
 # printed) only when the model is an export of the toy backbone, and only to the fields not given.
 TOY_PRESET = dict(lr=1e-4, steps=6, max_new_tokens=48, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
-                  activation_checkpointing=False, eval=True, eval_limit=100, eval_force_span=True)
+                  activation_checkpointing=False, eval=True, eval_limit=100, eval_force_span=True, data_workers=0)
 
 
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
@@ -125,9 +128,10 @@ def convert_grpo(rec, bb: C.Backbone, args: Args) -> dict:
     return s
 
 
-def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> list[dict]:
-    return C.build_dataset(C.read_records(args.data, skips), lambda rec: convert_grpo(rec, bb, args), skips,
-                           args.max_tokens, desc="grpo")
+def load_data(bb: C.Backbone, args: Args, skips: D.Skips) -> D.LazySamples:
+    """Exact lengths now (no pixels); each prompt is encoded when its micro-batch is due (dataloader.Loader)."""
+    return D.LazySamples(D.Records(args.data, skips), lambda rec: convert_grpo(rec, bb, args), skips, args.max_tokens,
+                         "grpo", args.data_workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,10 +254,12 @@ def main(args: Args, explicit: set[str] | None = None):
     lvr.attach_saved_head(bb)                                            # stage 1's head, if it trained one
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(False)                                          # vision tower + merger frozen
-    skips = C.Skips()
+    skips = D.Skips()
     data = load_data(bb, args, skips)
     C.print0(f"{len(data)} prompts from {args.data}; {skips.summary()}")
-    sampler = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=args.seed)
+    if not data:
+        raise SystemExit(f"{args.data}: no usable prompts ({skips.summary()})")
+    order = D.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed)
     ref = None
     if args.beta:                                 # the frozen stage-1 model of the k3 KL, no optimizer: compute dtype
         ref = R.meta_copy(bb.model).requires_grad_(False).to(R.compute_dtype(args.dtype, d.device))   # shapes only
@@ -266,17 +272,18 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
         meta = R.load_checkpoint(ckpt, model, opt)
         start = meta["step"]
-        sampler.load_state(meta["data"])
+        order.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    loader = D.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="lvr-grpo", start_step=start)
     G, mu = args.num_generations, args.num_iterations                  # μ optimizer passes per rollout batch
     for step in range(start, args.steps):
         # Rollouts: G per prompt with latents recorded (no grad), rewards → advantages, reference / old log-probs
-        micro, batches, stats, t0 = sampler.next(d.rank, d.world, args.grad_accum), [], {}, time.perf_counter()
+        micro, batches, stats, t0 = loader.next(args.grad_accum), [], {}, time.perf_counter()   # encoded lazily
         model.eval()
-        for i, idx in enumerate(micro):
-            prompts = [data[j] for j in idx for _ in range(G)]
+        for i, samples in enumerate(micro):
+            prompts = [s for s in samples for _ in range(G)]
             gen = torch.Generator(d.device).manual_seed(args.seed * 1_000_003 + step * 1009 + i * d.world + d.rank)
             with R.compute_context(args.dtype, d.device):
                 outs = lvr.latent_generate(bb, prompts, args.num_latent_steps, args.max_new_tokens, "fixed",
@@ -323,9 +330,10 @@ def main(args: Args, explicit: set[str] | None = None):
                            "train_s": time.perf_counter() - t0}, sum(lens), flops)
         if args.save_every and (step + 1) % args.save_every == 0:
             R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": sampler.state()}, keep=args.keep_checkpoints)
+                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
         if step + 1 == args.stop_after:
             break
+    loader.close()
     log.close()
     C.print0(skips.summary())
 

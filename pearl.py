@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
 
 import common as C
+import dataloader as D
 import runtime as R
 from common import IGNORE
 
@@ -138,7 +139,7 @@ TOOL_CALL = re.compile(r"\s*<tool_call>.*?</tool_call>\s*", re.S)
 
 def crop_normalised(image, bbox):
     """Execute a crop tool call: a normalised [x0, y0, x1, y1] box on `image` (at least 1 px a side)."""
-    x0, y0, x1, y1 = C.check_bbox(bbox)
+    x0, y0, x1, y1 = D.check_bbox(bbox)
     W, H = image.size
     box = [math.floor(x0 * W), math.floor(y0 * H), math.ceil(x1 * W), math.ceil(y1 * H)]
     box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
@@ -147,10 +148,10 @@ def crop_normalised(image, bbox):
 
 def from_lvr(rec, root):
     """LVR / Visual-CoT: one image, bbox(es) → crop trajectory; only the final answer is supervised."""
-    image = C.open_image((rec["image"] if isinstance(rec["image"], str) else rec["image"][0]), root)
+    image = D.open_image((rec["image"] if isinstance(rec["image"], str) else rec["image"][0]), root)
     conv = rec["conversations"]
-    question = C.text_field(conv[0]["value"], "question").replace("<image>", "").strip()
-    answer = C.text_field(conv[-1]["value"], "answer").replace("<lvr>", "").strip()
+    question = D.text_field(conv[0]["value"], "question").replace("<image>", "").strip()
+    answer = D.text_field(conv[-1]["value"], "answer").replace("<lvr>", "").strip()
     if not question or not re.sub(r"</?answer>|\s", "", answer):  # "<answer>  </answer>" is empty too
         raise C.SkipSample("empty question or answer")
     if not rec.get("bboxes"):
@@ -179,7 +180,7 @@ def from_messages(messages, root):
         images = []
         for p in (p for p in parts if p["type"] == "image"):
             try:
-                images.append(C.open_image(p["image"], root))
+                images.append(D.open_image(p["image"], root))
             except C.SkipSample:
                 if pending_call is None:
                     raise
@@ -205,14 +206,14 @@ def from_messages(messages, root):
 def from_thinkmorph(rec, root):
     """ThinkMorph: problem_image_0, question, resoning_thought_0, reasoning_image_0, resoning_thought_1, … (field
     names as published, typo included); every assistant turn is supervised."""
-    images0 = [C.open_image(rec[k], root) for k in sorted(rec) if k.startswith("problem_image_") and rec[k]]
+    images0 = [D.open_image(rec[k], root) for k in sorted(rec) if k.startswith("problem_image_") and rec[k]]
     if not images0 or not (rec.get("question") or "").strip():
         raise C.SkipSample("empty question or answer")
     steps, i = [], 0
     while rec.get(f"resoning_thought_{i}"):
         steps.append({"role": "assistant", "text": rec[f"resoning_thought_{i}"].strip(), "train": True})
         if rec.get(f"reasoning_image_{i}") and rec.get(f"resoning_thought_{i + 1}"):
-            steps.append({"role": "user", "images": [C.open_image(rec[f"reasoning_image_{i}"], root)],
+            steps.append({"role": "user", "images": [D.open_image(rec[f"reasoning_image_{i}"], root)],
                           "text": "Here is the reasoning image."})
         i += 1
     if not steps:
@@ -275,15 +276,15 @@ def encode_example(bb, episode, args) -> dict:
     return views
 
 
-def load_data(bb, args, skips: C.Skips) -> C.LazySamples:
+def load_data(bb, args, skips: D.Skips) -> D.LazySamples:
     """Every example's exact full-view token count now (no pixels); the examples themselves when a micro-batch needs
     them. The files' records concatenate, each tagged with its file's image root."""
     paths = args.data.split(",")
-    records = ConcatDataset([C.Records(p, skips, args.max_examples, tag=args.image_root or os.path.dirname(p))
+    records = ConcatDataset([D.Records(p, skips, args.max_examples, tag=args.image_root or os.path.dirname(p))
                              for p in paths])
     convert = lambda item: encode_example(bb, convert_record(item[1], item[0]), args)  # noqa: E731 (root, record)
     max_tokens = min(args.max_tokens, args.micro_tokens or args.max_tokens)      # an example must fit its micro-batch
-    return C.LazySamples(records, convert, skips, max_tokens, "+".join(map(os.path.basename, paths)), args.data_workers)
+    return D.LazySamples(records, convert, skips, max_tokens, "+".join(map(os.path.basename, paths)), args.data_workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -588,12 +589,12 @@ def main(args: Args, explicit: set[str] | None = None):
     bb = C.load_backbone(args.model, d.device, rank0_only=True,   # other ranks: meta, filled from rank 0 by shard_model
                          dtype=torch.float32 if args.lora_r == 0 else R.compute_dtype(args.dtype, d.device))
     frozen_lm_head = setup_model(bb, args)
-    skips = C.Skips()
+    skips = D.Skips()
     data = load_data(bb, args, skips)
     C.print0(f"{len(data)} examples from {args.data}; {skips.summary()}")
     if not data:
         raise SystemExit(f"{args.data}: no usable examples ({skips.summary()})")
-    order = C.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed, token_budget=args.micro_tokens)
+    order = D.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed, token_budget=args.micro_tokens)
     model = R.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype,
                           extra_units=(bb.model.pearl_dynamics, bb.model.pearl_frozen_head))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
@@ -605,7 +606,7 @@ def main(args: Args, explicit: set[str] | None = None):
         order.load_state(meta["data"])
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
-    loader = C.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
+    loader = D.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="pearl", start_step=start)
     model.train()
     for step in range(start, args.steps):
@@ -614,7 +615,7 @@ def main(args: Args, explicit: set[str] | None = None):
         micro = loader.next(args.grad_accum)                              # this rank's examples, encoded
         loss_sum, tokens, flops = {}, 0, 0.0                               # loss_sum: every logged term
         for i, examples in enumerate(micro):
-            on_device = C.to_device(examples, d.device, keys=("pixel_values",))  # the views pack on the host
+            on_device = D.to_device(examples, d.device, keys=("pixel_values",))  # the views pack on the host
             torch.manual_seed((args.seed * 100_003 + step) * 1_009 + i * d.world + d.rank)  # dropout per global micro
             with R.grad_sync(model, i == len(micro) - 1):
                 with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights

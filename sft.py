@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 import common as C
+import dataloader as D
 import runtime as R
 
 
@@ -111,7 +112,7 @@ def to_chat(rec: dict, image_root: str) -> list[dict]:
                 raise C.SkipSample("malformed message")
             parts = m.get("content")
             if isinstance(parts, list):
-                parts = [{**p, "image": C.open_image(p["image"], image_root)} if p.get("type") == "image" else p
+                parts = [{**p, "image": D.open_image(p["image"], image_root)} if p.get("type") == "image" else p
                          for p in parts if isinstance(p, dict)]
             out.append({**m, "content": parts})
         return out
@@ -121,21 +122,21 @@ def to_chat(rec: dict, image_root: str) -> list[dict]:
     image = image[0] if isinstance(image, list) and len(image) == 1 else image
     if image is None or isinstance(image, (bool, int, float, list, tuple)):
         raise C.SkipSample("not exactly one image")
-    question = C.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "")
-    answer = C.text_field(conv[1].get("value"), "answer").replace("<lvr>\n", "").replace("<lvr>", "").strip()
+    question = D.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "")
+    answer = D.text_field(conv[1].get("value"), "answer").replace("<lvr>\n", "").replace("<lvr>", "").strip()
     if not answer.replace("<answer>", "").replace("</answer>", "").strip():
         raise C.SkipSample("empty answer")
-    return [{"role": "user", "content": [{"type": "image", "image": C.open_image(image, image_root)},
+    return [{"role": "user", "content": [{"type": "image", "image": D.open_image(image, image_root)},
                                          {"type": "text", "text": question.strip()}]},
             {"role": "assistant", "content": answer}]
 
 
-def load_data(bb: C.Backbone, args: Args, skips: C.Skips) -> C.LazySamples:
+def load_data(bb: C.Backbone, args: Args, skips: D.Skips) -> D.LazySamples:
     """Every sample's exact token count now (no pixels); the samples themselves when a micro-batch needs them."""
     convert = lambda rec: C.encode_chat(bb, to_chat(rec, args.image_root),  # noqa: E731
                                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     max_tokens = min(args.max_tokens, args.micro_tokens or args.max_tokens)      # a sample must fit its micro-batch
-    return C.LazySamples(C.Records(args.data, skips), convert, skips, max_tokens, "sft", args.data_workers)
+    return D.LazySamples(D.Records(args.data, skips), convert, skips, max_tokens, "sft", args.data_workers)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,12 +183,12 @@ def main(args: Args, explicit: set[str] | None = None):
                          rank0_only=True)                # other ranks: meta, filled from rank 0 by shard_model
     for p in bb.model.model.visual.parameters():
         p.requires_grad_(args.train_vision)
-    skips = C.Skips()
+    skips = D.Skips()
     data = load_data(bb, args, skips)
     C.print0(f"{len(data)} samples from {args.data}; {skips.summary()}")
     if not data:
         raise SystemExit(f"{args.data}: no usable samples ({skips.summary()})")
-    order = C.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed, token_budget=args.micro_tokens)
+    order = D.MicroBatches(data.lengths, per_micro=args.per_micro, seed=args.seed, token_budget=args.micro_tokens)
     model = R.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
@@ -199,7 +200,7 @@ def main(args: Args, explicit: set[str] | None = None):
     elif args.resume:
         C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
     collate = lambda samples: (C.pack if args.pack else C.pad_batch)(bb, samples)  # noqa: E731 (in the workers)
-    loader = C.Loader(data, order, skips, d.rank, d.world, collate, args.data_workers, d.device)
+    loader = D.Loader(data, order, skips, d.rank, d.world, collate, args.data_workers, d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="sft", start_step=start)
     model.train()
     for step in range(start, args.steps):
@@ -211,7 +212,7 @@ def main(args: Args, explicit: set[str] | None = None):
             lengths = batch["seq_lens"].tolist()
             with R.grad_sync(model, i == len(micro) - 1):
                 with R.compute_context(args.dtype, d.device):              # bf16 compute over fp32 weights
-                    loss = sft_loss(model, C.to_device(batch, d.device), d.device)
+                    loss = sft_loss(model, D.to_device(batch, d.device), d.device)
                 (loss / len(micro)).backward()
             loss_sum += loss.detach() / len(micro)                         # no host sync before backward
             tokens += sum(lengths)

@@ -59,6 +59,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common as C
+import dataloader as D
 import runtime as R
 import toy_world as T
 
@@ -274,7 +275,7 @@ def sft(bb: C.Backbone, samples: list[dict], steps: int, per_micro: int, lr: flo
     model.train()
     params = [p for p in (params or model.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    order = C.MicroBatches([len(s["input_ids"]) for s in samples], per_micro=min(per_micro, len(samples)), seed=seed)
+    order = D.MicroBatches([len(s["input_ids"]) for s in samples], per_micro=min(per_micro, len(samples)), seed=seed)
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
@@ -378,10 +379,10 @@ def lvr_records_as_sft(bb: C.Backbone, records_path: str, min_pixels: int, max_p
     (LVR with λ = 0 and no span), so the target is "<answer> B </answer>"."""
     root = os.path.dirname(records_path)
     out = []
-    for rec in C.read_records(records_path):
+    for rec in D.read_records(records_path):
         q = rec["conversations"][0]["value"].replace("<image>\n", "").strip()
         answer = rec["conversations"][1]["value"].replace("<lvr>\n", "").replace("<lvr>", "").strip()
-        image = C.open_image(rec["image"][0] if isinstance(rec["image"], list) else rec["image"], root)
+        image = D.open_image(rec["image"][0] if isinstance(rec["image"], list) else rec["image"], root)
         chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": q}]},
                 {"role": "assistant", "content": answer}]
         out.append(C.encode_chat(bb, chat, min_pixels=min_pixels, max_pixels=max_pixels))

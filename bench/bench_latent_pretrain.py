@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C  # noqa: E402
+import dataloader as D  # noqa: E402
 import runtime as R  # noqa: E402
 import latent_pretrain as L  # noqa: E402
 
@@ -31,7 +32,7 @@ def measure(bb, args, repeats: int, n_images: int) -> dict:
     `args`: resolved L.Args."""
     dev = next(bb.model.parameters()).device
     paths = L.toy_paths()
-    skips = C.Skips()
+    skips = D.Skips()
     pairs, images = L.read_pairs(paths["data"], paths["image_root"], skips)
     keys = sorted(images)[:n_images]
 

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import dataloader as D  # noqa: E402
 import lvr  # noqa: E402
 import runtime as R  # noqa: E402
 
@@ -34,7 +35,7 @@ def sft_times(bb, args, repeats: int, batch: int) -> dict:
     args.dtype. `args`: resolved lvr.Args."""
     import sft
     device = next(bb.model.parameters()).device
-    recs = list(C.read_records(args.data))[:batch]
+    recs = list(D.read_records(args.data))[:batch]
     with_span = [lvr.convert_sft(r, bb, args) for r in recs]
     plain = [lvr.convert_sft(r, bb, args, with_span=False) for r in recs]
     for p in bb.model.model.visual.parameters():

@@ -4,7 +4,7 @@
 
 Length model (documented, not measured from the real data): one image per sample with width and height drawn
 log-uniformly in [320, 1600] px, resized by Qwen's smart-resize rule under LVR's SFT budget (128·28² to 5120·28²
-pixels, one token per 28×28 px), plus 30–150 text tokens. Packed rows come from common.MicroBatches with a token
+pixels, one token per 28×28 px), plus 30–150 text tokens. Packed rows come from dataloader.MicroBatches with a token
 budget (every method's `--micro-tokens`: first-fit-decreasing inside windows of 512 shuffled samples, rows shuffled;
 2 ranks × k see the rows of 1 rank × 2k, tests/test_common.py); computed
 tokens for packing count every row as a full budget (the cost if rows were padded to a static shape; varlen
@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import dataloader as D  # noqa: E402
 
 
 def visual_cot_like_lengths(n: int, seed: int = 0) -> list[int]:
@@ -36,7 +37,7 @@ def measure(budget: int = 16384, batch: int = 8, n: int = 20000) -> dict:
     """Real / computed tokens of the packed rows and of the padded baseline on `n` Visual-CoT-like lengths."""
     lengths = visual_cot_like_lengths(n)
     real = sum(lengths)
-    rows = C.MicroBatches(lengths, token_budget=budget, seed=0).micro
+    rows = D.MicroBatches(lengths, token_budget=budget, seed=0).micro
     assert sorted(i for r in rows for i in r) == list(range(n))
     order = np.random.default_rng(0).permutation(n)
     padded_cost = sum(len(b) * max(lengths[i] for i in b) for b in np.array_split(order, math.ceil(n / batch)))

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import dataloader as D  # noqa: E402
 import runtime as R  # noqa: E402
 import pearl as P  # noqa: E402
 from toy_world import ensure_toy_world  # noqa: E402
@@ -30,7 +31,7 @@ def measure(bb, args, repeats: int, naive: bool = True) -> dict:
     pearl_naive (the released layout), on the same `args.max_examples` examples. `args`: resolved P.Args."""
     device = next(bb.model.parameters()).device
     frozen = P.setup_model(bb, args)
-    skips = C.Skips()
+    skips = D.Skips()
     examples = P.load_data(bb, args, skips)
     model = bb.model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.1)

@@ -31,6 +31,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common as C  # noqa: E402
+import dataloader as D  # noqa: E402
 
 IMAGES = [("a.jpg", (1000, 800)), ("b.png", (1000, 800)), ("c.jpg", (1600, 1200)), ("d.jpg", (640, 480))]
 
@@ -91,19 +92,19 @@ def measure(mode: str, path: str, workers: int) -> dict:
     bb = C.load_backbone("random:qwen2.5-vl-3b", num_layers=1, device="meta")
     args = sft.Args(data=path, image_root=os.path.dirname(path), data_workers=workers)   # LVR's pixel budget
     before, t0, cpu0 = rss_mib(), time.perf_counter(), cpu_seconds()
-    skips = C.Skips()
+    skips = D.Skips()
     if mode == "eager":
         convert = lambda rec: C.encode_chat(bb, sft.to_chat(rec, args.image_root),  # noqa: E731
                                             min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        data = C.build_dataset(C.read_records(path, skips), convert, skips, args.max_tokens, "sft")
-        order = C.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=0)
+        data = D.build_dataset(D.read_records(path, skips), convert, skips, args.max_tokens, "sft")
+        order = D.MicroBatches([len(s["input_ids"]) for s in data], per_micro=args.per_micro, seed=0)
         first = C.pack(bb, [data[j] for j in order.next(d.rank, d.world)[0]])
         t_lengths, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     else:
         data = sft.load_data(bb, args, skips)                          # its workers have exited: their CPU counts
         t_lengths, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-        order = C.MicroBatches(data.lengths, per_micro=args.per_micro, seed=0)
-        loader = C.Loader(data, order, skips, d.rank, d.world, lambda s: C.pack(bb, s), workers)
+        order = D.MicroBatches(data.lengths, per_micro=args.per_micro, seed=0)
+        loader = D.Loader(data, order, skips, d.rank, d.world, lambda s: C.pack(bb, s), workers)
         first = loader.next(1)[0]
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -131,7 +132,7 @@ def run_child(mode: str, path: str, workers: int, ranks: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def useful_fraction(lengths: list[int], world: int = 8, **batches) -> tuple[float, int, int, float]:
     """(Σ tokens / Σ world·max, shortest row, longest row, mean row) over one epoch's lockstep micro-batches."""
-    order = C.MicroBatches(lengths, seed=0, **batches)
+    order = D.MicroBatches(lengths, seed=0, **batches)
     rows = [sum(lengths[i] for i in idx) for idx in order.micro]
     steps = [rows[i:i + world] for i in range(0, len(rows) - world + 1, world)]
     useful = sum(sum(s) for s in steps) / sum(world * max(s) for s in steps)

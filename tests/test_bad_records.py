@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-import common as C
+import dataloader as D
 import latent_pretrain as L
 import lvr
 import lvr_grpo
@@ -45,11 +45,11 @@ def test_lvr_loader_counts_every_bad_record(tmp_path, lvr_bb):
     a = lvr.Args(min_pixels=4 * 784, max_pixels=16 * 784, image_root=str(tmp_path))
     bad = bad_lvr_records(tmp_path)
     records = list(bad.values()) + [good_lvr(tmp_path)]
-    skips = C.Skips()
-    data = C.build_dataset(records, lambda r: lvr.convert_sft(r, lvr_bb, a), skips)
+    skips = D.Skips()
+    data = D.build_dataset(records, lambda r: lvr.convert_sft(r, lvr_bb, a), skips)
     assert len(data) == 1 and sum(skips.counts.values()) == len(bad), dict(skips.counts)
-    skips = C.Skips()
-    assert len(C.build_dataset(records, lambda r: lvr_grpo.convert_grpo(r, lvr_bb, a), skips)) == 3
+    skips = D.Skips()
+    assert len(D.build_dataset(records, lambda r: lvr_grpo.convert_grpo(r, lvr_bb, a), skips)) == 3
     assert sum(skips.counts.values()) == len(bad) - 2  # GRPO reads no bbox
 
 
@@ -57,8 +57,8 @@ def test_pearl_loader_counts_every_bad_record(tmp_path):
     bad = bad_lvr_records(tmp_path)
     bad["empty answer tag"] = {**good_lvr(tmp_path), "conversations": [
         good_lvr(tmp_path)["conversations"][0], {"from": "gpt", "value": "<lvr>\n<answer>  </answer>"}]}
-    skips = C.Skips()
-    out = C.build_dataset(list(bad.values()) + [good_lvr(tmp_path)], lambda r: P.convert_record(r, str(tmp_path)),
+    skips = D.Skips()
+    out = D.build_dataset(list(bad.values()) + [good_lvr(tmp_path)], lambda r: P.convert_record(r, str(tmp_path)),
                           skips)
     assert len(out) == 1 and sum(skips.counts.values()) == len(bad), dict(skips.counts)
     assert skips.counts["empty question or answer"] == 1
@@ -70,7 +70,7 @@ def test_coco_reader_counts_every_bad_annotation(tmp_path):
                             {"image_id": 1, "caption": ["a", "list"]}, {"image_id": 2, "caption": "no file name"},
                             {"image_id": 1, "caption": 42}]}
     (tmp_path / "captions.json").write_text(json.dumps(coco))
-    skips = C.Skips()
+    skips = D.Skips()
     pairs, images = L.read_pairs(str(tmp_path / "captions.json"), str(tmp_path), skips)
     assert pairs == [("a red circle", "1")]
     assert dict(skips.counts) == {"image entry without id or file_name": 2, "annotation is not an object": 1,

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import common as C
+import dataloader as D
 import runtime as R
 from conftest import metrics, run_script
 from helpers import token_logprobs
@@ -150,7 +151,7 @@ def test_pack_labels_do_not_cross_samples(toy_bb):
 def test_greedy_bins_respects_budget():
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(50, 900, (300,), generator=g).tolist()
-    bins = C.greedy_bins(lengths, 2048)
+    bins = D.greedy_bins(lengths, 2048)
     assert sorted(i for b in bins for i in b) == list(range(300))
     assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
     assert sum(lengths) / (2048 * len(bins)) > 0.95
@@ -193,16 +194,16 @@ def test_broken_records_are_counted_skips(tmp_path, toy_bb):
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
 
     def convert(r):
-        im = C.open_image(r["image"], tmp_path)
-        C.check_bbox(r["bbox"])
+        im = D.open_image(r["image"], tmp_path)
+        D.check_bbox(r["bbox"])
         if not r["answer"].strip():
             raise C.SkipSample("empty answer")
         return C.encode_chat(bb, [{"role": "user", "content": [{"type": "image", "image": im},
                                                                {"type": "text", "text": "q"}]},
                                   {"role": "assistant", "content": r["answer"]}], **SMALL)
 
-    skips = C.Skips()
-    data = C.build_dataset(C.read_records(tmp_path / "d.jsonl", skips), convert, skips, max_tokens=200)
+    skips = D.Skips()
+    data = D.build_dataset(D.read_records(tmp_path / "d.jsonl", skips), convert, skips, max_tokens=200)
     assert len(data) == 2
     assert dict(skips.counts) == {"missing image": 1, "unreadable image": 1, "bbox outside [0,1]": 1,
                                   "degenerate bbox": 1, "empty answer": 1, "malformed JSON line": 1,
@@ -214,7 +215,7 @@ def test_broken_records_are_counted_skips(tmp_path, toy_bb):
                                   None, {"x0": 0}])
 def test_check_bbox_rejects_malformed_shapes(bbox):
     with pytest.raises(C.SkipSample, match="malformed bbox"):
-        C.check_bbox(bbox)
+        D.check_bbox(bbox)
 
 
 def test_build_dataset_skips_non_objects_and_extreme_aspect(tmp_path, toy_bb):
@@ -223,28 +224,28 @@ def test_build_dataset_skips_non_objects_and_extreme_aspect(tmp_path, toy_bb):
     def convert(r):
         im = Image.new("RGB", (r["w"], r["h"]))
         return C.encode_chat(bb, [{"role": "user", "content": [{"type": "image", "image": im}]},
-                                  {"role": "assistant", "content": C.text_field(r["answer"], "answer")}], **SMALL)
+                                  {"role": "assistant", "content": D.text_field(r["answer"], "answer")}], **SMALL)
 
     records = [[1, 2, 3], "a string", {"w": 1000, "h": 1, "answer": "x"}, {"w": 56, "h": 56, "answer": 7},
                {"w": 56, "h": 56, "answer": ["x"]}, {"w": 56, "h": 56, "answer": "ok"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    skips = C.Skips()
-    assert len(C.build_dataset(C.read_records(tmp_path / "d.jsonl", skips), convert, skips)) == 1
+    skips = D.Skips()
+    assert len(D.build_dataset(D.read_records(tmp_path / "d.jsonl", skips), convert, skips)) == 1
     assert dict(skips.counts) == {"record is not a JSON object": 2, "aspect ratio over 200": 1,
                                   "answer missing or not text": 2}
 
 
 def test_micro_batches_world_size_independent_and_resumable():
     lengths = list(range(10, 50))
-    one = C.MicroBatches(lengths, per_micro=2, seed=3)
-    a, b = C.MicroBatches(lengths, per_micro=2, seed=3), C.MicroBatches(lengths, per_micro=2, seed=3)
+    one = D.MicroBatches(lengths, per_micro=2, seed=3)
+    a, b = D.MicroBatches(lengths, per_micro=2, seed=3), D.MicroBatches(lengths, per_micro=2, seed=3)
     for _ in range(25):  # crosses epochs
         single = one.next(0, 1, 4)
         two = [x for pair in zip(a.next(0, 2, 2), b.next(1, 2, 2)) for x in pair]
         assert single == two
-    packed_one = C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
-    p0, p1 = C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64), \
-        C.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
+    packed_one = D.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
+    p0, p1 = D.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64), \
+        D.MicroBatches(lengths * 20, token_budget=120, seed=5, window=64)
     seen = []
     for _ in range(30):
         single = packed_one.next(0, 1, 2)
@@ -254,7 +255,7 @@ def test_micro_batches_world_size_independent_and_resumable():
     assert len(seen) == len(set(seen))  # within the first epoch no sample repeats
     state = one.state()
     nxt = one.next(0, 1, 3)
-    fresh = C.MicroBatches(lengths, per_micro=2, seed=3)
+    fresh = D.MicroBatches(lengths, per_micro=2, seed=3)
     fresh.load_state(state)
     assert fresh.next(0, 1, 3) == nxt
 
@@ -386,9 +387,9 @@ def test_activation_checkpointing_same_loss_and_grads():
 def test_read_records_parquet_and_json(tmp_path):
     import pandas as pd
     pd.DataFrame({"idx": [1, 2, 3], "question": ["a", "b", "c"]}).to_parquet(tmp_path / "x.parquet")
-    assert [r["question"] for r in C.read_records(tmp_path / "x.parquet")] == ["a", "b", "c"]
+    assert [r["question"] for r in D.read_records(tmp_path / "x.parquet")] == ["a", "b", "c"]
     (tmp_path / "l.json").write_text(json.dumps([{"a": 1}, {"a": 2}]))
-    assert [r["a"] for r in C.read_records(tmp_path / "l.json")] == [1, 2]
+    assert [r["a"] for r in D.read_records(tmp_path / "l.json")] == [1, 2]
 
 
 def test_step_flops_hand_counted():

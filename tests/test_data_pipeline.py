@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import common as C
+import dataloader as D
 
 SMALL = dict(min_pixels=4 * 784, max_pixels=64 * 784)
 
@@ -51,18 +52,18 @@ def test_lengths_only_equals_the_full_encode(toy_bb_both, tmp_path):
     Image.new("RGB", (333, 777), (10, 200, 30)).save(tmp_path / "a.png")
     Image.new("RGB", (640, 480), (10, 20, 230)).save(tmp_path / "b.jpg")
     chats = [chat([Image.new("RGB", s) for s in sizes[:2]]), chat([Image.new("RGB", s) for s in sizes[2:]]),
-             chat([]), chat([C.open_image("a.png", tmp_path), C.open_image("b.jpg", tmp_path)])]
+             chat([]), chat([D.open_image("a.png", tmp_path), D.open_image("b.jpg", tmp_path)])]
     lengths_only_matches(bb, chats)
     jpg = (tmp_path / "b.jpg").read_bytes()
     with C.lengths_only():
         for ref in ("b.jpg", jpg, {"bytes": jpg, "path": None}, {"bytes": None, "path": "b.jpg"}):
-            im = C.open_image(ref, tmp_path)
-            assert isinstance(im, C.ImageSize) and im.size == (640, 480)
+            im = D.open_image(ref, tmp_path)
+            assert isinstance(im, D.ImageSize) and im.size == (640, 480)
         box = (13, 7, 301, 250)
-        assert C.open_image("b.jpg", tmp_path).crop(box).size == Image.open(tmp_path / "b.jpg").crop(box).size
+        assert D.open_image("b.jpg", tmp_path).crop(box).size == Image.open(tmp_path / "b.jpg").crop(box).size
         with pytest.raises(C.SkipSample, match="missing image"):
-            C.open_image("nope.png", tmp_path)
-    assert isinstance(C.open_image("b.jpg", tmp_path), Image.Image)        # outside the context: pixels again
+            D.open_image("nope.png", tmp_path)
+    assert isinstance(D.open_image("b.jpg", tmp_path), Image.Image)        # outside the context: pixels again
 
 
 def test_lengths_only_with_the_real_tokenizer():
@@ -94,7 +95,7 @@ def test_every_methods_converter_measures_its_full_length(toy_world):
              (toy_world / "coco/annotations/captions_train2017.json",
               lambda r: L.encode_caption(bb, r["caption"], 4))]
     for path, convert in cases:
-        records = C.Records(path, limit=4)
+        records = D.Records(path, limit=4)
         for i in range(len(records)):
             full = convert(records[i])
             with C.lengths_only():
@@ -108,13 +109,13 @@ def test_records_by_index_equal_read_records(tmp_path, toy_world):
     lines = [json.dumps({"a": 1, "x": [0.5, None, "é"]}), "not json", json.dumps([1, 2]), json.dumps({"a": 2})]
     (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
     for path in (tmp_path / "r.jsonl", toy_world / "lvr_train.json"):
-        want_skips, got_skips = C.Skips(), C.Skips()
-        want = list(C.read_records(path, want_skips))
-        records = C.Records(path, got_skips)
+        want_skips, got_skips = D.Skips(), D.Skips()
+        want = list(D.read_records(path, want_skips))
+        records = D.Records(path, got_skips)
         assert [records[i] for i in range(len(records))] == want and dict(got_skips.counts) == dict(want_skips.counts)
-    assert len(C.Records(toy_world / "lvr_train.json", limit=7)) == 7
-    assert C.Records(tmp_path / "r.jsonl", C.Skips(), tag="root")[1] == ("root", {"a": 2})
-    table = C.Records(toy_world / "thinkmorph_train.parquet", limit=3)     # Arrow-backed; images stay bytes
+    assert len(D.Records(toy_world / "lvr_train.json", limit=7)) == 7
+    assert D.Records(tmp_path / "r.jsonl", D.Skips(), tag="root")[1] == ("root", {"a": 2})
+    table = D.Records(toy_world / "thinkmorph_train.parquet", limit=3)     # Arrow-backed; images stay bytes
     assert len(table) == 3 and set(table[0]["problem_image_0"]) == {"bytes", "path"}
 
 
@@ -124,7 +125,7 @@ def lvr_records(toy_world):
     bb = C.load_backbone("toy")
     import sft
     convert = lambda r: C.encode_chat(bb, sft.to_chat(r, str(toy_world)), **SMALL)  # noqa: E731
-    return bb, C.Records(toy_world / "lvr_train.json", limit=24), convert
+    return bb, D.Records(toy_world / "lvr_train.json", limit=24), convert
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -132,13 +133,13 @@ def test_lazy_micro_batches_equal_the_eager_ones(lvr_records, workers):
     """Same seed → the same micro-batches, sample for sample (tensor-equal, pixels included), over an epoch
     boundary; and packed in the workers (M-RoPE position ids there) = packed here from the eager samples."""
     bb, records, convert = lvr_records
-    eager = C.build_dataset((records[i] for i in range(len(records))), convert, C.Skips(), desc="lvr")
-    eager_order = C.MicroBatches([len(s["input_ids"]) for s in eager], per_micro=3, seed=7)
-    lazy = C.LazySamples(records, convert, C.Skips(), desc="lvr", workers=workers)
+    eager = D.build_dataset((records[i] for i in range(len(records))), convert, D.Skips(), desc="lvr")
+    eager_order = D.MicroBatches([len(s["input_ids"]) for s in eager], per_micro=3, seed=7)
+    lazy = D.LazySamples(records, convert, D.Skips(), desc="lvr", workers=workers)
     assert lazy.lengths.tolist() == [len(s["input_ids"]) for s in eager]
-    order = C.MicroBatches(lazy.lengths, per_micro=3, seed=7)
-    loader = C.Loader(lazy, order, C.Skips(), workers=workers)
-    packed = C.Loader(lazy, C.MicroBatches(lazy.lengths, per_micro=3, seed=7), C.Skips(), workers=workers,
+    order = D.MicroBatches(lazy.lengths, per_micro=3, seed=7)
+    loader = D.Loader(lazy, order, D.Skips(), workers=workers)
+    packed = D.Loader(lazy, D.MicroBatches(lazy.lengths, per_micro=3, seed=7), D.Skips(), workers=workers,
                       collate=lambda samples: C.pack(bb, samples))
     for got, got_packed, idx in zip(loader.next(10), packed.next(10), eager_order.next(n=10)):  # 8 per epoch
         assert len(got) == len(idx)
@@ -164,15 +165,15 @@ def ids_of(batches):
 
 def test_token_budget_micro_batches_fit_and_are_world_size_independent():
     records, convert = synthetic(300)
-    data = C.LazySamples(records, convert, C.Skips(), max_tokens=200)
-    one = C.Loader(data, C.MicroBatches(data.lengths, token_budget=200, seed=1, window=64), C.Skips())
-    ranks = [C.Loader(data, C.MicroBatches(data.lengths, token_budget=200, seed=1, window=64), C.Skips(), r, 2)
+    data = D.LazySamples(records, convert, D.Skips(), max_tokens=200)
+    one = D.Loader(data, D.MicroBatches(data.lengths, token_budget=200, seed=1, window=64), D.Skips())
+    ranks = [D.Loader(data, D.MicroBatches(data.lengths, token_budget=200, seed=1, window=64), D.Skips(), r, 2)
              for r in (0, 1)]
     single = ids_of(one.next(40))                                    # 2k micro-batches of 1 rank ...
     two = [ids_of(rank.next(20)) for rank in ranks]                  # ... = k of each of 2 ranks, interleaved
     assert single == [b for pair in zip(*two) for b in pair]
     assert all(sum(records[i]["n"] for i in b) <= 200 for b in single)
-    first_epoch = C.MicroBatches(data.lengths, token_budget=200, seed=1, window=64).micro
+    first_epoch = D.MicroBatches(data.lengths, token_budget=200, seed=1, window=64).micro
     seen = [i for b in first_epoch for i in b]
     assert sorted(seen) == list(range(300))                          # an epoch covers every sample once
     fill = sum(data.lengths) / (200 * len(first_epoch))
@@ -184,16 +185,16 @@ def test_resume_from_the_consumed_position(workers):
     """state() after k micro-batches is where they were consumed, not where the workers had prefetched to: a loader
     started from it continues exactly as the uninterrupted one (across an epoch boundary)."""
     records, convert = synthetic(50, seed=3)
-    data = C.LazySamples(records, convert, C.Skips())
-    full = C.Loader(data, C.MicroBatches(data.lengths, per_micro=4, seed=2), C.Skips(), workers=workers)
+    data = D.LazySamples(records, convert, D.Skips())
+    full = D.Loader(data, D.MicroBatches(data.lengths, per_micro=4, seed=2), D.Skips(), workers=workers)
     full = ids_of(full.next(20))
-    first = C.Loader(data, C.MicroBatches(data.lengths, per_micro=4, seed=2), C.Skips(), workers=workers)
+    first = D.Loader(data, D.MicroBatches(data.lengths, per_micro=4, seed=2), D.Skips(), workers=workers)
     head = ids_of(first.next(9))
     state = json.loads(json.dumps(first.state()))                   # as a checkpoint's sidecar stores it
     first.close()
-    order = C.MicroBatches(data.lengths, per_micro=4, seed=2)
+    order = D.MicroBatches(data.lengths, per_micro=4, seed=2)
     order.load_state(state)
-    assert head + ids_of(C.Loader(data, order, C.Skips(), workers=workers).next(11)) == full
+    assert head + ids_of(D.Loader(data, order, D.Skips(), workers=workers).next(11)) == full
 
 
 # ---------------------------------------------------------------- skips: at the lengths pass and in the workers
@@ -208,13 +209,13 @@ def test_skips_are_counted_as_the_eager_path_counts_them(tmp_path, toy_bb):
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
 
     def convert(r):
-        im = C.open_image(r["image"], tmp_path)
-        C.check_bbox(r["bbox"])
-        return C.encode_chat(toy_bb, chat([im], answer=C.text_field(r["answer"], "answer")), **SMALL)
+        im = D.open_image(r["image"], tmp_path)
+        D.check_bbox(r["bbox"])
+        return C.encode_chat(toy_bb, chat([im], answer=D.text_field(r["answer"], "answer")), **SMALL)
 
-    eager_skips, lazy_skips = C.Skips(), C.Skips()
-    eager = C.build_dataset(C.read_records(tmp_path / "d.jsonl", eager_skips), convert, eager_skips, 200, "d")
-    lazy = C.LazySamples(C.Records(tmp_path / "d.jsonl", lazy_skips), convert, lazy_skips, 200, "d")
+    eager_skips, lazy_skips = D.Skips(), D.Skips()
+    eager = D.build_dataset(D.read_records(tmp_path / "d.jsonl", eager_skips), convert, eager_skips, 200, "d")
+    lazy = D.LazySamples(D.Records(tmp_path / "d.jsonl", lazy_skips), convert, lazy_skips, 200, "d")
     assert len(lazy) == len(eager) == 2 and lazy.lengths.tolist() == [len(s["input_ids"]) for s in eager]
     assert dict(lazy_skips.counts) == dict(eager_skips.counts) and sum(lazy_skips.counts.values()) == 7
 
@@ -230,13 +231,13 @@ def test_a_sample_that_fails_only_in_a_worker_is_a_counted_skip(tmp_path, toy_bb
     for i in range(5):
         Image.new("RGB", (56 + 28 * i, 56), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
     records = [{"image": f"{i}.png"} for i in range(5)] + [{"image": "cut.png"}]
-    convert = lambda r: C.encode_chat(toy_bb, chat([C.open_image(r["image"], tmp_path)]), **SMALL)  # noqa: E731
-    skips = C.Skips()
-    data = C.LazySamples(records, convert, skips, desc="d", workers=workers)
+    convert = lambda r: C.encode_chat(toy_bb, chat([D.open_image(r["image"], tmp_path)]), **SMALL)  # noqa: E731
+    skips = D.Skips()
+    data = D.LazySamples(records, convert, skips, desc="d", workers=workers)
     assert len(data) == 6 and not skips.counts                     # the lengths pass cannot see it
-    order = C.MicroBatches(data.lengths, per_micro=1, seed=0)
-    plan = [idx[0] for idx in C.MicroBatches(data.lengths, per_micro=1, seed=0).next(n=6)]
-    got = C.Loader(data, order, skips, workers=workers).next(6)
+    order = D.MicroBatches(data.lengths, per_micro=1, seed=0)
+    plan = [idx[0] for idx in D.MicroBatches(data.lengths, per_micro=1, seed=0).next(n=6)]
+    got = D.Loader(data, order, skips, workers=workers).next(6)
     assert dict(skips.counts) == {"unreadable image": 1} and skips.examples["unreadable image"] == "d[5]"
     widths = [int(b[0]["image_grid_thw"][0, 2]) for b in got]
     expect = [(56 + 28 * ((j + 1) % 6 if j == 5 else j)) // 14 for j in plan]   # cut.png's turn: sample 0 stands in
@@ -245,6 +246,6 @@ def test_a_sample_that_fails_only_in_a_worker_is_a_counted_skip(tmp_path, toy_bb
 
 def test_to_device_moves_only_the_named_keys():
     batch = [{"full": {"pixel_values": torch.ones(2), "input_ids": torch.ones(3)}, "n": 1}]
-    out = C.to_device(batch, "meta", keys=("pixel_values",))
+    out = D.to_device(batch, "meta", keys=("pixel_values",))
     assert out[0]["full"]["pixel_values"].is_meta and not out[0]["full"]["input_ids"].is_meta and out[0]["n"] == 1
-    assert C.to_device(batch, "meta")[0]["full"]["input_ids"].is_meta
+    assert D.to_device(batch, "meta")[0]["full"]["input_ids"].is_meta

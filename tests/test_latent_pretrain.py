@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common as C
+import dataloader as D
 import runtime as R
 import latent_io as A
 import latent_pretrain as L
@@ -93,7 +94,7 @@ def test_changed_image_set_gets_a_fresh_cache(bb, tmp_path):
     args = L.Args(image_size=56, center="false")
 
     def targets():
-        _, cache = L.load_targets(bb, args, R.Dist(), str(captions), str(img), C.Skips(), tmp_path / "cache")
+        _, cache = L.load_targets(bb, args, R.Dist(), str(captions), str(img), D.Skips(), tmp_path / "cache")
         return cache.dir, cache.get(["1"])[1]
     before, z_before = targets()
     assert targets()[0] == before                                 # unchanged data: the same cache is reused
@@ -212,15 +213,15 @@ def test_caption_sample_layout(bb):
 @pytest.mark.parametrize("kind", ["mlp", "none", "attnpool"])
 def test_head_reads_pad_states_of_each_packed_sample(bb, kind):
     torch.manual_seed(0)
-    D = bb.model.config.text_config.hidden_size
-    head = L.LatentHead(kind, D, D, 48, 4, 0.07, "infonce")
+    dim = bb.model.config.text_config.hidden_size
+    head = L.LatentHead(kind, dim, dim, 48, 4, 0.07, "infonce")
     ids = [bb.token_id(t) for t in (L.LATENT_START, L.LATENT_PAD, L.LATENT_END)]
     module = L.LatentPretrainer(bb.model, head, ids, 4, -1).eval()
     samples = [L.encode_caption(bb, c, 4) for c in ("a red square", "two blue circles and a big green triangle")]
     batch = C.pack(bb, samples, extra_keys=("caption_mask",))
     with torch.no_grad():
         _, z_hat, _, _ = module(batch["input_ids"], batch["position_ids"], batch["caption_mask"], batch["seq_lens"])
-        assert z_hat.shape == (2, 4, D)
+        assert z_hat.shape == (2, 4, dim)
         for b, s in enumerate(samples):                          # independent: each sample alone, unpacked
             h = bb.model.model(input_ids=s["input_ids"][None], use_cache=False).last_hidden_state[0]
             pads = h[s["input_ids"] == bb.token_id(L.LATENT_PAD)][None]
@@ -232,13 +233,13 @@ def test_head_reads_pad_states_of_each_packed_sample(bb, kind):
 def test_padded_baseline_equals_packed(name, kind):
     """--no-pack (right-padded rows + attention mask) gives the packed loss terms and gradients."""
     b = C.load_backbone(name)
-    D = b.model.config.text_config.hidden_size
+    dim = b.model.config.text_config.hidden_size
     args = L.Args(head=kind)
-    module = L.build_module(b, args, D)
+    module = L.build_module(b, args, dim)
     samples = [L.encode_caption(b, c, 4) for c in ("a red square", "two blue circles and a big green triangle",
                                                     "a tiny yellow circle")]
     torch.manual_seed(0)
-    z_tok, z_glob = torch.randn(3, 4, D), torch.randn(3, D)
+    z_tok, z_glob = torch.randn(3, 4, dim), torch.randn(3, dim)
     runs = []
     for make in (C.pack, C.pad_batch):
         module.zero_grad(set_to_none=True)
@@ -259,12 +260,12 @@ def test_padded_baseline_equals_packed(name, kind):
 @pytest.mark.parametrize("name", ["toy", "toy-qwen3vl"])   # untied / tied input and output embeddings
 def test_latent_rows_train_at_head_lr_and_export_is_plain(name, tmp_path):
     b = C.load_backbone(name)
-    D = b.model.config.text_config.hidden_size
-    module = L.build_module(b, L.Args(), D)
+    dim = b.model.config.text_config.hidden_size
+    module = L.build_module(b, L.Args(), dim)
     assert module.tied == (name == "toy-qwen3vl")
     batch = C.pack(b, [L.encode_caption(b, c, 4) for c in ("a red square", "two blue circles")], ("caption_mask",))
     torch.manual_seed(0)
-    z_tok, z_glob = torch.randn(2, 4, D), torch.randn(2, D)
+    z_tok, z_glob = torch.randn(2, 4, dim), torch.randn(2, dim)
     emb = b.model.get_input_embeddings().weight
 
     def step(lr, head_lr):
@@ -366,7 +367,7 @@ def test_webdataset_shards_stream_into_the_cache(bb, tmp_path):
                     info = tarfile.TarInfo(f"{s:02d}{i:04d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    pairs, images = L.read_pairs(str(tmp_path / "cc-{00..01}.tar"), "", C.Skips())
+    pairs, images = L.read_pairs(str(tmp_path / "cc-{00..01}.tar"), "", D.Skips())
     assert pairs is None and len(images["__wds__"]) == 2
     L.extract_targets(bb, L.Args(image_size=56), R.Dist(), images, tmp_path / "cache")
     cache = L.TargetCache(tmp_path / "cache")
@@ -401,7 +402,7 @@ def test_skips_count_captions_on_fresh_and_reused_caches(bb, tmp_path):
     data["images"].append({"id": 7, "file_name": "missing.png"})
     captions.write_text(json.dumps(data))
     for run in ("fresh", "reused"):
-        skips = C.Skips()
+        skips = D.Skips()
         pairs, _ = L.load_targets(bb, L.Args(image_size=56), R.Dist(), str(captions), str(img), skips,
                                   tmp_path / "cache")
         assert dict(skips.counts) == {"missing image": 5}, run

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common as C
+import dataloader as D
 import eval as E
 import lvr
 import lvr_grpo
@@ -105,11 +106,11 @@ def test_layout_labels_and_skips(bb):
     assert t[lvr.LVR_LATENT_END] not in paper["input_ids"].tolist()
     capped = lvr.convert_sft(record(0, [0.0, 0.0, 1.0, 1.0]), bb, sft_args(max_roi_tokens=3))
     assert len(capped["roi"]) == 3 and (capped["input_ids"] == t[lvr.LVR]).sum() == 3
-    skips = C.Skips()
+    skips = D.Skips()
     bad = [record(1, [0.5, 0.5, 0.4, 0.9]), record(2, [0.1, 0.1, 1.5, 0.9]), {"image": ["nope.png"]},
            {**record(3, [0.1, 0.1, 0.5, 0.5]), "image": ["missing.png"]}, record(4, [0.1, 0.1, 0.5, 0.5], answer="")]
     bad[-1]["conversations"][1]["value"] = "<lvr>\n<answer>  </answer>"
-    assert C.build_dataset(bad, lambda r: lvr.convert_sft(r, bb, args), skips) == []
+    assert D.build_dataset(bad, lambda r: lvr.convert_sft(r, bb, args), skips) == []
     assert sum(skips.counts.values()) == 5
 
 

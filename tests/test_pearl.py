@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common as C
+import dataloader as D
 import runtime as R
 import pearl as P
 from common import IGNORE
@@ -187,10 +188,10 @@ def test_views_thinkmorph_and_skips(tmp_path):
                                                "The marked circle is blue. The answer is (C).<|im_end|>")
     assert len(ex["full"]["image_grid_thw"]) == 2
     assert "colour of the circle" not in bb.tokenizer.decode(ex["traj"]["input_ids"])
-    skips = C.Skips()
+    skips = D.Skips()
     bad = [lvr_record(tmp_path, 1, bbox=(0.5, 0.5, 1.2, 0.9)), lvr_record(tmp_path, 2, bbox=(0.5, 0.5, 0.5, 0.9)),
            {**lvr_record(tmp_path, 3), "image": ["nope.png"]}, {"foo": 1}, lvr_record(tmp_path, 4)]
-    data = C.build_dataset(bad, lambda r: encode(bb, args, r, tmp_path), skips)
+    data = D.build_dataset(bad, lambda r: encode(bb, args, r, tmp_path), skips)
     assert len(data) == 1 and sum(skips.counts.values()) == 4, skips.summary()
 
 
