@@ -457,12 +457,12 @@ def lm_head_returns_loss(model, targets: torch.Tensor, chunk: int = CE_CHUNK):
             head.forward = own_forward
 
 
-def lm_loss(model, batch: dict, device) -> torch.Tensor:
+def lm_loss(model, batch: dict, device, chunk: int = CE_CHUNK) -> torch.Tensor:
     """L_CE = next_token_loss(model(batch).logits, labels), lean: the final hidden states are kept only where a token
     is supervised (`logits_to_keep`, [n, D]) and the LM head's cross-entropy runs in chunks (chunked_ce), so neither
     [B, L, V] nor [n, V] logits ever exist (16k packed tokens × 152k vocabulary × fp32 ≈ 10 GB)."""
     keep, target = supervised_positions(batch["labels"])
-    with lm_head_returns_loss(model, target.to(device)):
+    with lm_head_returns_loss(model, target.to(device), chunk):
         return model(**model_inputs(batch, device), logits_to_keep=keep.to(device)).logits
 
 
