@@ -5,8 +5,8 @@
                 random:qwen2.5-vl-3b/7b; rank0_only: meta off rank 0), is_toy, qwen_tokenizer (the real one, offline)
   surgery       add_special_tokens
   preprocessing smart_resize, encode_chat (a chat -> token ids, exact labels, pixels, grids), lengths_only
-  batches       pack (padding-free), pad_batch, model_inputs, next_token_loss, lm_loss (logits only where
-                supervised)
+  batches       pack (padding-free), pad_batch, model_inputs, next_token_loss, lm_loss (hidden states only where
+                supervised, cross-entropy in checkpointed chunks: chunked_ce, lm_head_returns_loss)
 
 dataloader.py (records, the micro-batch order, lazy loading) and runtime.py (precision, FSDP2, checkpoints,
 arguments, logging) import this file, never the reverse.
@@ -17,6 +17,7 @@ A sample is a chat: ``[{"role": "system"|"user"|"assistant", "content": str | [p
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import weakref
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -392,7 +394,8 @@ def model_inputs(batch: dict, device) -> dict:
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_CE: mean next-token cross-entropy over supervised tokens (fp32)."""
+    """L_CE: mean next-token cross-entropy over supervised tokens (fp32), from full logits [B, L, V]. The plain
+    reference the lean losses below are tested against; training uses lm_loss."""
     target = labels[:, 1:].reshape(-1)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE)
 
@@ -405,12 +408,93 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return keep, labels[:, 1:][keep[:, :-1]]
 
 
-def lm_loss(model, batch: dict, device) -> torch.Tensor:
-    """L_CE = next_token_loss(model(batch).logits, labels), with logits only where a token is supervised: [n, V],
-    never [B, L, V] (16k packed tokens × 152k vocabulary × fp32 ≈ 10 GB; an LVR sample supervises ~10 of ~1,000)."""
+CE_CHUNK = 1024   # rows of logits alive at once: 1,024 × 151,936 × fp32 = 0.6 GB (16k rows at once: 10 GB)
+
+
+def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK,
+               bias: torch.Tensor | None = None, reduction: str = "mean", fused: bool = True) -> torch.Tensor:
+    """L_CE = F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=IGNORE) ("mean" over the targets that
+    are not IGNORE, or "sum"), without ever holding more than `chunk` rows of logits: each chunk (linear → log-softmax
+    in fp32 at least → pick the target) runs under activation checkpointing, so backward keeps only `hidden` and
+    recomputes one chunk's logits at a time. On CUDA with liger-kernel installed (and `fused`), its fused linear
+    cross-entropy (Triton) computes the same."""
+    if fused and hidden.is_cuda and (liger := _liger_fused_ce()) is not None:
+        return _liger_ce(liger, hidden, weight, targets, bias, reduction)
+    total = 0.0
+    for i in range(0, max(len(hidden), 1), chunk):      # (no rows: one empty chunk, so the sum has a graph)
+        total = total + checkpoint(_chunk_nll_sum, hidden[i:i + chunk], weight, bias, targets[i:i + chunk],
+                                   use_reentrant=False)
+    return total if reduction == "sum" else total / (targets != IGNORE).sum()   # 0 targets: nan, as F.cross_entropy
+
+
+def _chunk_nll_sum(h, weight, bias, targets):
+    logits = F.linear(h, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))        # bf16 logits: log-softmax in fp32
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+
+
+@functools.cache
+def _liger_fused_ce():
+    """liger-kernel's fused linear cross-entropy if it is installed (optional: pip install liger-kernel), else None."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        return liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+
+
+def _liger_ce(liger, hidden, weight, targets, bias, reduction):
+    # the kernel wants one dtype: the autocast dtype if autocast is on (what F.linear would compute in), else hidden's
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+    with torch.autocast("cuda", enabled=False):
+        loss = liger(hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),
+                     ignore_index=IGNORE, reduction=reduction)
+    return (loss if torch.is_tensor(loss) else loss[0]).float()       # (some versions return (loss, z_loss))
+
+
+def lm_head_weight(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) the LM head multiplies by: an nn.Linear's own; with peft's trainable token rows on a head
+    tied to the input embeddings (Pearl on Qwen2.5-VL-3B / toy-qwen3vl), the base matrix with the trained rows
+    written in, as the wrapper's own forward computes it."""
+    if isinstance(head, torch.nn.Linear):
+        return head.weight, head.bias
+    adapter = getattr(head, "token_adapter", None)                     # peft's TrainableTokensWrapper
+    if adapter is not None and isinstance(adapter.base_layer, torch.nn.Linear):
+        active = [] if adapter.disable_adapters else adapter.active_adapters
+        return adapter.get_merged_weights(active), adapter.base_layer.bias
+    raise TypeError(f"lm_head_weight: an LM head of type {type(head).__name__} is not supported")
+
+
+@contextmanager
+def lm_head_returns_loss(model, targets: torch.Tensor, chunk: int = CE_CHUNK):
+    """While open, the model's LM head returns chunked_ce(its input rows, its weight, targets) in place of logits,
+    so `model(..., logits_to_keep=keep).logits` is the loss. The weight is used inside the model's own forward, where
+    FSDP2 has gathered it (it sits in the root unit, which FSDP2 keeps unsharded from forward until its backward, so
+    the recomputing chunks find it too); tied embeddings are the same Parameter, gathered once."""
+    head = model.get_output_embeddings()
+    own_forward = head.__dict__.get("forward")          # an instance-level forward someone patched in, restored after
+
+    def loss_forward(hidden):
+        weight, bias = lm_head_weight(head)
+        return chunked_ce(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk, bias)
+
+    head.forward = loss_forward
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
+
+
+def lm_loss(model, batch: dict, device, chunk: int = CE_CHUNK) -> torch.Tensor:
+    """L_CE = next_token_loss(model(batch).logits, labels), lean: the final hidden states are kept only where a token
+    is supervised (`logits_to_keep`, [n, D]) and the LM head's cross-entropy runs in chunks (chunked_ce), so neither
+    [B, L, V] nor [n, V] logits ever exist (16k packed tokens × 152k vocabulary × fp32 ≈ 10 GB)."""
     keep, target = supervised_positions(batch["labels"])
-    logits = model(**model_inputs(batch, device), logits_to_keep=keep.to(device)).logits
-    return F.cross_entropy(logits.float(), target.to(device))
+    with lm_head_returns_loss(model, target.to(device), chunk):
+        return model(**model_inputs(batch, device), logits_to_keep=keep.to(device)).logits
 
 
 # ----------------------------------------------------------------------------------------------------------------

