@@ -48,9 +48,9 @@ def sft_times(bb, args, repeats: int, batch: int) -> dict:
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
 
-    def plain_step():   # sft.py's step (sft_loss reads only args.pack)
+    def plain_step():   # sft.py's step: its collate (pack, done in sft.py's loader workers) + sft_loss
         with R.compute_context(args.dtype, device):
-            loss = sft.sft_loss(bb.model, plain, bb, args, device)
+            loss = sft.sft_loss(bb.model, (C.pack if args.pack else C.pad_batch)(bb, plain), device)
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
 
