@@ -62,9 +62,18 @@ def meminfo_gb(path: str, key: str) -> float:
         return 0.0
 
 
-def measure(mode: str, tokens: int, sup: float, a) -> dict:
+def measure(mode: str, tokens: int, sup: float, a, tries: int = 3) -> dict:
     """One measurement in a child process, started once the machine has --wait-gb available (other processes share
-    it), then watched: killed past --max-gb (its own size) or when the machine falls under --floor-gb available."""
+    it), then watched: killed past --max-gb (its own size) or when the machine falls under --floor-gb available (then
+    tried again, up to `tries` times: the shortage was someone else's)."""
+    for _ in range(tries - 1):
+        row = watched_run(mode, tokens, sup, a)
+        if row.get("why") != "killed: machine short of memory":
+            return row
+    return watched_run(mode, tokens, sup, a)
+
+
+def watched_run(mode: str, tokens: int, sup: float, a) -> dict:
     waited = time.time()
     while meminfo_gb("/proc/meminfo", "MemAvailable") < a.wait_gb and time.time() - waited < 3600:
         time.sleep(5)
