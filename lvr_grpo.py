@@ -8,7 +8,7 @@ teacher-forced pass writes the stored latents back at their recorded positions a
 token; the loss is PPO's clipped ratio plus β·KL_k3 to the frozen stage-1 model.
 
 Launch (the same file runs under python and torchrun; FSDP2 shards under torchrun):
-    python lvr_grpo.py                              # CPU toy: GRPO_latent from runs/lvr/export (python lvr.py first)
+    python lvr_grpo.py                              # CPU toy: GRPO_latent from runs/lvr/export (trained if missing)
     torchrun --nproc_per_node 8 lvr_grpo.py --model runs/lvr3b/export --data ViRL39K/lvr_grpo.json \\
         --run-dir runs/lvr3b_grpo                                                 # the paper's stage 2
     python eval.py --benchmark vstar --data-dir data/vstar_bench --model runs/lvr3b_grpo/export --mode latent --prompt answer-tag
@@ -29,8 +29,11 @@ given on the command line, printed at start-up. Every detail is in docs/lvr.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,17 +101,26 @@ TOY_PRESET = dict(lr=1e-4, steps=6, max_new_tokens=48, min_pixels=16 * 28 * 28, 
                   activation_checkpointing=False, eval=True, eval_limit=100, eval_force_span=True, data_workers=0)
 
 
+TOY_STAGE1 = "runs/lvr/export"       # the default --model: `python lvr.py`'s export, trained first when missing
+
+
+def missing_toy_stage1(args: Args) -> bool:
+    return args.model == TOY_STAGE1 and not Path(args.model, "config.json").exists()
+
+
 def resolve(args: Args, explicit: set[str] | None = None) -> Args:
-    """The toy preset (toy backbone only) on the fields not in `explicit` (default: the fields still at their
-    dataclass default); `--data toy` → the toy world. No model is loaded."""
+    """The toy preset (toy backbone, or the default stage-1 export that main trains when missing) on the fields not
+    in `explicit` (default: the fields still at their dataclass default); `--data toy` → the toy world. No model is
+    loaded."""
     explicit = R.changed_fields(args) if explicit is None else explicit
-    if C.is_toy(args.model):
+    if C.is_toy(args.model) or missing_toy_stage1(args):
         R.apply_preset(args, TOY_PRESET, explicit, "toy preset", "model is the toy backbone")
     if args.data == "toy":
         from toy_world import ensure_toy_world
         args.data = str(Path(ensure_toy_world("data/toy", seed=0)) / "lvr_grpo.json")
     args.image_root = args.image_root or os.path.dirname(args.data)
-    return R.check_args(args)
+    R.check_args(dataclasses.replace(args, model="toy") if missing_toy_stage1(args) else args)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,6 +258,11 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, epsilon: float = 0.2, beta: f
 def main(args: Args, explicit: set[str] | None = None):
     d = R.init_distributed()
     resolve(args, explicit)
+    if missing_toy_stage1(args):                  # the no-argument toy run on a fresh machine: stage 1 first
+        if d.world > 1:
+            R.arg_error(f"--model {TOY_STAGE1}: no such export; run `python lvr.py` first")
+        print(f"no stage-1 export at {TOY_STAGE1}: training the toy one with `python lvr.py --eval false`")
+        subprocess.run([sys.executable, str(Path(__file__).with_name("lvr.py")), "--eval", "false"], check=True)
     R.save_run_config(args.run_dir, args)
     R.seed_everything(args.seed)
     bb = C.load_backbone(args.model, d.device, dtype=torch.float32,      # fp32 master weights; compute: --dtype
