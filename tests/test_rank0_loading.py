@@ -80,7 +80,8 @@ def checkpoints(tmp_path_factory):
 def test_rank0_loading_equals_the_checkpoint_and_one_process(checkpoints, tmp_path):
     import torch.multiprocessing as mp
     mp.start_processes(_rank_worker, args=(2, str(tmp_path / "init"), checkpoints, str(tmp_path)), nprocs=2,
-                       start_method="fork")        # fork: the children inherit the imports (transformers: ~10 s)
+                       start_method="spawn")       # not fork: a fork of a process whose OpenMP / gloo threads
+                                                   # already ran can deadlock in the child (it hung the suite at 2 threads)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for path in checkpoints:
         bb = C.load_backbone(path, dtype=torch.float32)                  # one process: the plain path
