@@ -78,6 +78,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from glob import glob
+from pathlib import Path
 
 import pandas as pd
 from PIL import Image
@@ -819,6 +820,29 @@ def evaluate(args, backbone=None, generate=None):
     if args.score_only and args.strict and summary["missing_predictions"]:
         raise SystemExit(f"--strict: {summary['missing_predictions']} items have no prediction")
     return summary
+
+
+def compare(columns: dict, benchmarks: list[str], data_dir, run_dir: str, **settings) -> dict:
+    """Every method's end-of-run evaluation: each column {"model": dir or id, any Args field, optionally "backbone" (a
+    loaded model) and "generate" (the method's seam)} on each benchmark, `data_dir(benchmark)` its folder, predictions
+    afresh in run_dir/eval/<benchmark>_<column>.json; `settings` apply to every column. A model is loaded once. Prints
+    one markdown row per benchmark (chance, then score ± binomial SE per column); returns {bench: {column: summary}}."""
+    rows, loaded = {}, {}
+    for name, column in columns.items():
+        column = dict(column)
+        generate, backbone = column.pop("generate", None), column.pop("backbone", None)
+        if backbone is None and column["model"] not in loaded:
+            loaded[column["model"]] = load_model(Args(model=column["model"]))
+        for bench in benchmarks:
+            out = str(Path(run_dir, "eval", f"{bench}_{name}.json"))
+            args = Args(**{"benchmark": bench, "data_dir": str(data_dir(bench)), "output": out, "overwrite": True,
+                           **settings, **column})
+            rows.setdefault(bench, {})[name] = evaluate(args, backbone or loaded[column["model"]], generate)
+    print("| benchmark | chance | " + " | ".join(f"{n}: {c['model']}" for n, c in columns.items()) + " |")
+    for bench, row in rows.items():
+        print(f"| {bench} | {next(iter(row.values()))['chance']:.1f} | " +
+              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in row.values()) + " |")
+    return rows
 
 
 def markdown_table(paths):

@@ -28,9 +28,7 @@ not given on the command line, printed at start-up. Every detail, with the paper
 | ROI length | all T tokens | `--max-roi-tokens K` (evenly spaced) | released; repo issue #7 |
 | stage-1 batches | padding-free packing | `--no-pack` (same loss and gradients) | this repo |
 | decoding | N = 8 fixed latent steps, greedy, KV cache | eval.py `--latent-steps`; `latent_generate(mode="token")` | paper |
-| batch | 3 per micro (8 × 8 × 3 ≈ released 200) | `--per-micro` | this repo (paper: none) |
-| latent ablations | none | `--eval-ablations`, eval.py `--latent-ablation` | this repo |
-| precision | fp32 master weights, bf16 compute; export in the compute dtype | `--dtype` | this repo |
+| batch, precision | 3 per micro (8 × 8 × 3 ≈ released 200); fp32 masters, bf16 compute | `--per-micro` | this repo |
 
 Qwen3-VL is not supported (deepstack features would need their own ROI taps).
 """
@@ -62,19 +60,15 @@ LVR_TOKENS = [LVR_START, LVR, LVR_LATENT_END, LVR_END]
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
-    model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | hub id "
-                                                              "| local dir"})
+    model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy | hub id | dir"})
     data: str = field(default="toy", metadata={"help": "records, or 'toy' (data/toy/lvr_train.json)"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
     run_dir: str = field(default="runs/lvr", metadata={"help": "output directory"})
     steps: int = field(default=2500, metadata={"help": "optimizer steps"})
     grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step"})
     per_micro: int = field(default=3, metadata={"help": "samples per micro-batch"})
-    micro_tokens: int = field(default=0, metadata={"help": "tokens per micro-batch: 0 = --per-micro samples (the "
-                                                           "paper's batches); N = packed rows of at most N tokens, so "
-                                                           "ranks do equal work (longer samples are counted skips)"})
-    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode samples "
-                                                           "(decode, resize, tokenise); 0 = in the training process"})
+    micro_tokens: int = field(default=0, metadata=R.MICRO_TOKENS_HELP)
+    data_workers: int = field(default=4, metadata=R.DATA_WORKERS_HELP)
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
@@ -100,16 +94,14 @@ class Args:
     eval_benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "toy eval sets under data/toy/eval"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
     eval_ablations: str = field(default="none", metadata={"help": "none | zeros | noise | shuffle | remove, ..."})
-    eval_force_span: bool = field(default=False, metadata={"help": "evaluate with the latent span opened at the start "
-                                                                   "of the answer (eval.py --latent-force-span); "
-                                                                   "default: the model opens it itself (paper)"})
+    eval_force_span: bool = field(default=False, metadata={"help": "open the latent span at the answer's start "
+                                                                   "(default: the model opens it, as in the paper)"})
     dtype: str = field(default="auto", metadata=R.DTYPE_HELP)
 
 
-# A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and
-# printed) only when the model is the toy backbone or an export of it, and only to the fields not given. lr 3e-3:
-# at 1e-3 the toy never learns to emit <|lvr_start|> in 60 steps; even at 3e-3 it opens the span on ≤ 36 % of eval
-# prompts, so the toy evaluates with the span forced (bench/bench_lvr_guard.py, docs/lvr.md).
+# The toy backbone (or an export of it) only, on the fields not given, printed. At lr 1e-3 the toy never emits
+# <|lvr_start|> in 60 steps; at 3e-3 it opens the span on ≤ 36 % of prompts, so it is evaluated with the span forced
+# (bench/bench_lvr_guard.py, docs/lvr.md).
 TOY_PRESET = dict(lr=3e-3, steps=60, per_micro=8, grad_accum=1, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28,
                   activation_checkpointing=False, eval=True, eval_limit=100, eval_force_span=True, data_workers=0)
 
@@ -141,20 +133,10 @@ def roi_token_indices(bbox, grid_thw, merge: int = 2) -> list[int]:
 
 
 def read_record(rec, args: Args):
-    """LLaVA-style record → (user message, answer text, its one image); malformed records are counted skips."""
-    if not isinstance(rec, dict):
-        raise C.SkipSample("record is not a JSON object")
-    conv, img = rec.get("conversations"), rec.get("image")
-    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv[:2]) \
-            or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
-        raise C.SkipSample("malformed conversations")
-    img = img if not isinstance(img, list) else img[0] if len(img) == 1 else None
-    if img is None or isinstance(img, (bool, int, float, list, tuple)) or not img:  # a path, bytes or PIL image
-        raise C.SkipSample("not exactly one image")
-    q = D.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "").strip()
-    img = D.open_image(img, args.image_root)
-    user = {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": q}]}
-    return user, D.text_field(conv[1].get("value"), "answer"), img
+    """An LVR / Visual-CoT record → (user message, answer text, its one image); malformed records are counted skips."""
+    question, answer, image = D.visual_cot(rec, args.image_root)
+    user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+    return user, answer, image
 
 
 def convert_sft(rec, bb: C.Backbone, args: Args, with_span: bool = True) -> dict:
@@ -369,23 +351,17 @@ def latent_generate(bb: C.Backbone, samples, num_latent_steps: int = 8, max_new_
                     model=None, sync: bool = False, prefix_tokens: list[list[int]] | None = None,
                     ablate: str = "none", ablate_seed: int = 0):
     """Decode a batch with latent reasoning. `samples`: encode_chat(..., add_generation_prompt=True) dicts.
-
     mode "fixed": after a row emits `<|lvr_start|>`, its next `num_latent_steps` inputs are head(H_prev) instead of
-    token embeddings; "token": latent inputs until the model would emit `<|lvr_latent_end|>` / `<|lvr_end|>`
-    (at most `max_latent_steps` per span). `force_end` forces `<|lvr_latent_end|><|lvr_end|>` after the span.
-    `use_cache=False` recomputes the full sequence every step (reference/benchmark). `sync`: all-reduce "all rows
-    done" so every FSDP rank makes the same number of forward calls. `prefix_tokens[b]`: tokens forced before free
-    decoding (log-prob 0); a prompt or prefix ending in `<|lvr_start|>` starts latent mode. Invalid tokens
-    (SpanState) are never picked; the log-probs are those of this masked distribution.
-
-    `ablate` (test-time, "do the latents matter?"; the tokens are unchanged except for remove): zeros; noise =
-    Gaussian at the norm of the latent it replaces (seeded by `ablate_seed`); shuffle = item b gets the i-th latent
-    of item derangement(B, seed)[b] from an intact first pass with the same sampling state (cyclically; zeros when
-    it has none; a batch of 1 falls back to noise, with a warning); remove = `<|lvr_start|>` is followed directly
-    by forced `<|lvr_latent_end|><|lvr_end|>`.
-    Returns per row {"token_ids" (latent inputs appear as `<|lvr|>`, EOS kept), "latents" [n, D] (the vectors fed),
-    "latent_positions" [n] (completion indices of the latent slots), "states" [n, D] (head(H) there, = latents
-    unless ablated), "logprobs" [len(token_ids)] (0 at latent inputs and forced tokens), "text" (EOS dropped)}."""
+    token embeddings; "token": latent inputs until the model would emit `<|lvr_latent_end|>` / `<|lvr_end|>` (at most
+    `max_latent_steps`). `force_end` forces `<|lvr_latent_end|><|lvr_end|>` after the span. `use_cache=False`
+    recomputes the whole sequence each step (the reference). `sync`: every FSDP rank makes as many forwards.
+    `prefix_tokens[b]`: forced before free decoding (log-prob 0). SpanState-invalid tokens are never picked; the
+    log-probs are those of this masked distribution. `ablate` (the tokens unchanged but for remove): zeros; noise at
+    the latent's norm (`ablate_seed`); shuffle = item b gets item derangement(B)[b]'s intact latents (a batch of 1:
+    noise, warned); remove = the span closes at once. Returns per row {"token_ids" (latent inputs as `<|lvr|>`, EOS
+    kept), "latents" [n, D] (the vectors fed), "latent_positions" [n] (completion indices of the latent slots),
+    "states" [n, D] (head(H) there, = latents unless ablated), "logprobs" [len(token_ids)] (0 at latent inputs and
+    forced tokens), "text" (EOS dropped)}."""
     if ablate not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablate!r}: choose from {ABLATIONS}")
     model = model or bb.model
@@ -542,47 +518,29 @@ def saved_layout(path: str) -> bool:
 
 
 def evaluate_export(args: Args, export_dir: str, device) -> dict:
-    """Latent decoding (N in --eval-steps, each latent ablation in --eval-ablations) on the toy eval sets through
-    eval.py (answer-tag protocol). Files: eval/<bench>_N<n>.json (intact), eval/<bench>_N<n>_<ablation>.json."""
+    """Latent decoding, answer-tag protocol, with N in --eval-steps and each latent ablation in --eval-ablations, on the
+    toy eval sets (eval.compare, in process): eval/<bench>_N<n>[_<ablation>].json; on the toy, beside the starting
+    model's plain answers on the same items (eval/<bench>_start.json): does LVR move the score?"""
     import eval as E
     bb = C.load_backbone(export_dir, device)
     attach_saved_head(bb)
-    root = Path(args.data).parent / "eval"
     ablations = [x for x in args.eval_ablations.split(",") if x] or ["none"]
     for bad in set(ablations) - set(ABLATIONS):
         raise ValueError(f"--eval-ablations: unknown {bad!r}, choose from {ABLATIONS}")
-    grid = [(n, abl, bench) for n in [int(x) for x in args.eval_steps.split(",") if x] for abl in ablations
-            for bench in [b for b in args.eval_benchmarks.split(",") if b]]
-    summaries = {}
-    for n, abl, bench in grid:
-        key = f"{bench}/N{n}" + (f"/{abl}" if abl != "none" else "")
-        ea = E.Args(benchmark=bench, data_dir=str(root / bench), model=export_dir, mode="latent", prompt="answer-tag",
-                    latent_steps=n, latent_ablation=abl, latent_force_span=args.eval_force_span, max_new_tokens=32,
-                    min_pixels=args.min_pixels,
-                    max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True,
-                    output=str(Path(args.run_dir, "eval", key.replace("/", "_") + ".json")))
-        summaries[key] = E.evaluate(ea, backbone=bb, generate=generate_latent)
-    for k, s in summaries.items():
-        print(f"eval {k}: {s['overall']:.1f}")
-    if C.is_toy(args.model) and Path(args.model).is_dir():           # the toy: the model it started from, beside
-        print_beside_base(args, root, {k: v for k, v in summaries.items() if k.count("/") == 1})
-    return {k: s["overall"] for k, s in summaries.items()}
-
-
-def print_beside_base(args: Args, root: Path, summaries: dict):
-    """The starting model's plain answers (answer-tag protocol) on the same items, a row per benchmark with chance
-    and the binomial SE: does LVR move the score?"""
-    import eval as E
-    steps = list(dict.fromkeys(k.split("/", 1)[1] for k in summaries))
-    print(f"| benchmark (first {args.eval_limit or 'all'} items) | chance | start: {args.model} | " +
-          " | ".join(f"LVR {n}" + (" (span forced)" if args.eval_force_span else "") for n in steps) + " |")
-    start = E.load_model(E.Args(model=args.model))                  # loaded once, for every benchmark
-    for bench in [b for b in args.eval_benchmarks.split(",") if b]:
-        s = E.evaluate(E.Args(benchmark=bench, data_dir=str(root / bench), model=args.model, prompt="answer-tag",
-                              output=str(Path(args.run_dir, "eval", f"{bench}_start.json")), min_pixels=args.min_pixels,
-                              max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True), backbone=start)
-        cells = [f"{v['overall']:.1f} ± {v['se']:.1f}" for k, v in summaries.items() if k.startswith(bench + "/")]
-        print(f"| {bench} | {s['chance']:.1f} | {s['overall']:.1f} ± {s['se']:.1f} | " + " | ".join(cells) + " |")
+    columns = {"start": {"model": args.model}} if C.is_toy(args.model) and Path(args.model).is_dir() else {}
+    for n in [int(x) for x in args.eval_steps.split(",") if x]:
+        for abl in ablations:
+            columns[f"N{n}" + (f"_{abl}" if abl != "none" else "")] = dict(
+                model=export_dir, backbone=bb, generate=generate_latent, mode="latent", latent_steps=n,
+                latent_ablation=abl, latent_force_span=args.eval_force_span, max_new_tokens=32)
+    if args.eval_force_span:
+        print("LVR columns: the latent span is opened at the start of the answer (--eval-force-span)")
+    rows = E.compare(columns, [b for b in args.eval_benchmarks.split(",") if b],
+                     lambda bench: Path(args.data).parent / "eval" / bench, args.run_dir,
+                     prompt="answer-tag", min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                     limit=args.eval_limit)
+    return {f"{bench}/{name.replace('_', '/')}": s["overall"] for bench, row in rows.items()
+            for name, s in row.items() if name != "start"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -611,13 +569,7 @@ def main(args: Args, explicit: set[str] | None = None):
     model = shard(bb.model, d, args.activation_checkpointing, args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
-    start = 0
-    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
-        meta = R.load_checkpoint(ckpt, model, opt)
-        start = meta["step"]
-        order.load_state(meta["data"])
-    elif args.resume:
-        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    start = R.resume(args, model, opt, order)                          # --resume: weights, optimizer, RNG, data
     loader = D.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="lvr-sft", start_step=start)
     model.train()
@@ -639,9 +591,7 @@ def main(args: Args, explicit: set[str] | None = None):
         lens = [len(s["input_ids"]) for b in batches for s in b]
         log.log(step + 1, {**{k: R.all_reduce_mean(v, d) for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
                            "grad_norm": gnorm}, sum(lens), R.step_flops(bb.model, lens))
-        if args.save_every and (step + 1) % args.save_every == 0:
-            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
+        R.checkpoint_every(args, step + 1, model, opt, loader)
         if step + 1 == args.stop_after:
             break
     loader.close()
@@ -652,9 +602,7 @@ def main(args: Args, explicit: set[str] | None = None):
     # Save and evaluate
     # ------------------------------------------------------------------------------------------------------------
     export_dir = export(bb, model, args, d, latent_end_token=args.latent_end_token)
-    if d.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    R.close_distributed(d)
     if args.eval and d.main:                      # after the process group: no rank waits on a collective timeout
         evaluate_export(args, export_dir, d.device)
     return bb

@@ -13,10 +13,8 @@ Launch (the same file runs under python and torchrun; FSDP2 shards under torchru
     python pearl.py --lam 0 --run-dir runs/pearl_sft    # the SFT baseline (λ = 0); `python pearl.py` then evaluates it
     python pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR --grad-accum 16  # one GPU
     torchrun --nproc_per_node 8 pearl.py --model Qwen/Qwen2.5-VL-7B-Instruct --data lvr.json --image-root DIR
-Data (`--data`, comma-separated): LVR / Visual-CoT JSON, PixelReasoner `message_list`, ThinkMorph parquet, canonical
-`{"messages": [...]}`. Defaults: the released recipe; on a toy model TOY_PRESET fills the fields not given.
-
-Deviations and choices (details and the released code's behaviour: docs/pearl.md):
+Defaults: the released recipe (LoRA r 64 / α 128 / dropout 0.1 on all linear layers but the LM head; AdamW wd 0.1,
+lr 1e-5, cosine, warmup 0.05); on a toy model TOY_PRESET fills the fields not given. Every detail: docs/pearl.md.
 
 | choice | default | flag | source |
 |---|---|---|---|
@@ -27,12 +25,8 @@ Deviations and choices (details and the released code's behaviour: docs/pearl.md
 | NextLat horizon | d = 1 | `--nextlat-horizon` | released code / NextLat paper |
 | predictor rows, dynamics head | trained (rows by peft, head fully) | `--released-quirks` | this repo (released: frozen) |
 | view layout | images encoded once, views packed, trajectory no-grad | `--naive-views` | this repo (tested equal) |
-| LoRA | r 64, α 128, dropout 0.1, all linear layers but the LM head | `--lora-r 0` = full | released scripts |
-| optimiser | AdamW wd 0.1, lr 1e-5, cosine, warmup 0.05 | `--warmup-ratio 0.3` (PixelReasoner) | released scripts |
-| dropout RNG | reseeded per global micro-batch | — | this repo (world size / resume invariant) |
 | precision | fp32 trained weights, bf16 compute, bf16 export | `--dtype` | this repo / released |
 | data conversion | crop turns, tool prompt dropped, missing crops re-executed | — | *inferred* |
-| image budget | 128·28²–5120·28² pixels | `--min-pixels`, `--max-pixels` | LVR data recipe |
 """
 import copy
 import json
@@ -44,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset
@@ -60,9 +53,9 @@ from common import IGNORE
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
-    model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | "
-                                                              "toy-qwen3vl | hub id | local dir"})
-    data: str = field(default="toy", metadata={"help": "comma-separated data files, or 'toy' (the toy world's)"})
+    model: str = field(default="toy-base", metadata=R.MODEL_HELP)
+    data: str = field(default="toy", metadata={"help": "comma-separated: LVR / Visual-CoT JSON, PixelReasoner "
+                                                       "message_list, ThinkMorph parquet, {messages}; or 'toy'"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
     run_dir: str = field(default="runs/pearl", metadata={"help": "output directory"})
     # Pearl
@@ -83,12 +76,8 @@ class Args:
     # training
     steps: int = field(default=2500, metadata={"help": "optimizer steps (LVR data: 2500)"})
     per_micro: int = field(default=4, metadata={"help": "examples per micro-batch (each becomes three views)"})
-    micro_tokens: int = field(default=0, metadata={"help": "full-view tokens per micro-batch: 0 = --per-micro examples "
-                                                           "(the papers' batches); N = at most N, so ranks do equal "
-                                                           "work (longer examples are counted skips)"})
-    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode examples "
-                                                           "(decode, crop, resize, tokenise); 0 = in the training "
-                                                           "process"})
+    micro_tokens: int = field(default=0, metadata=R.MICRO_TOKENS_HELP)   # Pearl: full-view tokens
+    data_workers: int = field(default=4, metadata=R.DATA_WORKERS_HELP)
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per rank per step (8 GPUs × 4 × 2 = 64)"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "linear warmup fraction, then cosine"})
@@ -241,9 +230,8 @@ def predictor_tokens(k: int) -> list[str]:
 
 
 def encode_example(bb, episode, args) -> dict:
-    """Tokenise the three views of one episode. Only the full view keeps pixel values; the input / trajectory views
-    keep their grids (for M-RoPE) and `image_index` into the full view's images, so each distinct image is encoded
-    once. `emb_pos` = the position whose final hidden state represents a view (--embed-position)."""
+    """Tokenise the three views of one episode. Only the full view keeps pixels; the others keep their grids (M-RoPE)
+    and `image_index` into the full view's images. `emb_pos`: the position that represents a view."""
     img = lambda ims: [{"type": "image", "image": im} for im in ims]  # noqa: E731
     system = [{"role": "system", "content": episode["system"]}] if episode["system"] else []
     rest = [{"role": "assistant", "content": s["text"], "train": s["train"]} if s["role"] == "assistant" else
@@ -304,10 +292,9 @@ class DynamicsHead(nn.Module):
 
 
 def setup_model(bb, args):
-    """Adds the K predictor tokens (reusing spare rows when the matrix has them), attaches the dynamics head as
-    `model.pearl_dynamics` (so FSDP2, the optimiser and checkpoints see it; export drops it), copies the LM head
-    (frozen, for the NextLat token term) as `model.pearl_frozen_head`, a module of its own (FSDP2 shards it: no rank
-    holds it whole between steps; export drops it), and applies LoRA. Returns the frozen LM-head module."""
+    """The K predictor tokens (spare rows reused); the dynamics head as `model.pearl_dynamics` and a frozen LM-head
+    copy (NextLat token term) as `model.pearl_frozen_head`, so FSDP2 shards both and export drops both; LoRA.
+    Returns the frozen LM-head module."""
     ids = C.add_special_tokens(bb, predictor_tokens(args.num_predictors), init="mean")
     model = bb.model
     frozen_lm_head = copy.deepcopy(model.get_output_embeddings()).requires_grad_(False)   # Linear(D, V), no bias
@@ -346,10 +333,8 @@ def capture(model):
 
 @contextmanager
 def encode_images_once(model, order: list[int], encoded: dict):
-    """Inside the model's forward, `get_image_features` encodes the distinct images once and hands back their
-    embeddings repeated in placeholder order (`order[j]` = the distinct image behind the j-th image placeholder).
-    Done in the forward rather than via `mm_encoder_outputs` so FSDP2's root unit is unsharded when it runs. The
-    distinct images' embeddings are left in `encoded` for `reuse_images`."""
+    """Inside the model's forward (where FSDP2's root unit is unsharded) encode the distinct images once and hand back
+    their embeddings in placeholder order (`order[j]`: the image behind the j-th placeholder); keep them in `encoded`."""
     inner = model.model
     original = inner.get_image_features
 
@@ -370,9 +355,8 @@ def encode_images_once(model, order: list[int], encoded: dict):
 
 
 def reuse_images(encoded: dict, order: list[int]) -> dict:
-    """`mm_encoder_outputs` for a later forward: the embeddings `encode_images_once` computed, detached, in this
-    forward's placeholder order (no parameters run, so nothing for FSDP2 to unshard). The one seam into transformers'
-    internals (the object must be the class `get_image_features` returns): tested by test_reuse_images_seam."""
+    """`mm_encoder_outputs` for a later forward: `encoded`, detached, in its placeholder order (no parameters run).
+    The one seam into transformers' internals (the class `get_image_features` returns): test_reuse_images_seam."""
     pick = lambda feats: tuple(feats[j].detach() for j in order)  # noqa: E731
     fields = {"pooler_output": pick(encoded["pooled"])}
     if encoded["deep"] is not None:  # Qwen3-VL: deepstack features, one tuple per injected layer
@@ -381,10 +365,9 @@ def reuse_images(encoded: dict, order: list[int]) -> dict:
 
 
 def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive: bool = False):
-    """Run the views `names` (full first) of every example. Returns per-view lists of final hidden states [L, H] and
-    input embeddings [L, H], and L_VLM: the full views' next-token loss, computed inside the forward by the LM head at
-    the supervised positions only, in chunks (common.lm_head_returns_loss: no [L, V] logits). Every example has I0,
-    so its full view holds all of its distinct images."""
+    """Run the views `names` (full first) of every example. Returns per-view lists of final hidden states and input
+    embeddings ([L, H] each), and L_VLM: the full views' next-token loss, by the LM head at the supervised positions
+    only, in chunks (common.lm_head_returns_loss: no [L, V] logits)."""
     with capture(model) as cap:
         if naive:  # released layout: views stacked along the batch, padded, every view re-encoding its images
             dev, n_views = next(model.parameters()).device, len(names)
@@ -412,10 +395,9 @@ def forward_views(bb, model, examples: list[dict], names: tuple[str, ...], naive
 
 
 def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...], encoded: dict):
-    """One packed row holding the views `names` of every example (example-major). With the full view among them the
-    distinct images are encoded here (into `encoded`) and L_VLM is returned (the LM head at the full views' supervised
-    positions, chunked); otherwise the embeddings already in `encoded` are reused and the LM head runs at one position
-    only. Returns (hidden, embeds) split per view, L_VLM or None."""
+    """One packed row of the views `names` of every example. With the full view (which holds all of an example's
+    images) the images are encoded into `encoded` and L_VLM is returned; otherwise `encoded` is reused and the LM head
+    runs at one position. Returns (hidden, embeds) split per view, L_VLM or None."""
     dev = next(model.parameters()).device
     views = [ex[n] for ex in examples for n in names]
     batch = C.pack(bb, views)
@@ -441,20 +423,16 @@ def packed_forward(bb, model, cap, examples: list[dict], names: tuple[str, ...],
 # ----------------------------------------------------------------------------------------------------------------
 # Losses: L = L_VLM + λ·(L_JEPA + L_NextLat)
 # ----------------------------------------------------------------------------------------------------------------
+JEPA_DISTANCES = {"cosine": lambda p, t: 1 - F.cosine_similarity(p, t, dim=-1),           # D(ĥ_R, h_R) per example
+                  "smoothl1": lambda p, t: F.smooth_l1_loss(p, t, reduction="none").mean(-1),
+                  "l2": lambda p, t: (p - t).norm(dim=-1), "mse": lambda p, t: ((p - t) ** 2).mean(-1)}
+
+
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
     """L_JEPA = D(ĥ_R, sg[h_R]) per example, averaged over the batch. pred, target: [B, H]."""
-    pred, target = pred.float(), target.detach().float()
-    if metric == "cosine":
-        distance = 1 - F.cosine_similarity(pred, target, dim=-1)
-    elif metric == "smoothl1":
-        distance = F.smooth_l1_loss(pred, target, reduction="none").mean(-1)
-    elif metric == "l2":
-        distance = (pred - target).norm(dim=-1)
-    elif metric == "mse":
-        distance = ((pred - target) ** 2).mean(-1)
-    else:
+    if metric not in JEPA_DISTANCES:
         raise ValueError(f"unknown --jepa-metric {metric!r}")
-    return distance.mean()
+    return JEPA_DISTANCES[metric](pred.float(), target.detach().float()).mean()
 
 
 def nextlat_loss(head, hidden: list, embeds: list, labels: list, frozen_lm_head, horizon: int = 1,
@@ -557,23 +535,16 @@ EVAL_DIRS = {"vstar": "eval/vstar", "mmvp": "eval/mmvp", "blink": "eval/blink", 
 
 
 def evaluate_export(args: Args, export_dir: str) -> dict:
-    """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process),
-    beside the starting model (toy) and the SFT baseline's export in --sft-dir (λ = 0), when there is one."""
+    """Plain greedy decoding, answer-tag protocol, on the eval sets next to --data (eval.compare, in process), beside
+    the starting model (toy) and the SFT baseline's export in --sft-dir (λ = 0), when there is one."""
     import eval as E
-    rows, models = {}, {"Pearl": export_dir, "start": args.model} if C.is_toy(args.model) else {"Pearl": export_dir}
+    models = {"Pearl": export_dir, "start": args.model} if C.is_toy(args.model) else {"Pearl": export_dir}
     if (sft := Path(args.sft_dir, "export")).is_dir() and sft.resolve() != Path(export_dir).resolve():
         models["SFT"] = str(sft)
-    for name, model in models.items():
-        bb = E.load_model(E.Args(model=model))                      # each model loaded once, for every benchmark
-        for bench in [b for b in args.eval.split(",") if b]:
-            ea = E.Args(benchmark=bench, data_dir=str(Path(args.data.split(",")[0]).parent / EVAL_DIRS[bench]),
-                        prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")), model=model,
-                        min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
-            rows.setdefault(bench, {})[name] = E.evaluate(ea, backbone=bb)
-    print("| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
-    for bench, r in rows.items():
-        print(f"| {bench} | {r['Pearl']['chance']:.1f} | " +
-              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")
+    rows = E.compare({name: {"model": m} for name, m in models.items()}, [b for b in args.eval.split(",") if b],
+                     lambda bench: Path(args.data.split(",")[0]).parent / EVAL_DIRS[bench], args.run_dir,
+                     prompt="answer-tag", min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                     limit=args.eval_limit)
     return {bench: r["Pearl"]["overall"] for bench, r in rows.items()}
 
 
@@ -602,15 +573,10 @@ def main(args: Args, explicit: set[str] | None = None):
                           extra_units=(bb.model.pearl_dynamics, bb.model.pearl_frozen_head))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
-    start = 0
-    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
-        meta = R.load_checkpoint(ckpt, model, opt)
-        start = meta["step"]
-        order.load_state(meta["data"])
-    elif args.resume:
-        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    start = R.resume(args, model, opt, order)                          # --resume: weights, optimizer, RNG, data
     loader = D.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="pearl", start_step=start)
+    views = ("full", "input", "traj") if args.lam > 0 and not args.no_jepa else ("full",)    # the views that run
     model.train()
     for step in range(start, args.steps):
         for g in opt.param_groups:
@@ -626,19 +592,18 @@ def main(args: Args, explicit: set[str] | None = None):
                 (loss / len(micro)).backward()
             for name, value in terms.items():                              # no host sync before backward
                 loss_sum[name] = loss_sum.get(name, 0.0) + value.detach() / len(micro)
-            tokens += sum(len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input", "traj"))
-            flops += R.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in ("full", "input")],
+            tokens += sum(len(ex[n]["input_ids"]) for ex in examples for n in views)
+            flops += R.step_flops(bb.model, [len(ex[n]["input_ids"]) for ex in examples for n in views if n != "traj"],
                                   weight_grads=args.lora_r == 0)         # LoRA: the frozen base forms no weight grads
-            flops += R.step_flops(bb.model, [len(ex["traj"]["input_ids"]) for ex in examples], backward=False)
+            flops += R.step_flops(bb.model, [len(ex["traj"]["input_ids"]) for ex in examples if "traj" in views],
+                                  backward=False)                        # h_R: forward only
         R.check_finite(loss_sum["loss"], step, loss_sum)
         gnorm = R.clip_grad_norm(model, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.log(step + 1, {**{name: R.all_reduce_mean(value.item(), d) for name, value in loss_sum.items()},
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
-        if args.save_every and (step + 1) % args.save_every == 0:
-            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
+        R.checkpoint_every(args, step + 1, model, opt, loader)
         if step + 1 == args.stop_after:
             break
     loader.close()
@@ -649,9 +614,7 @@ def main(args: Args, explicit: set[str] | None = None):
     # Save and evaluate
     # ------------------------------------------------------------------------------------------------------------
     export_dir = export(bb, model, args, d) if args.export else None
-    if d.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    R.close_distributed(d)
     if args.eval and export_dir and d.main:            # after the process group: no rank waits on a timeout
         evaluate_export(args, export_dir)
     return bb

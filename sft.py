@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import common as C
 import dataloader as D
@@ -45,8 +44,7 @@ import runtime as R
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
-    model: str = field(default="toy-base", metadata={"help": "toy-base (the pretrained toy) | toy (random init) | "
-                                                              "hub id | local dir (Qwen2.5-VL / Qwen3-VL)"})
+    model: str = field(default="toy-base", metadata=R.MODEL_HELP)
     data: str = field(default="toy", metadata={"help": "LVR / Visual-CoT JSON or canonical messages (.json/.jsonl); "
                                                        "'toy' = the toy world's LVR records"})
     image_root: str = field(default="", metadata={"help": "folder image paths are relative to (default: data's)"})
@@ -55,12 +53,8 @@ class Args:
     grad_accum: int = field(default=8, metadata={"help": "micro-batches per rank per step"})
     per_micro: int = field(default=3, metadata={"help": "samples per micro-batch (the papers give batch sizes in "
                                                         "samples; see --micro-tokens)"})
-    micro_tokens: int = field(default=0, metadata={"help": "tokens per micro-batch: 0 = --per-micro samples (the "
-                                                           "papers' batches); N = packed rows of at most N tokens, so "
-                                                           "ranks do equal work (longer samples are counted skips)"})
-    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode samples "
-                                                           "(decode, resize, tokenise, pack); 0 = in the training "
-                                                           "process"})
+    micro_tokens: int = field(default=0, metadata=R.MICRO_TOKENS_HELP)
+    data_workers: int = field(default=4, metadata=R.DATA_WORKERS_HELP)
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
@@ -116,18 +110,11 @@ def to_chat(rec: dict, image_root: str) -> list[dict]:
                          for p in parts if isinstance(p, dict)]
             out.append({**m, "content": parts})
         return out
-    conv, image = rec.get("conversations"), rec.get("image")
-    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv[:2]):
-        raise C.SkipSample("malformed conversations")
-    image = image[0] if isinstance(image, list) and len(image) == 1 else image
-    if image is None or isinstance(image, (bool, int, float, list, tuple)):
-        raise C.SkipSample("not exactly one image")
-    question = D.text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "")
-    answer = D.text_field(conv[1].get("value"), "answer").replace("<lvr>\n", "").replace("<lvr>", "").strip()
+    question, answer, image = D.visual_cot(rec, image_root)
+    answer = answer.replace("<lvr>\n", "").replace("<lvr>", "").strip()
     if not answer.replace("<answer>", "").replace("</answer>", "").strip():
         raise C.SkipSample("empty answer")
-    return [{"role": "user", "content": [{"type": "image", "image": D.open_image(image, image_root)},
-                                         {"type": "text", "text": question.strip()}]},
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
             {"role": "assistant", "content": answer}]
 
 
@@ -151,20 +138,14 @@ def sft_loss(model, batch: dict, device) -> torch.Tensor:
 # Evaluation of the export (called at the end of main): eval.py's one seam, in process
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_export(args: Args, export_dir: str) -> dict:
-    """Plain greedy decoding with the answer-tag protocol on the eval sets next to --data (eval.py, in process)."""
+    """Plain greedy decoding, answer-tag protocol, on the eval sets next to --data (eval.compare, in process), beside
+    the starting model (toy)."""
     import eval as E
-    rows, models = {}, {"SFT": export_dir, "start": args.model} if C.is_toy(args.model) else {"SFT": export_dir}
-    for name, model in models.items():
-        bb = E.load_model(E.Args(model=model))                      # each model loaded once, for every benchmark
-        for bench in [b for b in args.eval.split(",") if b]:
-            ea = E.Args(benchmark=bench, data_dir=str(Path(args.data).parent / "eval" / bench), model=model,
-                        prompt="answer-tag", output=str(Path(args.run_dir, "eval", f"{bench}_{name}.json")),
-                        min_pixels=args.min_pixels, max_pixels=args.max_pixels, limit=args.eval_limit, overwrite=True)
-            rows.setdefault(bench, {})[name] = E.evaluate(ea, backbone=bb)
-    print("| benchmark | chance | " + " | ".join(f"{n}: {m}" for n, m in models.items()) + " |")
-    for bench, r in rows.items():
-        print(f"| {bench} | {r['SFT']['chance']:.1f} | " +
-              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in r.values()) + " |")
+    models = {"SFT": export_dir, "start": args.model} if C.is_toy(args.model) else {"SFT": export_dir}
+    rows = E.compare({name: {"model": m} for name, m in models.items()}, [b for b in args.eval.split(",") if b],
+                     lambda bench: Path(args.data).parent / "eval" / bench, args.run_dir,
+                     prompt="answer-tag", min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                     limit=args.eval_limit)
     return {bench: r["SFT"]["overall"] for bench, r in rows.items()}
 
 
@@ -192,13 +173,7 @@ def main(args: Args, explicit: set[str] | None = None):
     model = R.shard_model(bb.model, d, args.activation_checkpointing, dtype=args.dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
-    start = 0
-    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
-        meta = R.load_checkpoint(ckpt, model, opt)
-        start = meta["step"]
-        order.load_state(meta["data"])
-    elif args.resume:
-        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    start = R.resume(args, model, opt, order)                          # --resume: weights, optimizer, RNG, data
     collate = lambda samples: (C.pack if args.pack else C.pad_batch)(bb, samples)  # noqa: E731 (in the workers)
     loader = D.Loader(data, order, skips, d.rank, d.world, collate, args.data_workers, d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="sft", start_step=start)
@@ -223,9 +198,7 @@ def main(args: Args, explicit: set[str] | None = None):
         opt.zero_grad(set_to_none=True)
         log.log(step + 1, {"loss": R.all_reduce_mean(loss_sum.item(), d), "lr": opt.param_groups[0]["lr"],
                            "grad_norm": gnorm}, tokens, flops)
-        if args.save_every and (step + 1) % args.save_every == 0:
-            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
+        R.checkpoint_every(args, step + 1, model, opt, loader)
         if step + 1 == args.stop_after:
             break
     loader.close()
@@ -238,9 +211,7 @@ def main(args: Args, explicit: set[str] | None = None):
     R.export_hf(bb, export_dir, state_dict=R.full_state_dict(model), model=model,
                 dtype=R.compute_dtype(args.dtype, d.device))
     C.print0(f"exported {export_dir}")
-    if d.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    R.close_distributed(d)
     if args.eval and d.main:                      # after the process group: no rank waits on a collective timeout
         evaluate_export(args, export_dir)
     return bb

@@ -392,6 +392,35 @@ def test_markdown_table(tmp_path, capsys):
         "| model | vstar | mmvp | mmvp (per question) |", "|---|---|---|---|", "| base | 50.0 | 0.0 | 50.0 |"])
 
 
+def test_compare_is_one_evaluate_per_column_and_benchmark(tmp_path, capsys, monkeypatch):
+    """eval.compare (every method's end-of-run table): the summaries equal separate `evaluate` calls with the same
+    settings, files land in run_dir/eval/<bench>_<column>.json, a model without a backbone is loaded once for all its
+    benchmarks, and the table's cells are the hand-computed scores ± binomial SE."""
+    write_vstar(tmp_path / "vstar")
+    write_mmvp(tmp_path / "mmvp", [[1, "Q", "(a) x (b) y", "(a)"], [2, "Q", "(a) x (b) y", "(b)"]])
+    right = {"0": "A", "1": "A", "2": "B", "3": "B"}                       # vstar 100; mmvp ids 1, 2: both right
+    loads = []
+    monkeypatch.setattr(ev, "load_model", lambda a: loads.append(a.model) or NO_MODEL)
+    monkeypatch.setattr(ev, "generate_plain", fake_predictor({"0": "A", "1": "B", "2": "B", "3": "A"}))
+    columns = {"method": {"model": "test/m1", "backbone": NO_MODEL, "generate": fake_predictor(right)},
+               "start": {"model": "test/m0"}}                                    # mode plain: generate_plain, loaded
+    rows = ev.compare(columns, ["vstar", "mmvp"], lambda b: tmp_path / b, str(tmp_path / "run"), prompt="answer-tag")
+    assert loads == ["test/m0"]
+    table = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| ")]
+    se50 = 100 * (0.5 * 0.5 / 4) ** 0.5
+    assert table == ["| benchmark | chance | method: test/m1 | start: test/m0 |",
+                     f"| vstar | 50.0 | 100.0 ± 0.0 | 50.0 ± {se50:.1f} |",
+                     "| mmvp | 25.0 | 100.0 ± 0.0 | 0.0 ± 0.0 |"]
+    for bench in ("vstar", "mmvp"):
+        ref = ev.evaluate(ev.Args(benchmark=bench, data_dir=str(tmp_path / bench), model="test/m1", prompt="answer-tag",
+                                  output=str(tmp_path / f"ref_{bench}.json")), NO_MODEL, fake_predictor(right))
+        got = json.loads((tmp_path / "run" / "eval" / f"{bench}_method.json").read_text())
+        for k in ("overall", "se", "chance", "n"):
+            assert got[k] == ref[k] == rows[bench]["method"][k], (bench, k)
+        assert got["settings"]["prompt"] == "answer-tag"
+        assert (tmp_path / "run" / "eval" / f"{bench}_start.json").exists()
+
+
 def test_prompts_and_settings(tmp_path):
     write_vstar(tmp_path / "vstar")
     items, _ = ev.load_benchmark("vstar", str(tmp_path / "vstar"), ev.Args(benchmark="vstar"))
