@@ -3,7 +3,7 @@
 loading (details and tests: docs/common.md).
 
   data     Records (by index), read_records, text_field, open_image (header only under common.lengths_only),
-           check_bbox, counted Skips, build_dataset (the eager path)
+           check_bbox, visual_cot (the LVR / Visual-CoT record), counted Skips, build_dataset (the eager path)
   order    MicroBatches (per_micro samples or a token budget; rank-sharded, resumable), greedy_bins
   loading  LazySamples (exact lengths at start-up, no pixels), Loader (each rank's micro-batches encoded in
            DataLoader workers), to_device (non-blocking)
@@ -191,6 +191,22 @@ def check_bbox(b) -> list[float]:
     if x1 <= x0 or y1 <= y0:
         raise SkipSample("degenerate bbox")
     return [x0, y0, x1, y1]
+
+
+def visual_cot(rec, image_root: str | Path = ".") -> tuple[str, str, Image.Image]:
+    """An LVR / Visual-CoT record (LLaVA `conversations`: human question with `<image>`, gpt answer; one `image`) →
+    (question without `<image>`, answer as written, the opened image). Every malformed field is a SkipSample."""
+    if not isinstance(rec, dict):
+        raise SkipSample("record is not a JSON object")
+    conv, img = rec.get("conversations"), rec.get("image")
+    if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(m, dict) for m in conv[:2]) \
+            or conv[0].get("from") != "human" or conv[1].get("from") != "gpt":
+        raise SkipSample("malformed conversations")
+    img = img[0] if isinstance(img, list) and len(img) == 1 else img
+    if img is None or isinstance(img, (bool, int, float, list, tuple)) or not img:  # a path, bytes or PIL image
+        raise SkipSample("not exactly one image")
+    question = text_field(conv[0].get("value"), "question").replace("<image>\n", "").replace("<image>", "").strip()
+    return question, text_field(conv[1].get("value"), "answer"), open_image(img, image_root)
 
 
 def _convert_or_skip(convert, rec, skips, max_tokens: int | None, where: str) -> dict | None:

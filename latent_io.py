@@ -1,8 +1,9 @@
 """What latent_pretrain.py reads, stores and reports that is not the method itself: the image–caption readers (COCO
-JSON, Karpathy parquet, WebDataset shards), the frozen-target cache (fp16 safetensors shards), GQA / ScienceQA as
-sft.py's canonical chat records, and the report on the learned latent space (text→image retrieval, matched vs random
-cosines, k-means NMI, a cosine histogram and a PCA plot). Imports no project file but common.py: latent_pretrain.py
-feeds it (no import cycle)."""
+JSON, Karpathy parquet, WebDataset shards, the toy world's paths), the frozen-target cache (fp16 safetensors shards,
+named by a fingerprint of tower, settings and image set), GQA / ScienceQA as sft.py's canonical chat records, and the
+report on the learned latent space (text→image retrieval, matched vs random cosines, k-means NMI, a cosine histogram
+and a PCA plot). Imports only the shared files (common, dataloader, runtime; toy_world when asked for the toy):
+latent_pretrain.py feeds it (no import cycle)."""
 import glob
 import json
 import os
@@ -23,6 +24,17 @@ import runtime as R
 # ----------------------------------------------------------------------------------------------------------------
 # Image–caption pairs (COCO JSON, Karpathy parquet, WebDataset shards)
 # ----------------------------------------------------------------------------------------------------------------
+def toy_paths() -> dict:
+    """latent_pretrain.py's `--data toy`: the toy world's COCO-format captions, GQA and ScienceQA (built once)."""
+    from toy_world import ensure_toy_world
+    root = Path(ensure_toy_world("data/toy", seed=0))
+    coco = root / "coco"
+    return {"data": str(coco / "annotations/captions_train2017.json"), "image_root": str(coco / "train2017"),
+            "val_data": str(coco / "annotations/captions_val2017.json"), "val_image_root": str(coco / "val2017"),
+            "categories": str(coco / "annotations/categories_val2017.json"),
+            "gqa_dir": str(root / "gqa"), "scienceqa_dir": str(root / "scienceqa")}
+
+
 def expand_shards(pattern: str) -> list[str]:
     """'dir/cc3m-{0000..0099}.tar' (WebDataset brace notation) or a glob → sorted shard paths."""
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
@@ -95,6 +107,19 @@ def read_pairs(path: str, image_root: str, skips: D.Skips):
 # ----------------------------------------------------------------------------------------------------------------
 # The frozen-target cache: written once, read lazily by image key
 # ----------------------------------------------------------------------------------------------------------------
+def cache_fingerprint(bb: C.Backbone, args, images: dict) -> str:
+    """Targets depend on the tower's weights, the image size, K, the pooling and the image set: every image's (or
+    WebDataset shard's) key, path, size and mtime go into the cache name, so changed data never reuses a cache."""
+    import hashlib
+    with torch.no_grad():
+        w = sum(float(p.double().sum()) for p in bb.model.model.visual.parameters())
+    h = hashlib.sha1(f"{bb.family}|{args.image_size}|{args.num_latents}|{args.pool}|{w:.6e}".encode())
+    for key, path in sorted(images.items() if "__wds__" not in images else enumerate(images["__wds__"])):
+        st = os.stat(path) if os.path.exists(path) else None
+        h.update(f"|{key}|{path}|{st and st.st_size}|{st and st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
 def write_target_cache(encode, images: dict, cache_dir: Path, d: R.Dist, shard_size: int, k: int) -> Path:
     """One fp16 safetensors shard per `shard_size` images (or per WebDataset tar), written atomically, with the
     sums needed for the dataset mean / std; rank r extracts shards r, r+W, ...; existing shards are reused.

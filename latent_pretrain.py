@@ -20,13 +20,11 @@ Launch (the same file runs under python and torchrun; FSDP2 shards under torchru
     torchrun --nproc_per_node 8 latent_pretrain.py --stage finetune --init runs/latent_pretrain/export \
         --gqa-dir GQA --scienceqa-dir ScienceQA --steps 3000
 
-Deviations and choices (no released code exists; "design" = this repo's choice where the proposal is silent, with
-its precedent; details in docs/latent_pretrain.md):
+No released code exists: "design" = this repo's choice where the proposal is silent, with its precedent (docs page).
 
 | choice | default | flag | source |
 |---|---|---|---|
 | targets | frozen tower + merger, 448 px, 2×2 adaptive avg pool → K = 4; z_glob = mean token | `--pool bands` | design; Mirage |
-| target cache | fp16 safetensors, named by a fingerprint of tower, settings, image set | `--cache-dir` | this repo |
 | centring | subtract the dataset mean if mean cos(random pair) > 0.5 | `--center` | design |
 | h_k, head M_φ | final normed state; RMSNorm → Linear(D, D·4096/3584) → GELU → Linear | `--latent-layer`, `--head` | design; VIRAL, Mirage |
 | new token rows | own parameter at the head lr, written back into the embeddings on export | `--head-lr` | design |
@@ -36,7 +34,6 @@ its precedent; details in docs/latent_pretrain.md):
 | loss weights | 1.0 / 1.0 / 0.5 | `--lam-ntp`, `--lam-inst`, `--lam-batch` | Mirage/ILVR; CoCa, VIRAL |
 | schedule | lr 1e-5 (head 1e-4), wd 0.01, 2000 steps, warm-up 0.05 | `--lr`, `--head-lr`, `--steps` | design; steps a choice |
 | finetune | sft.py, tower frozen, eval.py's lmms prompts and budget 256–2048·28² | `--min-pixels` | proposal |
-| toy preset | lr 1e-3 (head too), 60 steps, images 16–64·28², eval limit 48 | any flag | this repo |
 """
 import json
 import math
@@ -52,7 +49,8 @@ import torch.nn.functional as F
 import common as C
 import dataloader as D
 import runtime as R
-from latent_io import TargetCache, latent_report, read_pairs, write_finetune_records, write_target_cache
+from latent_io import (TargetCache, cache_fingerprint, latent_report, read_pairs, toy_paths, write_finetune_records,
+                       write_target_cache)
 
 LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|latent_end|>"
 CAPTION_PROMPT = "Describe an image."
@@ -65,8 +63,7 @@ CAPTION_PROMPT = "Describe an image."
 class Args:
     stage: str = field(default="pretrain", metadata={"help": "pretrain (then analyze) | finetune | analyze | extract",
                                                      "choices": ["pretrain", "finetune", "analyze", "extract"]})
-    model: str = field(default="toy-base", metadata={"help": "backbone to pretrain: toy-base (the pretrained toy) | toy "
-                                                              "(random init) | toy-qwen3vl | hub id | local dir"})
+    model: str = field(default="toy-base", metadata=R.MODEL_HELP)
     init: str = field(default="", metadata={"help": "finetune/analyze: start from this export (or 'toy' = original)"})
     run_dir: str = field(default="runs/latent_pretrain", metadata={"help": "output directory"})
     data: str = field(default="toy", metadata={"help": "toy | captions_*.json (COCO) | Karpathy .parquet | "
@@ -94,12 +91,8 @@ class Args:
     mask_same_image: bool = field(default=True, metadata={"help": "captions of one image are not negatives"})
     steps: int = field(default=2000, metadata={"help": "optimizer steps (≈ 0.9 COCO epoch at batch 256)"})
     per_micro: int = field(default=32, metadata={"help": "captions (finetune: samples) per micro-batch per rank"})
-    micro_tokens: int = field(default=0, metadata={"help": "finetune: tokens per micro-batch (0 = --per-micro samples, "
-                                                           "the papers' batches; N = at most N, equal work per rank); "
-                                                           "pretraining counts captions: L_batch gathers as many from "
-                                                           "every rank"})
-    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode samples; 0 = in "
-                                                           "the training process"})
+    micro_tokens: int = field(default=0, metadata={"help": "finetune only: " + R.MICRO_TOKENS_HELP["help"]})
+    data_workers: int = field(default=4, metadata=R.DATA_WORKERS_HELP)
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per rank per step"})
     lr: float = field(default=1e-5, metadata={"help": "peak LLM learning rate"})
     head_lr: float = field(default=1e-4, metadata={"help": "head / temperature / new token rows lr"})
@@ -147,20 +140,8 @@ def resolve(args: Args, explicit: set[str] | None = None) -> Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: image–caption pairs (COCO JSON, Karpathy parquet, WebDataset shards: the readers are in latent_io.py)
-# ----------------------------------------------------------------------------------------------------------------
-def toy_paths():
-    from toy_world import ensure_toy_world
-    root = Path(ensure_toy_world("data/toy", seed=0))
-    coco = root / "coco"
-    return {"data": str(coco / "annotations/captions_train2017.json"), "image_root": str(coco / "train2017"),
-            "val_data": str(coco / "annotations/captions_val2017.json"), "val_image_root": str(coco / "val2017"),
-            "categories": str(coco / "annotations/categories_val2017.json"),
-            "gqa_dir": str(root / "gqa"), "scienceqa_dir": str(root / "scienceqa")}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Targets: frozen vision tower + merger, pooled, cached (the tower never runs during pretraining)
+# Data and targets: image–caption pairs (the readers, the toy paths and the target cache are in latent_io.py);
+# targets from the frozen vision tower + merger, pooled, cached (the tower never runs during pretraining)
 # ----------------------------------------------------------------------------------------------------------------
 def pool_targets(tokens: torch.Tensor, grid_hw: tuple[int, int], k: int, mode: str = "grid") -> torch.Tensor:
     """tokens [H·W, D] in raster order → z_tok [K, D]. grid: √K×√K adaptive average pooling of the H×W map
@@ -186,19 +167,6 @@ def encode_images(bb: C.Backbone, images, size: int, k: int, mode: str):
     z_tok = [pool_targets(f, (int(g[1]) // merge, int(g[2]) // merge), k, mode) for f, g in
              zip(feats, out["image_grid_thw"])]
     return torch.stack(z_tok).cpu(), torch.stack([f.float().mean(0) for f in feats]).cpu()
-
-
-def cache_fingerprint(bb: C.Backbone, args: Args, images: dict) -> str:
-    """Targets depend on the tower's weights, the image size, K, the pooling and the image set: every image's (or
-    WebDataset shard's) key, path, size and mtime go into the cache name, so changed data never reuses a cache."""
-    import hashlib
-    with torch.no_grad():
-        w = sum(float(p.double().sum()) for p in bb.model.model.visual.parameters())
-    h = hashlib.sha1(f"{bb.family}|{args.image_size}|{args.num_latents}|{args.pool}|{w:.6e}".encode())
-    for key, path in sorted(images.items() if "__wds__" not in images else enumerate(images["__wds__"])):
-        st = os.stat(path) if os.path.exists(path) else None
-        h.update(f"|{key}|{path}|{st and st.st_size}|{st and st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
 
 
 def extract_targets(bb: C.Backbone, args: Args, d: R.Dist, images: dict, cache_dir: Path) -> Path:
@@ -553,9 +521,7 @@ def main(args: Args, explicit: set[str] | None = None):
         else:
             {"finetune": finetune, "analyze": analyze}[args.stage](args, d, skips)
         C.print0(skips.summary())
-        if dist.is_initialized():  # (finetune: sft.py has already torn the process group down)
-            dist.barrier()
-            dist.destroy_process_group()
+        R.close_distributed(d)     # (finetune: sft.py has already torn the process group down)
         return
     bb = C.load_backbone(args.model, d.device, dtype=torch.float32, seed=args.seed,  # fp32 masters; compute: --dtype
                          rank0_only=True)                # other ranks: meta, filled from rank 0 by shard_model
@@ -574,13 +540,7 @@ def main(args: Args, explicit: set[str] | None = None):
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = R.shard_model(model, d, dtype=args.dtype)
     opt = torch.optim.AdamW(param_groups(model, args), weight_decay=args.weight_decay)
-    start = 0
-    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
-        meta = R.load_checkpoint(ckpt, model, opt)
-        start = meta["step"]
-        order.load_state(meta["data"])
-    elif args.resume:
-        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    start = R.resume(args, model, opt, order)                          # --resume: weights, optimizer, RNG, data
 
     def collate(samples):           # in the workers: the packed (or padded) row, its captions' image keys and numbers
         return {"batch": (C.pack if args.pack else C.pad_batch)(bb, samples, extra_keys=("caption_mask",)),
@@ -614,9 +574,7 @@ def main(args: Args, explicit: set[str] | None = None):
         log.log(step + 1, {"loss": R.all_reduce_mean(loss_sum.item(), d),
                            **{k: R.all_reduce_mean(v.item(), d) for k, v in term_sums.items()},
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm}, tokens, flops)
-        if args.save_every and (step + 1) % args.save_every == 0:
-            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
+        R.checkpoint_every(args, step + 1, model, opt, loader)
     loader.close()
     log.close()
 
@@ -633,9 +591,7 @@ def main(args: Args, explicit: set[str] | None = None):
     if args.analyze and args.val_data and d.main:
         analyze(args, d, skips, export_dir)
     C.print0(skips.summary())
-    if d.world > 1:
-        dist.barrier()             # rank 0 may still be analysing: nobody tears gloo down under it
-        dist.destroy_process_group()
+    R.close_distributed(d)         # rank 0 may still be analysing: nobody tears gloo down under it
 
 
 if __name__ == "__main__":

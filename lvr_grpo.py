@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import common as C
@@ -61,8 +60,7 @@ class Args:
     steps: int = field(default=1500, metadata={"help": "optimizer steps"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per rank per step"})
     per_micro: int = field(default=2, metadata={"help": "prompts per micro-batch (each rolled out G times)"})
-    data_workers: int = field(default=4, metadata={"help": "DataLoader processes per rank that encode prompts "
-                                                           "(decode, resize, tokenise); 0 = in the training process"})
+    data_workers: int = field(default=4, metadata=R.DATA_WORKERS_HELP)
     lr: float = field(default=5e-6, metadata={"help": "peak learning rate (released script; paper: 1e-5)"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup fraction, then cosine"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
@@ -285,13 +283,7 @@ def main(args: Args, explicit: set[str] | None = None):
         ref = lvr.shard(ref, d, False, args.dtype, weights_from=model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
-    start = 0
-    if args.resume and (ckpt := R.latest_checkpoint(args.run_dir)):
-        meta = R.load_checkpoint(ckpt, model, opt)
-        start = meta["step"]
-        order.load_state(meta["data"])
-    elif args.resume:
-        C.print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+    start = R.resume(args, model, opt, order)                          # --resume: weights, optimizer, RNG, data
     loader = D.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="lvr-grpo", start_step=start)
     G, mu = args.num_generations, args.num_iterations                  # μ optimizer passes per rollout batch
@@ -345,9 +337,7 @@ def main(args: Args, explicit: set[str] | None = None):
         log.log(step + 1, {**{k: R.all_reduce_mean(v, d) for k, v in {**sums, **stats}.items()},
                            "lr": opt.param_groups[0]["lr"], "grad_norm": gnorm, "gen_s": gen_s,
                            "train_s": time.perf_counter() - t0}, sum(lens), flops)
-        if args.save_every and (step + 1) % args.save_every == 0:
-            R.save_checkpoint(os.path.join(args.run_dir, f"checkpoint-{step + 1}"), model, opt, step + 1,
-                              {"data": loader.state()}, keep=args.keep_checkpoints)   # consumed, not prefetched
+        R.checkpoint_every(args, step + 1, model, opt, loader)
         if step + 1 == args.stop_after:
             break
     loader.close()
@@ -358,9 +348,7 @@ def main(args: Args, explicit: set[str] | None = None):
     # Save and evaluate
     # ------------------------------------------------------------------------------------------------------------
     export_dir = lvr.export(bb, model, args, d, latent_end_token=lvr.saved_layout(args.model))
-    if d.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    R.close_distributed(d)
     if args.eval and d.main:                      # after the process group: no rank waits on a collective timeout
         lvr.evaluate_export(args, export_dir, d.device)
     return bb

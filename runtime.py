@@ -35,6 +35,12 @@ from common import Backbone, _rank, check_model_name, print0
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_HELP = {"help": "compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32; trainable weights and the "
                       "optimizer state stay fp32, losses are computed in fp32", "choices": ["auto", *DTYPES]}
+# --help of the fields every training file shares, written once
+MODEL_HELP = {"help": "toy-base (the pretrained toy) | toy (random init) | toy-qwen3vl | hub id | local dir"}
+MICRO_TOKENS_HELP = {"help": "tokens per micro-batch: 0 = --per-micro samples (the papers' batches); N = at most N "
+                             "tokens, so ranks do equal work (longer samples are counted skips)"}
+DATA_WORKERS_HELP = {"help": "DataLoader processes per rank that encode samples (decode, resize, tokenise, pack); "
+                             "0 = in the training process"}
 
 
 def compute_dtype(name: str, device) -> torch.dtype:
@@ -80,6 +86,13 @@ def init_distributed(device: str = "auto") -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(rank, world, local, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def close_distributed(d: Dist):
+    """The end of a run: every rank waits for the others (rank 0 may still be exporting), then the group is torn down."""
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int):
@@ -309,6 +322,27 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return ckpt
         print0(f"skipping incomplete checkpoint {ckpt}")
     return None
+
+
+def resume(args, model, optimizer, order) -> int:
+    """--resume: restore model, optimizer, RNG states and the data position (`order`) from the newest complete
+    checkpoint in args.run_dir and return its step; 0 without --resume or without a checkpoint (said)."""
+    ckpt = latest_checkpoint(args.run_dir) if args.resume else None
+    if ckpt is None:
+        if args.resume:
+            print0(f"--resume: no complete checkpoint in {args.run_dir}; training from step 0")
+        return 0
+    meta = load_checkpoint(ckpt, model, optimizer)
+    order.load_state(meta["data"])
+    return meta["step"]
+
+
+def checkpoint_every(args, step: int, model, optimizer, loader):
+    """After `step` (1-based) when --save-every divides it: run_dir/checkpoint-<step> with the position of the data
+    consumed so far, not prefetched (loader.state())."""
+    if args.save_every and step % args.save_every == 0:
+        save_checkpoint(Path(args.run_dir, f"checkpoint-{step}"), model, optimizer, step, {"data": loader.state()},
+                        keep=args.keep_checkpoints)
 
 
 def full_state_dict(model) -> dict:

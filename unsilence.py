@@ -20,23 +20,19 @@ Launch (one process; ULR optimises one sample at a time, as released):
     python eval.py --benchmark mmvp --data-dir data/MMVP --model Qwen/Qwen2.5-VL-7B-Instruct --mode unsilence \\
         --min-pixels 100352 --max-pixels 200704 --max-new-tokens 2048      # the same through the eval harness
 8 GPUs: no torchrun; one process per GPU and benchmark (CUDA_VISIBLE_DEVICES=i ... --run-dir runs/ulr_<bench>).
-Defaults are the released scripts'; on a toy model TOY_PRESET replaces the fields not given (and is printed).
+Defaults are the released scripts'; on a toy model TOY_PRESET replaces the fields not given (and is printed). Every
+detail, with the released code's behaviour beside this file's: docs/unsilence.md.
 
 | choice (R = released code, P = the paper as read by a third party) | default | flag | source |
 |---|---|---|---|
 | Stage-II reward | top-10 log-confidence + 0.05 x progression | `--reward paper` (entropy hinge) | R / P |
 | InfoNCE temperature, objective weight | tau 0.2, lam_align 1 | `--tau`, `--lam-align` | R scripts (code: 0.07, 0.1) |
 | positives / negatives per slot | 4 (index slicing of top K·4) / 4 least relevant | `--pos-k 2` (P), `--neg-k 16` | R |
-| state stored at the best step | updated centre H | `--store candidate` (H + eps) | R, P Alg. 1 |
-| best-step rule | best starts at 0.0, strict > (Stage I logs -L <= 0: never chosen) | `--last` | R |
+| best step | best starts at 0.0, strict >, stores the updated centre H | `--last`, `--store candidate` | R, P Alg. 1 |
 | Stage-I trap | `--ablation stage1_only` returns the Stage-I result | `--stage1-trap`: the initial H | R (named here) |
-| question -> image relevance | once, on the prefix (the question precedes the slots) | - | R: every Stage-I step |
-| Stage I / II forwards | slots only, on the cached prefix KV; vision tower once | - | R: full forwards |
-| numerics | fp32; eager attention for the relevance pass only, else SDPA | `--dtype`, `--attn` | R: fp32, eager |
+| relevance; Stage I / II forwards | once, on the prefix; slots only, on the cached prefix KV | - | R: full forwards |
 | released list-repr bug (`Question: ['...']`) | not copied | `--prompt-list-bug` | R result files |
-| scoring | `<answer>`, else last `\\boxed{}`, else the text; eval.py's rules | - | R: + a GPT-4o judge |
 | latent-model mode | H0 = lvr.latent_generate's decoded latents | `--modes latent` | P (not in R) |
-| noise eps | CPU generator seeded once per evaluation, drawn in item order | `--seed 42` | R (once per process) |
 """
 import json
 import os

@@ -437,3 +437,26 @@ def test_toy_default_prints_scores_beside_the_start_model_and_the_sft_baseline(t
         for name in ("Pearl", "start", "SFT"):
             summary = json.loads((run / "eval" / f"{bench}_{name}.json").read_text())
             assert summary["n"] > 0 and summary["settings"]["prompt"] == "answer-tag"
+
+
+def test_throughput_counts_only_the_views_that_run(tmp_path, monkeypatch):
+    """tokens/s and MFU count the views a step runs: with λ = 0 only the full views (no input or trajectory forward);
+    with λ > 0 all three, the trajectory view forward-only. Checked against the examples pearl_loss received."""
+    logged, seen = [], []
+    log, loss = R.RunLogger.log, P.pearl_loss
+    monkeypatch.setattr(R.RunLogger, "log", lambda self, step, m, tokens, flops=None:
+                        logged.append((tokens, flops)) or log(self, step, m, tokens, flops))
+    monkeypatch.setattr(P, "pearl_loss", lambda bb, model, head, examples, args, naive=False:
+                        seen.append(examples) or loss(bb, model, head, examples, args, naive))
+    data = _write_fixture_data(tmp_path)
+    for lam, views in ((0.0, ("full",)), (0.2, ("full", "input", "traj"))):
+        logged.clear(), seen.clear()
+        args = P.Args(model="toy", data=data, run_dir=str(tmp_path / f"run{lam}"), steps=1, per_micro=2, eval="",
+                      export=False, lam=lam)
+        bb = P.main(args, explicit={"model", "data", "run_dir", "steps", "per_micro", "eval", "export", "lam"})
+        lens = {n: [len(ex[n]["input_ids"]) for exs in seen for ex in exs] for n in views}
+        with_grad = [x for n in views if n != "traj" for x in lens[n]]
+        flops = R.step_flops(bb.model, with_grad, weight_grads=False) + R.step_flops(bb.model, lens.get("traj", []),
+                                                                                      backward=False)
+        assert len(logged) == 1 and logged[0][0] == sum(map(sum, lens.values())), (lam, logged)
+        assert logged[0][1] == pytest.approx(flops, rel=1e-12), lam
