@@ -335,6 +335,28 @@ def test_checkpoint_retention_run_id_and_refusal(tmp_path):
         R.load_checkpoint(tmp_path / "checkpoint-4", bb.model, opt)
 
 
+def test_resume_and_checkpoint_cadence(tmp_path, capsys, monkeypatch):
+    """R.resume: 0 without --resume or without a complete checkpoint (said once), else the newest checkpoint's step
+    with the data position restored; R.checkpoint_every saves exactly at the multiples of --save-every."""
+    from types import SimpleNamespace
+    bb = C.load_backbone("toy")
+    opt = torch.optim.AdamW(bb.model.parameters(), lr=1e-3)
+    order = D.MicroBatches([5] * 8, per_micro=2, seed=0)
+    saved = []
+    monkeypatch.setattr(R, "save_checkpoint", lambda path, *a, **kw: saved.append((path.name, kw["keep"])))
+    args = SimpleNamespace(run_dir=str(tmp_path), resume=True, save_every=3, keep_checkpoints=2)
+    for step in range(1, 10):
+        R.checkpoint_every(args, step, bb.model, opt, SimpleNamespace(state=lambda: {}))
+    assert saved == [("checkpoint-3", 2), ("checkpoint-6", 2), ("checkpoint-9", 2)]
+    assert R.resume(SimpleNamespace(run_dir=str(tmp_path), resume=False), bb.model, opt, order) == 0
+    assert R.resume(args, bb.model, opt, order) == 0 and "no complete checkpoint" in capsys.readouterr().out
+    monkeypatch.undo()
+    moved = D.MicroBatches([5] * 8, per_micro=2, seed=0)
+    moved.load_state({"epoch": 1, "cursor": 3})
+    R.save_checkpoint(tmp_path / "checkpoint-5", bb.model, opt, 5, {"data": moved.state()})
+    assert R.resume(args, bb.model, opt, order) == 5 and order.state() == moved.state()
+
+
 def test_non_finite_loss_names_the_one_based_step():
     with pytest.raises(FloatingPointError, match="at step 8:"):
         R.check_finite(torch.tensor(float("inf")), 7)
