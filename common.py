@@ -2,14 +2,13 @@
 """What the methods share about the model and the samples (details, numbers and tests: docs/common.md).
 
   backbone      Backbone, load_backbone (hub id | local dir | toy | toy-qwen3vl | toy-base |
-                random:qwen2.5-vl-3b/7b; rank0_only: meta off rank 0), is_toy, qwen_tokenizer (the real one, offline)
+                random:qwen2.5-vl-3b/7b; rank0_only: meta off rank 0), is_toy
   surgery       add_special_tokens
   preprocessing smart_resize, encode_chat (a chat -> token ids, exact labels, pixels, grids), lengths_only
   batches       pack (padding-free), pad_batch, model_inputs, next_token_loss, lm_loss (hidden states only where
                 supervised, cross-entropy in checkpointed chunks: chunked_ce, lm_head_returns_loss)
 
-dataloader.py (records, the micro-batch order, lazy loading) and runtime.py (precision, FSDP2, checkpoints,
-arguments, logging) import this file, never the reverse.
+dataloader.py (the data) and runtime.py (the run) import this file, never the reverse.
 
 A sample is a chat: ``[{"role": "system"|"user"|"assistant", "content": str | [parts]}]``, a part being
 ``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image}``; an assistant message with
@@ -69,19 +68,15 @@ RANDOM_PREFIX = "random:"
 def load_backbone(name: str = "toy", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   seed: int = 0, attn_implementation: str | None = None, num_layers: int | None = None,
                   rank0_only: bool = False) -> Backbone:
-    """`toy` / `toy-qwen3vl`: the real transformers classes with a tiny seeded random init and an in-memory tokenizer.
-    `random:qwen2.5-vl-3b` / `random:qwen2.5-vl-7b`: the published config and the real tokenizer with a seeded random
-    init (qwen_offline.py), cut to its first `num_layers` decoder layers when given; device="meta" allocates nothing.
-    Anything else: a hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on GPU by default, for
-    inference; training passes dtype=torch.float32: trainable weights are fp32 master weights). Never trusts
-    remote code; offline users set HF_HUB_OFFLINE=1 and pass a local directory.
-    rank0_only (training under torchrun): rank 0 loads as one process would, every other rank builds the same model
-    on the meta device (nothing read, nothing allocated); surgery runs on all ranks (shapes only on meta), then
-    runtime.shard_model fills every rank's shards from rank 0. One process: no effect."""
+    """`toy` / `toy-qwen3vl`: the real transformers classes, a tiny seeded random init, an in-memory tokenizer.
+    `random:qwen2.5-vl-3b|7b`: the published config and the real tokenizer, seeded random init (qwen_offline.py), its
+    first `num_layers` decoder layers. Else a hub id or local directory of a Qwen2.5-VL / Qwen3-VL checkpoint (bf16 on
+    GPU by default; training passes dtype=torch.float32, the master weights), never trusting remote code.
+    rank0_only (under torchrun): the other ranks build the same model on the meta device (nothing read); surgery runs
+    on all ranks, then runtime.shard_model fills every rank's shards from rank 0."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    warn_untested_versions()
     check_model_name(name)
     if name == "toy-base":              # toy_base.py imports this file: it resolves the name, never the reverse
         raise ValueError("'toy-base' is built by toy_base.ensure_toy_base(), which returns its path: pass that path")
@@ -165,12 +160,6 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def qwen_tokenizer():
-    """The real Qwen2.5-VL tokenizer (vocabulary, added tokens, chat template), built offline: qwen_offline.py."""
-    from qwen_offline import qwen_tokenizer as build
-    return build()
-
-
 def is_toy(model: str) -> bool:
     """A toy name, or a local export of one (config.json carries `"toy_backbone": true`): selects a TOY_PRESET."""
     if model in TOY_NAMES:
@@ -179,27 +168,6 @@ def is_toy(model: str) -> bool:
         return json.loads((Path(model) / "config.json").read_text()).get("toy_backbone") is True
     except (OSError, ValueError, AttributeError):      # no checkpoint, or a broken one: check_args says which
         return False
-
-
-# The range the suite was run with (constraints.txt pins the exact versions); outside it the scripts say so once:
-# transformers changes its multimodal internals between minor releases (5.23 -> 5.24 broke Pearl).
-TESTED_VERSIONS = {"torch": ("2.13", "2.14"), "transformers": ("5.24", "5.25")}   # [min, max) by release prefix
-_versions_checked = False
-
-
-def untested_versions() -> list[str]:
-    """The installed packages outside TESTED_VERSIONS, as "name X (tested >=a,<b)" strings."""
-    from importlib.metadata import version
-    from packaging.version import Version
-    return [f"{name} {version(name)} (tested >={lo},<{hi})" for name, (lo, hi) in TESTED_VERSIONS.items()
-            if not Version(lo) <= Version(version(name)) < Version(hi)]
-
-
-def warn_untested_versions():
-    global _versions_checked
-    if not _versions_checked and (bad := untested_versions()):
-        print0(f"warning: untested package versions: {', '.join(bad)}; pip install -r requirements.txt -c constraints.txt")
-    _versions_checked = True
 
 
 def add_special_tokens(bb: Backbone, tokens: list[str], init: str = "mean") -> list[int]:
@@ -311,9 +279,8 @@ _FORMAT_IDS = weakref.WeakKeyDictionary()   # tokenizer -> {vocabulary size: {pi
 
 
 def _format_pieces(tok):
-    """piece → token ids for the fixed pieces of the chat format (role headers, <|im_end|>, newlines, vision markers,
-    the default system prompt), each tokenised once per tokenizer and vocabulary size: 12 of a typical sample's 14
-    pieces, ~40 µs each through the tokenizer."""
+    """piece → token ids for the chat format's fixed pieces (role headers, <|im_end|>, vision markers, the default
+    system prompt), tokenised once per tokenizer and vocabulary size: 12 of a sample's 14 pieces."""
     cache = _FORMAT_IDS.setdefault(tok, {}).setdefault(len(tok), {})
 
     def ids(piece: str) -> np.ndarray:
@@ -509,10 +476,8 @@ _LENGTHS_ONLY = False                   # set by lengths_only(); read by open_im
 
 @contextmanager
 def lengths_only():
-    """Inside, open_image reads an image file's header only (an ImageSize, no pixels) and encode_chat takes each image
-    grid from smart_resize instead of resizing and patchifying: every method's unchanged converter then yields a
-    sample with its exact token count (pixel_values None) in a fraction of a millisecond (bench/bench_startup.py).
-    Equal to the full encode's lengths: tests/test_data_pipeline.py."""
+    """Inside, open_image reads an image's header only and encode_chat takes each grid from smart_resize: a method's
+    unchanged converter yields a sample with its exact token count and no pixels (tests/test_data_pipeline.py)."""
     global _LENGTHS_ONLY
     before, _LENGTHS_ONLY = _LENGTHS_ONLY, True
     try:

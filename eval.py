@@ -605,6 +605,8 @@ GENERATORS = {"plain": "eval:generate_plain", "latent": "lvr:generate_latent", "
 def load_model(args):
     import torch
     from common import load_backbone
+    from runtime import warn_untested_versions
+    warn_untested_versions()
     model = args.model
     if model == "toy-base":                       # the pretrained toy "stage 0", built once on first use
         from toy_base import ensure_toy_base

@@ -5,7 +5,7 @@
   distributed   init_distributed (python or torchrun), shard_model (FSDP2, weights from rank 0), meta_copy,
                 replicate_from_rank0, grad_sync, all_reduce_mean, cosine_lr, clip_grad_norm
   checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), export_hf
-  run config    parse_args, check_args, apply_preset, save_run_config
+  run config    parse_args (warns once outside TESTED_VERSIONS), check_args, apply_preset, save_run_config
   logging       RunLogger (one dense line per step, metrics.jsonl, loss_curve.png), step_flops (MFU), check_finite
 
 common.py holds what the methods share about the model and the data; this file imports it, never the reverse.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -377,10 +378,32 @@ def export_hf(bb: Backbone, out_dir: str | Path, state_dict: dict | None = None,
 # ----------------------------------------------------------------------------------------------------------------
 # Run configuration: Args defaults are the papers'; a preset (the toy's) fills only what the user did not set
 # ----------------------------------------------------------------------------------------------------------------
+# The range the suite was run with (constraints.txt pins the exact versions); outside it the scripts say so once:
+# transformers changes its multimodal internals between minor releases (5.23 -> 5.24 broke Pearl).
+TESTED_VERSIONS = {"torch": ("2.13", "2.14"), "transformers": ("5.24", "5.25")}   # [min, max) by release prefix
+
+
+def untested_versions() -> list[str]:
+    """The installed packages outside TESTED_VERSIONS, as "name X (tested >=a,<b)" strings."""
+    from importlib.metadata import version
+    from packaging.version import Version
+    return [f"{name} {version(name)} (tested >={lo},<{hi})" for name, (lo, hi) in TESTED_VERSIONS.items()
+            if not Version(lo) <= Version(version(name)) < Version(hi)]
+
+
+@functools.cache
+def warn_untested_versions():
+    """Once per process, at start-up (parse_args; eval.py when it loads a model): one line naming each package."""
+    if bad := untested_versions():
+        print0(f"warning: untested package versions: {', '.join(bad)}; pip install -r requirements.txt -c "
+               "constraints.txt")
+
+
 def parse_args(cls, argv: list[str] | None = None):
     """HfArgumentParser over the dataclass `cls` → (args, names of the fields given on the command line, in any
     spelling argparse accepts: `--min-pixels 1`, `--min_pixels=1`, `--no-pack`, `--pack false`)."""
     from transformers import HfArgumentParser
+    warn_untested_versions()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(cls)
     args, unknown = parser.parse_args_into_dataclasses(argv, look_for_args_file=False, return_remaining_strings=True)

@@ -354,6 +354,6 @@ def test_surgery_reuses_spare_rows_then_resizes():
 def test_load_backbone_takes_random_names():
     bb = C.load_backbone("random:qwen2.5-vl-7b", device="meta", num_layers=2)
     assert bb.model.config.text_config.num_hidden_layers == 2 and bb.model.get_input_embeddings().weight.shape[0] == 152064
-    assert C.qwen_tokenizer().encode("<|im_start|>hello<|im_end|>") == [151644, 14990, 151645]
+    assert bb.tokenizer.encode("<|im_start|>hello<|im_end|>") == [151644, 14990, 151645]
     with pytest.raises(SystemExit, match="random:qwen2.5-vl-3b"):
         C.check_model_name("random:qwen2.5-vl-72b")
