@@ -840,11 +840,16 @@ def compare(columns: dict, benchmarks: list[str], data_dir, run_dir: str, **sett
             args = Args(**{"benchmark": bench, "data_dir": str(data_dir(bench)), "output": out, "overwrite": True,
                            **settings, **column})
             rows.setdefault(bench, {})[name] = evaluate(args, backbone or loaded[column["model"]], generate)
-    print("| benchmark | chance | " + " | ".join(f"{n}: {c['model']}" for n, c in columns.items()) + " |")
-    for bench, row in rows.items():
-        print(f"| {bench} | {next(iter(row.values()))['chance']:.1f} | " +
-              " | ".join(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in row.values()) + " |")
+    print(markdown(["benchmark", "chance", *(f"{n}: {c['model']}" for n, c in columns.items())],
+                   [[bench, f"{next(iter(row.values()))['chance']:.1f}",
+                     *(f"{s['overall']:.1f} ± {s['se']:.1f}" for s in row.values())] for bench, row in rows.items()]))
     return rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the header, its separator, one line per row."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"   # noqa: E731
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
 def markdown_table(paths):
@@ -860,10 +865,8 @@ def markdown_table(paths):
             if c not in columns:
                 columns.append(c)
         rows.setdefault(s["settings"]["label"], {}).update(cells)
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for label, cells in rows.items():
-        lines.append(f"| {label} | " + " | ".join(f"{cells[c]:.1f}" if c in cells else "–" for c in columns) + " |")
-    return "\n".join(lines)
+    return markdown(["model", *columns], [[label, *(f"{cells[c]:.1f}" if c in cells else "–" for c in columns)]
+                                          for label, cells in rows.items()])
 
 
 def main(argv=None):

@@ -615,7 +615,7 @@ def main(args: Args, explicit: set[str] | None = None):
     # ------------------------------------------------------------------------------------------------------------
     export_dir = export(bb, model, args, d) if args.export else None
     R.close_distributed(d)
-    if args.eval and export_dir and d.main:            # after the process group: no rank waits on a timeout
+    if args.eval and export_dir and d.main:       # after the process group: no rank waits on a collective timeout
         evaluate_export(args, export_dir)
     return bb
 

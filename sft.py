@@ -203,6 +203,7 @@ def main(args: Args, explicit: set[str] | None = None):
             break
     loader.close()
     log.close()
+    C.print0(skips.summary())
 
     # ------------------------------------------------------------------------------------------------------------
     # Save and evaluate

@@ -2,14 +2,13 @@
 """ULR: Unsilencing Latent Reasoning at inference time (Zhang et al., arXiv 2605.02735; released code
 zhangxin-xd/Unsilencing-Latent-Reasoning, MIT), and the diagnosis of silenced visual latents.
 
-Diagnosis (`diagnose`): do a latent model's (an lvr.py export's) answer tokens use its latents? (a) attention of
-answer tokens to image vs latent tokens per layer (`attention_shares`); (b) cos(first latent, latent-end delimiter
-embedding); (c) the causal test (`ablate`): accuracy with the latents intact, zeroed, noised at their norm, shuffled
-across items, removed. Remedy (ULR, `optimise_latents`): freeze the backbone; per test sample optimise only the K
-latent inputs H. Stage I pulls each latent toward the question-relevant image tokens (multi-positive InfoNCE
-`infonce_loss`, exact gradient, Adam); Stage II is a zeroth-order (NES) search on a confidence reward
-(`confidence_reward`); then the answer is decoded greedily with H in place. Slots mode = the released code (K
-`<|endoftext|>` slots in a vanilla VLM prompt); latent mode = the paper's framing (H0 = an LVR model's latents).
+Diagnosis (`diagnose`): do an lvr.py export's answer tokens use its latents? (a) answer→image vs answer→latent
+attention per layer; (b) cos(first latent, latent-end embedding); (c) the causal test: accuracy with the latents
+intact, zeroed, noised at their norm, shuffled across items, removed. Remedy (ULR, `optimise_latents`): the backbone
+frozen, per test sample only the K latent inputs H move: Stage I pulls each toward the question-relevant image tokens
+(multi-positive InfoNCE, Adam), Stage II is a zeroth-order (NES) search on a confidence reward; then greedy decoding
+with H in place. Slots mode = the released code (K `<|endoftext|>` slots in a plain VLM prompt); latent mode = the
+paper's framing (H0 = an LVR model's latents).
 
 Launch (one process; ULR optimises one sample at a time, as released):
     python unsilence.py                          # CPU toy: LVR export (trained if missing), diagnosis, ULR, tables
@@ -60,10 +59,8 @@ import lvr
 @dataclass
 class Args:
     stage: str = field(default="all", metadata={"help": "what to run", "choices": ["diagnose", "ulr", "all"]})
-    model: str = field(default="runs/lvr/export", metadata={"help": "model dir / hub id; for diagnosis a comma list "
-                                                                    "of LVR exports (the default: trained if missing)"})
-    modes: str = field(default="slots", metadata={"help": "ULR latent sources: slots (the released prompt) | latent "
-                                                          "(an LVR model's decoded latents)"})
+    model: str = field(default="runs/lvr/export", metadata={"help": "dir / hub id; diagnosis: LVR exports, a,b,..."})
+    modes: str = field(default="slots", metadata={"help": "H0: slots (the released prompt) | latent (LVR latents)"})
     benchmarks: str = field(default="vstar,mmvp,blink", metadata={"help": "eval.py benchmarks"})
     data_dir: str = field(default="", metadata={"help": "the benchmark's folder, one benchmark (default: toy copy)"})
     limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
@@ -84,13 +81,12 @@ class Args:
     lam_progression: float = field(default=0.05, metadata={"help": "weight of the progression term"})
     selection: str = field(default="best", metadata={"help": "H returned", "choices": ["best", "last"]})
     last: bool = field(default=False, metadata={"help": "= --selection last (released --disable_best_reward)"})
-    store: str = field(default="centre", metadata={"help": "H kept at the best step",
-                                                   "choices": ["centre", "candidate"]})
+    store: str = field(default="centre", metadata={"help": "H kept at the best", "choices": ["centre", "candidate"]})
     best_init: float = field(default=0.0, metadata={"help": "initial best reward of the released rule"})
     ablation: str = field(default="none", metadata={"help": "ULR ablation", "choices": [
-        "none", "stage1_only", "stage2_only", "no_progression"]})
+                          "none", "stage1_only", "stage2_only", "no_progression"]})
     stage1_trap: bool = field(default=False, metadata={"help": "stage1_only under the released rule (initial H)"})
-    init: str = field(default="token", metadata={"help": "slots init: <|endoftext|> | N(0, 0.02)",
+    init: str = field(default="token", metadata={"help": "slots H0: <|endoftext|> | N(0, .02)",
                                                  "choices": ["token", "random"]})
     causal_ablations: str = field(default="zeros,noise,shuffle,remove", metadata={"help": "diagnosis ablations"})
     max_new_tokens: int = field(default=2048, metadata={"help": "answer tokens"})
@@ -213,8 +209,7 @@ def make_prompt(bb: C.Backbone, sample: dict, slot_start: int, slot_end: int, qu
 
 
 def slot_range(sample: dict, slot_id: int, k: int) -> tuple[int, int]:
-    """The last K occurrences of the slot token must be contiguous (released: positions [L−K−2, L−2) of the
-    prompt before the generation header)."""
+    """The last K slot tokens, contiguous (released: positions [L−K−2, L−2) before the generation header)."""
     where = (sample["input_ids"] == slot_id).nonzero()[:, 0].tolist()[-k:]
     assert len(where) == k and where == list(range(where[0], where[0] + k)), "slots not found contiguous"
     return where[0], where[0] + k
@@ -594,16 +589,14 @@ def load_latent_model(path: str, args: Args, lvr_tokens: bool = True) -> C.Backb
     return bb
 
 
+def print_markdown(header: list[str], rows: list[list[str]]):
+    print("\n" + E.markdown(header, rows))
+
+
 def ensure_toy_lvr(path: str):
     if path == "runs/lvr/export" and not Path(path, "config.json").exists():
         print("no toy LVR export: training one with `python lvr.py --eval false`")
         subprocess.run([sys.executable, str(Path(__file__).with_name("lvr.py")), "--eval", "false"], check=True)
-
-
-def print_table(header: list[str], rows: list[list[str]]):
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -624,14 +617,14 @@ def main(args: Args, explicit: set[str] | None = None):
                                torch.Generator().manual_seed(args.seed)) for m in models}
         plot_diagnosis(results, os.path.join(args.run_dir, "diagnosis.png"))
         report["diagnosis"] = results
-        print_table(["checkpoint", "answer->image", "answer->latents", "per layer (image / latents)",
+        print_markdown(["checkpoint", "answer->image", "answer->latents", "per layer (image / latents)",
                      "cos(first latent, latent end)"],
                     [[m, f"{r['attention_image']:.3f}", f"{r['attention_latent']:.3f}",
                       ", ".join(f"{x:.3f} / {y:.3f}" for x, y in zip(r["attention_image_per_layer"],
                                                                      r["attention_latent_per_layer"])),
                       f"{r['cos_first_latent_end']:.3f}"] for m, r in results.items()])
         kinds = list(results[models[0]]["accuracy"][benchmarks[0]])
-        print_table(["causal test: checkpoint", "benchmark", *kinds],
+        print_markdown(["causal test: checkpoint", "benchmark", *kinds],
                     [[m, b, *(f"{r['accuracy'][b][k]:.1f}" for k in kinds)] for m, r in results.items()
                      for b in benchmarks])
     if args.stage in ("ulr", "all"):
@@ -661,7 +654,7 @@ def main(args: Args, explicit: set[str] | None = None):
         report["ulr"] = table
         cols = list(table[benchmarks[0]])
         cell = lambda row, c: "" if c not in row else f"{row[c]:.1e}" if "|" in c else f"{row[c]:.1f}"   # noqa: E731
-        print_table(["benchmark", *cols], [[b, *(cell(row, c) for c in cols)] for b, row in table.items()])
+        print_markdown(["benchmark", *cols], [[b, *(cell(row, c) for c in cols)] for b, row in table.items()])
     Path(args.run_dir, "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
