@@ -97,14 +97,12 @@ class Args:
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in run_dir"})
     stop_after: int = field(default=0, metadata={"help": "testing aid: exit after this step (0 = never)"})
     export: bool = field(default=True, metadata={"help": "merge LoRA, drop the dynamics head, save a plain HF model"})
-    eval: str = field(default="", metadata={"help": "benchmarks of the eval sets next to --data to evaluate the "
-                                                    "export on (toy: vstar,mmvp,blink; '' = none)"})
+    eval: str = field(default="", metadata={"help": "eval sets next to --data, a,b,... (toy: vstar,mmvp,blink)"})
     eval_limit: int = field(default=0, metadata={"help": "items per benchmark (0 = all)"})
     sft_dir: str = field(default="runs/pearl_sft", metadata={"help": "an SFT run (λ = 0) whose export is scored beside"})
 
 
-# A tiny model needs a large lr, small images and few steps to move in a CPU minute: applied (and printed) only when
-# the model is the toy backbone or an export of it, and only to the fields not given on the command line.
+# The toy backbone (or an export of it) only, on the fields not given, printed: a tiny model, a CPU minute.
 TOY_PRESET = dict(lr=2e-3, steps=40, grad_accum=1, lora_r=8, lora_alpha=16, min_pixels=16 * 28 * 28,
                   max_pixels=64 * 28 * 28, activation_checkpointing=False, eval="vstar,mmvp,blink", data_workers=0)
 
@@ -156,9 +154,8 @@ def from_lvr(rec, root):
 
 
 def from_messages(messages, root):
-    """A chat with images (canonical and PixelReasoner): first user turn = ⟨I0, Q⟩, the rest = the trajectory.
-    `<tool_call>…</tool_call>` is removed from assistant text, a tool-description system prompt is dropped, and a
-    missing crop output is re-executed from the preceding call (`target_image` is 1-based over all images so far)."""
+    """A chat with images (canonical, PixelReasoner): first user turn = ⟨I0, Q⟩, the rest = the trajectory. Tool calls
+    and a tool-description system prompt are dropped; a missing crop is re-executed (`target_image`: 1-based)."""
     system, first, steps, all_images, pending_call = None, None, [], [], None
     for m in messages:
         parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
