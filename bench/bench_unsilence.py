@@ -23,30 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eval as E  # noqa: E402
 import unsilence as U  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers import full_forward, hook_slots  # noqa: E402  (the released injection, as the tests use it)
+
 clock = time.perf_counter   # bench/run_all.py --device cuda swaps in a clock that synchronises the GPU first
-
-
-def hook_slots(bb, prompt, H):
-    """The released injection: overwrite the slot rows of the input embeddings inside the model's own forward."""
-    s, e = prompt.slot_start, prompt.slot_end
-
-    def write(_m, _i, out):
-        if out.shape[1] <= s:                           # decode steps (released: prefill only)
-            return out
-        out = out.clone()
-        out[0, s:e] = H.to(out)
-        return out
-    return bb.model.get_input_embeddings().register_forward_hook(write)
-
-
-def full_forward(bb, sample, prompt, H, **kw):
-    hook = hook_slots(bb, prompt, H)
-    try:
-        return bb.model(input_ids=sample["input_ids"][None], pixel_values=sample["pixel_values"],
-                        image_grid_thw=sample["image_grid_thw"], mm_token_type_ids=sample["mm_token_type_ids"][None],
-                        use_cache=False, **kw)
-    finally:
-        hook.remove()
 
 
 def ours(bb, it, args, gen, new_tokens):

@@ -14,6 +14,7 @@ import eval as E
 import runtime as R
 import lvr
 import unsilence as U
+from helpers import full_forward
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,25 +47,6 @@ def slots_prompt(bb, args, seed=0):
     sample, q = U.slots_sample(bb, toy_item(seed), args)
     s, e = U.slot_range(sample, bb.token_id(U.SLOT_TOKEN), args.num_slots)
     return sample, U.make_prompt(bb, sample, s, e, q)
-
-
-def full_forward(bb, sample, prompt, H, **kw):
-    """The released way: the whole prompt through the model's own forward (vision tower included), H written into
-    the slot rows of the input embeddings by a hook."""
-    s, e = prompt.slot_start, prompt.slot_end
-
-    def write(_m, _i, out):
-        out = out.clone()
-        out[0, s:e] = H.to(out)
-        return out
-
-    hook = bb.model.get_input_embeddings().register_forward_hook(write)
-    try:
-        return bb.model(input_ids=sample["input_ids"][None], pixel_values=sample["pixel_values"],
-                        image_grid_thw=sample["image_grid_thw"], mm_token_type_ids=sample["mm_token_type_ids"][None],
-                        use_cache=False, **kw)
-    finally:
-        hook.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------
