@@ -827,7 +827,8 @@ def evaluate(args, backbone=None, generate=None):
 def compare(columns: dict, benchmarks: list[str], data_dir, run_dir: str, **settings) -> dict:
     """Every method's end-of-run evaluation: each column {"model": dir or id, any Args field, optionally "backbone" (a
     loaded model) and "generate" (the method's seam)} on each benchmark, `data_dir(benchmark)` its folder, predictions
-    afresh in run_dir/eval/<benchmark>_<column>.json; `settings` apply to every column. A model is loaded once. Prints
+    in run_dir/eval/<benchmark>_<column>.json (overwrite: a file another model or setting made is re-predicted, one
+    this exact model made is resumed); `settings` apply to every column. A model is loaded once. Prints
     one markdown row per benchmark (chance, then score ± binomial SE per column); returns {bench: {column: summary}}."""
     rows, loaded = {}, {}
     for name, column in columns.items():
