@@ -2,9 +2,10 @@
 """The machinery every training script shares, around the method (details and tests: docs/common.md).
 
   precision     --dtype: compute_dtype, compute_context (fp32 master weights, bf16 compute)
-  distributed   init_distributed (python or torchrun), shard_model (FSDP2, weights from rank 0), meta_copy,
-                replicate_from_rank0, grad_sync, all_reduce_mean, cosine_lr, clip_grad_norm
-  checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), export_hf
+  distributed   init_distributed (python or torchrun) / close_distributed, shard_model (FSDP2, weights from rank 0),
+                meta_copy, replicate_from_rank0, grad_sync, all_reduce_mean, cosine_lr, clip_grad_norm
+  checkpoints   save_checkpoint / load_checkpoint / latest_checkpoint (torch.distributed.checkpoint), resume and
+                checkpoint_every (the loop's two calls), export_hf
   run config    parse_args (warns once outside TESTED_VERSIONS), check_args, apply_preset, save_run_config
   logging       RunLogger (one dense line per step, metrics.jsonl, loss_curve.png), step_flops (MFU), check_finite
 
