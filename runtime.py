@@ -92,7 +92,7 @@ def init_distributed(device: str = "auto") -> Dist:
 
 def close_distributed(d: Dist):
     """The end of a run: every rank waits for the others (rank 0 may still be exporting), then the group is torn down."""
-    if d.world > 1 and dist.is_initialized():
+    if dist.is_initialized():                      # (torchrun with one process initialises a group too)
         dist.barrier()
         dist.destroy_process_group()
 
