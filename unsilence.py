@@ -32,6 +32,9 @@ detail, with the released code's behaviour beside this file's: docs/unsilence.md
 | relevance; Stage I / II forwards | once, on the prefix; slots only, on the cached prefix KV | - | R: full forwards |
 | released list-repr bug (`Question: ['...']`) | not copied | `--prompt-list-bug` | R result files |
 | latent-model mode | H0 = lvr.latent_generate's decoded latents | `--modes latent` | P (not in R) |
+| numerics | fp32; eager attention for the relevance pass only, else SDPA | `--dtype`, `--attn` | R: fp32, eager |
+| scoring | `<answer>`, else last `\\boxed{}`, else the text; eval.py's rules | - | R: + a GPT-4o judge |
+| noise eps | CPU generator seeded once per evaluation, drawn in item order | `--seed 42` | R (once per process) |
 """
 import json
 import os
