@@ -436,11 +436,12 @@ class Loader:
     workers (0: in this process), then `collate`d there (e.g. pack: the M-RoPE position ids are computed there too),
     pinned when `device` is CUDA. next(n) returns the next n batches on the host (move each with to_device when it is
     needed); state() is the position after the micro-batches returned so far, not after those prefetched: what a
-    checkpoint saves. Samples that fail only at the full encode are counted in `skips` as they arrive."""
+    checkpoint saves. Samples that fail only at the full encode are counted in `skips` as they arrive, and close()
+    adds the other ranks' (the lengths pass already counted every rank's)."""
 
     def __init__(self, data: LazySamples, order: MicroBatches, skips: Skips, rank: int = 0, world: int = 1,
                  collate=None, workers: int = 0, device=None):
-        self.skips, self._state, self._it = skips, order.state(), None
+        self.skips, self.failed, self._state, self._it, self._closed = skips, Skips(), order.state(), None, False
         pin = device is not None and torch.device(device).type == "cuda"
         self._loader = _data_loader(_RankStream(data, order, rank, world, collate), workers, pin_memory=pin)
 
@@ -452,6 +453,7 @@ class Loader:
             item = next(self._it)
             for reason, where in item["failed"]:
                 self.skips.add(reason, where)
+                self.failed.add(reason, where)                 # this rank's: close() tells the others
             self._state = item["state"]
             out.append(item["batch"])
         return out
@@ -460,8 +462,20 @@ class Loader:
         return dict(self._state)
 
     def close(self):
-        """Stop the workers (they would otherwise prefetch until the process exits)."""
+        """Stop the workers (they would otherwise prefetch until the process exits). Under torchrun (collective: every
+        rank calls it once, after its last next()) the other ranks' worker skips join `skips`, so the summary rank 0
+        prints counts the whole run."""
         self._it = None
+        if self._closed or not (dist.is_initialized() and dist.get_world_size() > 1):
+            self._closed = True
+            return
+        self._closed, gathered = True, [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (dict(self.failed.counts), self.failed.examples))
+        others = [part for rank, part in enumerate(gathered) if rank != dist.get_rank()]
+        for counts, examples in others:
+            for reason, n in counts.items():
+                self.skips.counts[reason] += n
+                self.skips.examples.setdefault(reason, examples[reason])
 
 
 def to_device(batch, device, keys: tuple[str, ...] | None = None):

@@ -10,6 +10,7 @@ from PIL import Image
 
 import common as C
 import dataloader as D
+from conftest import run_script
 
 SMALL = dict(min_pixels=4 * 784, max_pixels=64 * 784)
 
@@ -242,6 +243,28 @@ def test_a_sample_that_fails_only_in_a_worker_is_a_counted_skip(tmp_path, toy_bb
     widths = [int(b[0]["image_grid_thw"][0, 2]) for b in got]
     expect = [(56 + 28 * ((j + 1) % 6 if j == 5 else j)) // 14 for j in plan]   # cut.png's turn: sample 0 stands in
     assert widths == expect
+
+
+def test_worker_skips_of_every_rank_reach_the_summary(tmp_path):
+    """Under torchrun a sample that fails only at the full encode is met by whichever rank's micro-batch holds it;
+    Loader.close() adds the other ranks' counts, so the summary rank 0 prints counts all four truncated images
+    (before: only rank 0's). sft.py, 2 processes, one epoch of 8 records, 4 of them truncated PNGs."""
+    buf = io.BytesIO()
+    Image.effect_noise((200, 200), 64).convert("RGB").save(buf, "PNG")
+    records = []
+    for i in range(8):
+        if i % 2:
+            (tmp_path / f"{i}.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])   # header reads, pixels not
+        else:
+            Image.new("RGB", (56, 56), (30 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        records.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                               {"from": "gpt", "value": "red"}]})
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    out = run_script("sft.py", "--model", "toy", "--data", tmp_path / "d.json", "--per-micro", 1, "--grad-accum", 1,
+                     "--steps", 4, "--eval", "", "--run-dir", tmp_path / "run", nproc=2).stdout
+    assert "8 samples from" in out and "; skipped 0 samples" in out           # the lengths pass cannot see them
+    final = [x for x in out.splitlines() if x.startswith("skipped ")]
+    assert len(final) == 1 and final[0].startswith("skipped 4 samples: 4 unreadable image"), final
 
 
 def test_to_device_moves_only_the_named_keys():
