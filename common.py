@@ -311,10 +311,9 @@ def _images_and_lengths(samples) -> dict:
 
 
 def pack(bb: Backbone, samples: list[dict], extra_keys: tuple[str, ...] = ()) -> dict:
-    """Padding-free packing: one row [1, ΣL], no attention mask, position_ids [4, 1, ΣL] with row 0 = text positions
-    restarting at 0 per sample (transformers derives the block-diagonal / varlen boundaries from it) and rows 1–3 =
-    each sample's own M-RoPE positions. The first label of every sample is ignored so no loss crosses a boundary.
-    `extra_keys` are per-token tensors concatenated alongside."""
+    """Padding-free packing: one row [1, ΣL], no attention mask, position_ids [4, 1, ΣL]: row 0 the text positions
+    restarting at 0 per sample (transformers derives the block-diagonal / varlen boundaries from it), rows 1–3 each
+    sample's M-RoPE. Every sample's first label is ignored (no loss crosses a boundary); `extra_keys` ride along."""
     pos = [torch.cat([torch.arange(len(s["input_ids"]))[None], mrope_position_ids(bb, s)]) for s in samples]
     labels = [s["labels"].clone() for s in samples]
     for lab in labels:
@@ -353,16 +352,14 @@ def pad_batch(bb: Backbone, samples: list[dict], side: str = "right", with_posit
 
 
 def model_inputs(batch: dict, device) -> dict:
-    """The keys of a pack / pad_batch result that the model's forward takes, on `device`. use_cache=False is
-    load-bearing: transformers derives the packed block-diagonal mask only when no KV cache exists, and with
-    use_cache on (the config default) packed samples would silently attend to each other."""
+    """The keys of a pack / pad_batch result the model's forward takes, on `device`. use_cache=False is load-bearing:
+    with a KV cache transformers skips the packed block-diagonal mask and packed samples attend to each other."""
     keys = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     return {**{k: batch[k].to(device) for k in keys if batch.get(k) is not None}, "use_cache": False}
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_CE: mean next-token cross-entropy over supervised tokens (fp32), from full logits [B, L, V]. The plain
-    reference the lean losses below are tested against; training uses lm_loss."""
+    """L_CE from full logits [B, L, V] (fp32): the plain reference the lean losses below are tested against."""
     target = labels[:, 1:].reshape(-1)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target, ignore_index=IGNORE)
 
@@ -379,23 +376,28 @@ CE_CHUNK = 1024   # rows of logits alive at once: 1,024 × 151,936 × fp32 = 0.6
 
 
 def chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK,
-               bias: torch.Tensor | None = None, reduction: str = "mean", fused: bool = True) -> torch.Tensor:
+               bias: torch.Tensor | None = None, reduction: str = "mean", fused: bool = True,
+               columns: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """L_CE = F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=IGNORE) ("mean" over the targets that
     are not IGNORE, or "sum"), without ever holding more than `chunk` rows of logits: each chunk (linear → log-softmax
     in fp32 at least → pick the target) runs under activation checkpointing, so backward keeps only `hidden` and
-    recomputes one chunk's logits at a time. On CUDA with liger-kernel installed (and `fused`), its fused linear
-    cross-entropy (Triton) computes the same."""
+    recomputes one chunk's logits at a time. `columns` = (ids, rows): the rows of `weight` at ids read from `rows`
+    instead, with no [V, D] copy. On CUDA with liger-kernel installed (and `fused`), its fused kernel instead."""
     if fused and hidden.is_cuda and (liger := _liger_fused_ce()) is not None:
+        if columns is not None:
+            weight = weight.index_copy(0, columns[0], columns[1].to(weight.dtype))
         return _liger_ce(liger, hidden, weight, targets, bias, reduction)
     total = 0.0
     for i in range(0, max(len(hidden), 1), chunk):      # (no rows: one empty chunk, so the sum has a graph)
         total = total + checkpoint(_chunk_nll_sum, hidden[i:i + chunk], weight, bias, targets[i:i + chunk],
-                                   use_reentrant=False)
+                                   *(columns or (None, None)), use_reentrant=False)
     return total if reduction == "sum" else total / (targets != IGNORE).sum()   # 0 targets: nan, as F.cross_entropy
 
 
-def _chunk_nll_sum(h, weight, bias, targets):
+def _chunk_nll_sum(h, weight, bias, targets, ids=None, rows=None):
     logits = F.linear(h, weight, bias)
+    if ids is not None:
+        logits = logits.index_copy(-1, ids, F.linear(h, rows.to(weight.dtype), None if bias is None else bias[ids]))
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))        # bf16 logits: log-softmax in fp32
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
@@ -435,9 +437,8 @@ def lm_head_weight(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
 @contextmanager
 def lm_head_returns_loss(model, targets: torch.Tensor, chunk: int = CE_CHUNK):
     """While open, the model's LM head returns chunked_ce(its input rows, its weight, targets) in place of logits,
-    so `model(..., logits_to_keep=keep).logits` is the loss. The weight is used inside the model's own forward, where
-    FSDP2 has gathered it (it sits in the root unit, which FSDP2 keeps unsharded from forward until its backward, so
-    the recomputing chunks find it too); tied embeddings are the same Parameter, gathered once."""
+    so `model(..., logits_to_keep=keep).logits` is the loss: the weight is used inside the model's forward, where FSDP2
+    has gathered it (the root unit, unsharded until its backward, so the recomputing chunks find it too)."""
     head = model.get_output_embeddings()
     own_forward = head.__dict__.get("forward")          # an instance-level forward someone patched in, restored after
 
@@ -456,9 +457,8 @@ def lm_head_returns_loss(model, targets: torch.Tensor, chunk: int = CE_CHUNK):
 
 
 def lm_loss(model, batch: dict, device, chunk: int = CE_CHUNK) -> torch.Tensor:
-    """L_CE = next_token_loss(model(batch).logits, labels), lean: the final hidden states are kept only where a token
-    is supervised (`logits_to_keep`, [n, D]) and the LM head's cross-entropy runs in chunks (chunked_ce), so neither
-    [B, L, V] nor [n, V] logits ever exist (16k packed tokens × 152k vocabulary × fp32 ≈ 10 GB)."""
+    """L_CE = next_token_loss(model(batch).logits, labels), lean: hidden states only where a token is supervised, the
+    cross-entropy in chunks: no [B, L, V] or [n, V] logits (16k tokens × 152k vocabulary × fp32 ≈ 10 GB)."""
     keep, target = supervised_positions(batch["labels"])
     with lm_head_returns_loss(model, target.to(device), chunk):
         return model(**model_inputs(batch, device), logits_to_keep=keep.to(device)).logits

@@ -294,12 +294,10 @@ class LatentPretrainer(nn.Module):
 
     def ntp_loss(self, h, ids, rows, labels):
         """L_NTP = next_token_loss(lm_logits(h), labels) without the logits: hidden states at the supervised positions
-        [n, D], and the output matrix with the same latent rows written in (tied), through chunked_ce."""
+        [n, D] through chunked_ce, the latent tokens' columns from `rows` when tied (as lm_logits)."""
         keep, target = C.supervised_positions(labels)
-        weight, bias = C.lm_head_weight(self.vlm.lm_head)
-        if self.tied:          # column j of the logits is row j of the matrix: the same override, before the product
-            weight = weight.index_copy(0, ids, rows.to(weight.dtype))
-        return C.chunked_ce(h[keep], weight, target, bias=bias)
+        weight, bias = C.lm_head_weight(self.vlm.lm_head)      # tied: the latent columns from `rows`, no [V, D] copy
+        return C.chunked_ce(h[keep], weight, target, bias=bias, columns=(ids, rows) if self.tied else None)
 
     def export_state_dict(self, sd: dict) -> dict:
         """Full module state dict → the plain VLM's, with the trained latent rows written back into the embedding

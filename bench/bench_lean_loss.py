@@ -3,6 +3,9 @@ depth, one row of T tokens with the answer (1 % or 100 % of the tokens) supervis
   plain           full logits [1, T, V], then next_token_loss
   logits_to_keep  logits only at the supervised positions [n, V], one F.cross_entropy (lm_loss before chunking)
   chunked         common.lm_loss: hidden states at the supervised positions, chunked_ce inside the LM head's forward
+and, with --modes tied_copy,tied_columns, latent_pretrain's L_NTP on the 3B's tied head with its own latent-token rows:
+  tied_copy       chunked_ce on the matrix with the rows written into a copy (before)
+  tied_columns    chunked_ce(columns=(ids, rows)): the same loss, the rows read as logit columns, no [V, D] copy
 Each measurement runs in its own process (peak RSS is per process). A run that outgrows --max-gb, or that would leave
 the machine under --floor-gb available, is killed by this script (never by the kernel's OOM killer, which could hit
 another process) and printed as "> N GB (killed)".
@@ -41,9 +44,18 @@ def one(mode: str, tokens: int, layers: int, supervised: float, model: str = "ra
     labels[0, -n:] = ids[0, -n:]                                  # the answer at the end, as in an SFT sample
     pos = torch.arange(tokens).view(1, 1, -1).expand(3, 1, -1)
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": torch.ones_like(ids)}
+    if mode.startswith("tied_"):                                  # the supervised hidden rows [n, D], the tied head
+        w = bb.model.get_output_embeddings().weight.requires_grad_(True)
+        h = torch.randn(n, w.shape[1], generator=g, requires_grad=True)
+        rows = torch.randn(3, w.shape[1], generator=g, requires_grad=True)
+        ids, y = torch.tensor([151665, 151666, 151667]), ids[0, -n:]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    if mode == "plain":
+    if mode == "tied_copy":
+        loss = C.chunked_ce(h, w.index_copy(0, ids, rows), y)
+    elif mode == "tied_columns":
+        loss = C.chunked_ce(h, w, y, columns=(ids, rows))
+    elif mode == "plain":
         loss = C.next_token_loss(bb.model(**C.model_inputs(batch, device)).logits, labels.to(device))
     elif mode == "logits_to_keep":
         keep, target = C.supervised_positions(labels)

@@ -92,6 +92,32 @@ def test_chunked_ce_keeps_no_vocabulary_sized_tensor_for_backward():
     assert not [s for s in saved_shapes(lambda: C.chunked_ce(h, w, y, chunk=16)) if s and s[-1] == V]
 
 
+def test_chunked_ce_columns_equal_the_overridden_matrix_without_copying_it():
+    """columns=(ids, rows) (latent_pretrain's own latent-token rows on a tied head) = chunked_ce on the matrix with
+    those rows written in, in value and in every gradient (float64, with a bias); what backward keeps of [V, D] shape
+    is the weight itself, never a new copy (the index_copy'd matrix is the negative control)."""
+    torch.manual_seed(0)
+    n, D, V = 40, 6, 29
+    h, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((n, D), (V, D), (V,)))
+    rows = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    ids, y = torch.tensor([4, 17, 28]), torch.randint(0, V, (n,))
+    y[::5], y[1], y[2] = C.IGNORE, 17, 28                           # the overridden columns are targets too
+    got = C.chunked_ce(h, w, y, chunk=16, bias=b, columns=(ids, rows))
+    ref = F.cross_entropy(h @ w.index_copy(0, ids, rows).T + b, y, ignore_index=C.IGNORE)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    for a, r in zip(torch.autograd.grad(got, (h, w, b, rows)), torch.autograd.grad(ref, (h, w, b, rows))):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-12)
+
+    def saved_vd(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn()
+        return [t for t in saved if tuple(t.shape) == (V, D)]
+    assert all(t.data_ptr() == w.data_ptr() for t in saved_vd(lambda: C.chunked_ce(h, w, y, 16, columns=(ids, rows))))
+    copied = saved_vd(lambda: C.chunked_ce(h, w.index_copy(0, ids, rows), y, 16))
+    assert copied and not all(t.data_ptr() == w.data_ptr() for t in copied)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or C._liger_fused_ce() is None, reason="needs CUDA + liger-kernel")
 def test_liger_fused_ce_equals_chunked():
     torch.manual_seed(0)
