@@ -5,11 +5,13 @@ import json
 import pytest
 from PIL import Image
 
+import common as C
 import dataloader as D
 import latent_pretrain as L
 import lvr
 import lvr_grpo
 import pearl as P
+import sft
 
 
 def good_lvr(tmp_path, name="ok.png"):
@@ -51,6 +53,18 @@ def test_lvr_loader_counts_every_bad_record(tmp_path, lvr_bb):
     skips = D.Skips()
     assert len(D.build_dataset(records, lambda r: lvr_grpo.convert_grpo(r, lvr_bb, a), skips)) == 3
     assert sum(skips.counts.values()) == len(bad) - 2  # GRPO reads no bbox
+
+
+def test_sft_loader_counts_every_bad_record(tmp_path, toy_bb):
+    """sft.py reads the same records through dataloader.visual_cot (before: a record that is not an object raised
+    AttributeError out of the loader). It reads no bbox, so the two bad-bbox records train."""
+    bad = bad_lvr_records(tmp_path)
+    records = list(bad.values()) + [good_lvr(tmp_path)]
+    skips = D.Skips()
+    convert = lambda r: C.encode_chat(toy_bb, sft.to_chat(r, str(tmp_path)), min_pixels=4 * 784,  # noqa: E731
+                                      max_pixels=16 * 784)
+    assert len(D.build_dataset(records, convert, skips)) == 3
+    assert sum(skips.counts.values()) == len(bad) - 2 and skips.counts["record is not a JSON object"] == 2
 
 
 def test_pearl_loader_counts_every_bad_record(tmp_path):
