@@ -470,12 +470,13 @@ class Loader:
             self._closed = True
             return
         self._closed, gathered = True, [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (dict(self.failed.counts), self.failed.examples))
-        others = [part for rank, part in enumerate(gathered) if rank != dist.get_rank()]
-        for counts, examples in others:
-            for reason, n in counts.items():
+        dist.all_gather_object(gathered, self.failed)
+        for rank, theirs in enumerate(gathered):
+            if rank == dist.get_rank():
+                continue                                          # this rank's are in `skips` already
+            for reason, n in theirs.counts.items():
                 self.skips.counts[reason] += n
-                self.skips.examples.setdefault(reason, examples[reason])
+                self.skips.examples.setdefault(reason, theirs.examples[reason])
 
 
 def to_device(batch, device, keys: tuple[str, ...] | None = None):

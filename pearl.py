@@ -462,11 +462,15 @@ def nextlat_loss(head, hidden: list, embeds: list, labels: list, frozen_lm_head,
     return (torch.stack(states).mean() if states else zero), (torch.stack(tokens).mean() if tokens else zero)
 
 
+def views_that_run(args) -> tuple[str, ...]:
+    """L_JEPA needs the input and trajectory views; without it (λ = 0, --no-jepa) only the full views run."""
+    return ("full", "input", "traj") if args.lam > 0 and not args.no_jepa else ("full",)
+
+
 def pearl_loss(bb, model, frozen_lm_head, examples: list[dict], args, naive: bool = False):
     """L = L_VLM + λ·(L_JEPA + L_NextLat). With λ = 0 (or both terms off) only the full views run: exactly SFT."""
-    use_jepa = args.lam > 0 and not args.no_jepa
-    use_nextlat = args.lam > 0 and not args.no_nextlat
-    names = ("full", "input", "traj") if use_jepa else ("full",)
+    names = views_that_run(args)
+    use_jepa, use_nextlat = "input" in names, args.lam > 0 and not args.no_nextlat
     per_view, l_vlm = forward_views(bb, model, examples, names, naive=naive)  # L_VLM
     labels = [ex["full"]["labels"] for ex in examples]
     terms, loss = {"loss_vlm": l_vlm}, l_vlm
@@ -573,7 +577,7 @@ def main(args: Args, explicit: set[str] | None = None):
     start = R.resume(args, model, opt, order)                          # --resume: weights, optimizer, RNG, data
     loader = D.Loader(data, order, skips, d.rank, d.world, workers=args.data_workers, device=d.device)
     log = R.RunLogger(args.run_dir, args.steps, d, desc="pearl", start_step=start)
-    views = ("full", "input", "traj") if args.lam > 0 and not args.no_jepa else ("full",)    # the views that run
+    views = views_that_run(args)                                       # tokens / FLOPs: only what runs
     model.train()
     for step in range(start, args.steps):
         for g in opt.param_groups:

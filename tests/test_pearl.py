@@ -450,7 +450,8 @@ def test_throughput_counts_only_the_views_that_run(tmp_path, monkeypatch):
                         seen.append(examples) or loss(bb, model, head, examples, args, naive))
     data = _write_fixture_data(tmp_path)
     for lam, views in ((0.0, ("full",)), (0.2, ("full", "input", "traj"))):
-        logged.clear(), seen.clear()
+        logged.clear()
+        seen.clear()
         args = P.Args(model="toy", data=data, run_dir=str(tmp_path / f"run{lam}"), steps=1, per_micro=2, eval="",
                       export=False, lam=lam)
         bb = P.main(args, explicit={"model", "data", "run_dir", "steps", "per_micro", "eval", "export", "lam"})
