@@ -258,6 +258,30 @@ def test_padded_baseline_equals_packed(name, kind):
 
 
 @pytest.mark.parametrize("name", ["toy", "toy-qwen3vl"])   # untied / tied input and output embeddings
+def test_lean_ntp_loss_equals_the_loss_of_the_full_logits(name):
+    """L_NTP as trained (ntp_loss: supervised positions only, chunked, tied: the latent columns from `rows`) equals
+    next_token_loss on lm_logits' full [R, T, V] logits, in value and in the gradients of h and the latent rows."""
+    b = C.load_backbone(name)
+    module = L.build_module(b, L.Args(), b.model.config.text_config.hidden_size)
+    batch = C.pack(b, [L.encode_caption(b, c, 4) for c in ("a red square", "two blue circles")], ("caption_mask",))
+    ids = torch.tensor(module.latent_ids)
+    torch.manual_seed(0)
+    h = torch.randn(*batch["input_ids"].shape, b.model.config.text_config.hidden_size, requires_grad=True)
+    labels = batch["labels"].clone()
+    labels[0, 5] = module.latent_ids[0]                          # a latent token as a target: its column is read
+    got = module.ntp_loss(h, ids, module.latent_rows, labels)
+    ref = C.next_token_loss(module.lm_logits(h, ids, module.latent_rows), labels)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    (gh, grows), (rh, rrows) = (torch.autograd.grad(x, (h, module.latent_rows), allow_unused=True) for x in (got, ref))
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)
+    if name == "toy":                                            # untied: the rows are not in the output matrix
+        assert grows is None and rrows is None
+    else:
+        assert grows.abs().sum() > 0
+        torch.testing.assert_close(grows, rrows, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["toy", "toy-qwen3vl"])   # untied / tied input and output embeddings
 def test_latent_rows_train_at_head_lr_and_export_is_plain(name, tmp_path):
     b = C.load_backbone(name)
     dim = b.model.config.text_config.hidden_size
